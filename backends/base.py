@@ -1,0 +1,412 @@
+"""The backend contract, and helpers every backend shares.
+
+Plugin API (what a backend implements and the web layer calls):
+
+* :class:`Backend` - one instance per process, shared by all request threads,
+  holding no per-request state. It hands out per-request handles:
+* :class:`Reader` - an open, seekable view of one stored file and its status;
+* :class:`Writer` - a pending upload that becomes visible only on ``commit()``;
+* :class:`FileStatus` - what HEAD reports, as a frozen value.
+
+Helpers (not part of the API, shared so every backend commits the same way):
+:class:`AtomicFileWriter`, :class:`FileReader`, :func:`translate_os_errors`,
+:func:`resolve_adopt_source`, :func:`read_sha256`, :func:`fsync_dir`.
+
+Backends raise only :mod:`pacifica_like.errors` types. OS errors are translated
+in one place, :func:`translate_os_errors`, keeping the cause.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import errno
+import hashlib
+import hmac
+import os
+import stat
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+from pacifica_like.config import Settings
+from pacifica_like.errors import (
+    ArchiveError,
+    Conflict,
+    DigestMismatch,
+    FileNotInArchive,
+    Forbidden,
+    InsufficientStorage,
+    InvalidRequest,
+    StorageUnavailable,
+)
+
+#: Extended attribute holding the raw sha-256 of a stored file's bytes.
+SHA256_XATTR = "user.pacifica_like.sha256"
+#: Bytes moved per read/write call; large enough for syscall cost to vanish,
+#: small enough that memory stays flat whatever the file size.
+CHUNK_SIZE = 1 << 20
+
+
+class ExpectedDigest(Protocol):
+    """A client's claim about the upload (see ``pacifica_like.httpheaders``)."""
+
+    algorithm: str
+    value: bytes
+    header: str
+
+
+@dataclass(frozen=True)
+class FileStatus:
+    """What the archive knows about one stored file, as HEAD reports it.
+
+    ``bytes_per_level`` is (bytes on disk, bytes on tape); ``media`` is
+    ``"disk"`` unless the data is only on tape; ``relpath`` is relative to the
+    archive prefix, never an absolute server path; ``sha256`` is the digest
+    recorded at ingest (None when the storage could not record one).
+    """
+
+    size: int
+    mtime: float
+    ctime: float
+    bytes_per_level: tuple[int, ...]
+    media: str
+    relpath: str
+    sha256: bytes | None = None
+
+
+class Reader(abc.ABC):
+    """An open stored file. The web layer closes it when the response ends."""
+
+    status: FileStatus
+
+    @property
+    def size(self) -> int:
+        """Bytes in the file as opened (a concurrent overwrite does not change it)."""
+        return self.status.size
+
+    @abc.abstractmethod
+    def read(self, size: int = CHUNK_SIZE) -> bytes:
+        """Return up to ``size`` bytes; ``b""`` at end of file."""
+
+    @abc.abstractmethod
+    def seek(self, offset: int) -> None:
+        """Move to ``offset`` bytes from the start."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the handle; safe to call twice."""
+
+    def fileno(self) -> int | None:
+        """Return an OS descriptor positioned on the data (for sendfile), or None."""
+        return None
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Writer(abc.ABC):
+    """A pending upload: nothing is visible at the id until ``commit()``.
+
+    Leaving the ``with`` block without committing discards every byte written,
+    so an error anywhere (client gone, short body, digest mismatch, full disk)
+    leaves the previous version of the file untouched.
+    """
+
+    sha256: bytes | None = None
+
+    @abc.abstractmethod
+    def write(self, chunk: bytes) -> None:
+        """Append ``chunk`` to the pending file."""
+
+    @abc.abstractmethod
+    def commit(self) -> int:
+        """Verify, make durable and publish the file; return bytes stored."""
+
+    @abc.abstractmethod
+    def discard(self) -> None:
+        """Drop the pending file if it was not committed; safe to call twice."""
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.discard()
+
+
+class Backend(abc.ABC):
+    """The storage contract the web layer and the maintenance CLI rely on.
+
+    One instance serves every thread of a process, so implementations keep
+    no per-request state on ``self``; per-request state lives in the handles.
+    """
+
+    #: The registry name (``backends.factory.REGISTRY``).
+    name: ClassVar[str]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @abc.abstractmethod
+    def open_reader(self, file_id: int) -> Reader:
+        """Open a stored file for reading; FileNotInArchive if there is none."""
+
+    @abc.abstractmethod
+    def open_writer(self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()) -> Writer:
+        """Start an upload that will store ``file_id`` with modification time ``mtime``.
+
+        ``expect`` lists digests the client claimed; commit() raises
+        DigestMismatch unless the bytes match all of them. Raises Conflict up
+        front when the archive is write-once and the id is taken.
+        """
+
+    @abc.abstractmethod
+    def status(self, file_id: int) -> FileStatus:
+        """Return the status of a stored file; FileNotInArchive if there is none."""
+
+    @abc.abstractmethod
+    def stage(self, file_id: int) -> None:
+        """Make the file's bytes readable from disk; returns when they are."""
+
+    @abc.abstractmethod
+    def adopt(self, file_id: int, source_path: str) -> int:
+        """Move a file already on the server into the archive (PATCH); return its size."""
+
+    @abc.abstractmethod
+    def delete(self, file_id: int) -> None:
+        """Remove a stored file; FileNotInArchive if there is none."""
+
+    @abc.abstractmethod
+    def list_ids(self) -> Iterator[int]:
+        """Yield the id of every stored file, in no particular order (for audits)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
+        """Release process-wide resources (connections, libraries)."""
+
+
+@contextlib.contextmanager
+def translate_os_errors(what: str, missing: str | None = None) -> Iterator[None]:
+    """Turn OSError into the archive error that names the failure.
+
+    ``what`` prefixes the message; ``missing`` is the message for ENOENT
+    (FileNotInArchive); without it ENOENT is a storage fault.
+    """
+    try:
+        yield
+    except ArchiveError:
+        raise
+    except OSError as exc:
+        code = exc.errno
+        reason = exc.strerror or str(exc)
+        if code in (errno.ENOENT, errno.ENOTDIR) and missing is not None:
+            raise FileNotInArchive(missing) from exc
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage(f"{what}: storage is full ({reason})") from exc
+        if code in (errno.EACCES, errno.EPERM):
+            raise Forbidden(f"{what}: permission denied") from exc
+        if code in (errno.EIO, errno.EROFS, errno.ESTALE, errno.ENODEV, errno.ENXIO):
+            raise StorageUnavailable(f"{what}: storage unavailable ({reason})") from exc
+        if code in (errno.ENAMETOOLONG, errno.EISDIR):
+            raise InvalidRequest(f"{what}: {reason}") from exc
+        raise ArchiveError(f"{what}: {reason}") from exc
+
+
+def fsync_dir(path: str) -> None:
+    """Flush a directory's entries so a rename or unlink in it survives a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_sha256(fd_or_path: int | str) -> bytes | None:
+    """Return the sha-256 recorded with a file at ingest, or None if there is none."""
+    try:
+        value = os.getxattr(fd_or_path, SHA256_XATTR)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return None
+        raise
+    return value if len(value) == 32 else None
+
+
+def record_sha256(fd: int, digest: bytes) -> None:
+    """Store the digest with the file; filesystems without user xattrs keep none."""
+    try:
+        os.setxattr(fd, SHA256_XATTR, digest)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+
+
+class AtomicFileWriter(Writer):
+    """Write a file under a temporary name beside its target, then publish it.
+
+    The temp file lives in the target directory (same filesystem, so the
+    final rename is atomic) under a hidden name that listings skip. Bytes are
+    hashed as they arrive; nothing reads the file back.
+    """
+
+    def __init__(
+        self,
+        final_path: str,
+        mtime: float,
+        expect: Sequence[ExpectedDigest] = (),
+        replace: bool = True,
+        mode: int = 0o444,
+    ) -> None:
+        self.final_path = final_path
+        self._mtime = mtime
+        self._expect = list(expect)
+        self._replace = replace
+        self._mode = mode
+        self._sha256 = hashlib.sha256()
+        self._extra = {e.algorithm: hashlib.new(e.algorithm) for e in self._expect}
+        self._extra.pop("sha256", None)
+        self.bytes_written = 0
+        self._committed = False
+        directory, name = os.path.split(final_path)
+        with translate_os_errors(f"cannot store {name}"):
+            os.makedirs(directory, exist_ok=True)
+            fd, self._temp_path = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".part")
+        self._file = os.fdopen(fd, "wb", buffering=CHUNK_SIZE)
+
+    def write(self, chunk: bytes) -> None:
+        """Append and hash ``chunk``."""
+        with translate_os_errors("cannot write upload"):
+            self._file.write(chunk)
+        self._sha256.update(chunk)
+        for hasher in self._extra.values():
+            hasher.update(chunk)
+        self.bytes_written += len(chunk)
+
+    def commit(self) -> int:
+        """Verify digests, then fsync, rename and fsync the directory; return bytes stored."""
+        digest = self._sha256.digest()
+        for claim in self._expect:
+            actual = digest if claim.algorithm == "sha256" else self._extra[claim.algorithm].digest()
+            if not hmac.compare_digest(actual, claim.value):
+                raise DigestMismatch(
+                    f"{claim.header}: {claim.algorithm} of the {self.bytes_written} bytes received "
+                    "does not match the digest sent; nothing was stored"
+                )
+        directory = os.path.dirname(self.final_path)
+        with translate_os_errors("cannot store upload"):
+            # Flush Python's buffer first: metadata calls below act on the fd.
+            self._file.flush()
+            fd = self._file.fileno()
+            # Record the digest and times before fsync so one flush makes them durable together.
+            record_sha256(fd, digest)
+            os.fchmod(fd, self._mode)
+            os.utime(fd, (self._mtime, self._mtime))
+            # Data and metadata reach the disk before any name points at them.
+            os.fsync(fd)
+            self._file.close()
+            if self._replace:
+                # rename() swaps the name atomically: readers see the old file or the new one.
+                os.rename(self._temp_path, self.final_path)
+            else:
+                # link() refuses an existing name, so two racing write-once uploads cannot both win.
+                try:
+                    os.link(self._temp_path, self.final_path)
+                except FileExistsError:
+                    raise Conflict(
+                        f"{os.path.basename(self.final_path)} already exists and the archive is write-once"
+                    ) from None
+                os.unlink(self._temp_path)
+            self._committed = True
+            # The rename lives in the directory: flush it so the new name survives a crash.
+            fsync_dir(directory)
+        self.sha256 = digest
+        return self.bytes_written
+
+    def discard(self) -> None:
+        """Close and remove the temp file unless it was committed."""
+        if not self._file.closed:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        if not self._committed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._temp_path)
+            self._committed = True  # nothing left to clean up
+
+
+class FileReader(Reader):
+    """A Reader over an open file descriptor of a regular file."""
+
+    def __init__(self, fd: int, status: FileStatus) -> None:
+        self._file = os.fdopen(fd, "rb", buffering=0)
+        self.status = status
+
+    def read(self, size: int = CHUNK_SIZE) -> bytes:
+        """Return up to ``size`` bytes."""
+        with translate_os_errors("cannot read file"):
+            return self._file.read(size)
+
+    def seek(self, offset: int) -> None:
+        """Move to ``offset``."""
+        self._file.seek(offset)
+
+    def close(self) -> None:
+        """Close the descriptor."""
+        self._file.close()
+
+    def fileno(self) -> int | None:
+        """Return the descriptor, so servers can sendfile() it."""
+        return self._file.fileno()
+
+
+def status_from_stat(st: os.stat_result, relpath: str, sha256: bytes | None) -> FileStatus:
+    """Build the status of a file that is fully on disk."""
+    return FileStatus(
+        size=st.st_size,
+        mtime=st.st_mtime,
+        ctime=st.st_ctime,
+        bytes_per_level=(st.st_size, 0),
+        media="disk",
+        relpath=relpath,
+        sha256=sha256,
+    )
+
+
+def hash_file(path: str) -> bytes:
+    """Return the sha-256 of a file's bytes, reading in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as handle:
+        while chunk := handle.read(CHUNK_SIZE):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def resolve_adopt_source(source_path: object, roots: Iterable[str]) -> str:
+    """Return the real path of a PATCH source, if it lies inside an allowed root.
+
+    Raises InvalidRequest for a malformed path, Forbidden when no root allows
+    it (checked before existence, so nothing leaks about other paths), and
+    FileNotInArchive when it does not exist.
+    """
+    if not isinstance(source_path, str) or not source_path or "\x00" in source_path:
+        raise InvalidRequest('"path" must be a non-empty string')
+    if not os.path.isabs(source_path):
+        raise InvalidRequest(f'"path" must be absolute, got {source_path!r}')
+    roots = list(roots)
+    if not roots:
+        raise Forbidden("PATCH is disabled: no patch_roots are configured")
+    real = os.path.realpath(source_path)
+    if not any(real != root and os.path.commonpath([real, root]) == root for root in roots):
+        raise Forbidden(f"{source_path} is outside the directories PATCH may move files from")
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise FileNotInArchive(f"PATCH source {source_path} does not exist") from None
+    except OSError as exc:
+        with translate_os_errors(f"cannot read PATCH source {source_path}"):
+            raise exc
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidRequest(f"PATCH source {source_path} is not a regular file")
+    return real

@@ -1,0 +1,52 @@
+"""Create a backend by name from one registry.
+
+Adding a backend is one line in REGISTRY: the CLI's choices, config
+validation and the contract test suite all derive from it. Modules are
+imported lazily so a deployment loads only the backend it uses (and its
+dependencies: a posix gateway never imports a database driver).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from backends.base import Backend
+from pacifica_like.config import ConfigError, Settings
+
+#: name -> "module:Class". Aliases keep Pacifica configurations working.
+REGISTRY: dict[str, str] = {
+    "posix": "backends.posix.backend:PosixBackend",
+}
+ALIASES: dict[str, str] = {}
+
+
+def available() -> list[str]:
+    """Return every name a backend can be created by (canonical names and aliases)."""
+    return sorted([*REGISTRY, *ALIASES])
+
+
+def resolve(name: str) -> type[Backend]:
+    """Import and return the backend class registered under ``name``."""
+    canonical = ALIASES.get(name.lower(), name.lower())
+    target = REGISTRY.get(canonical)
+    if target is None:
+        raise KeyError(name)
+    module_name, class_name = target.split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def check(settings: Settings) -> type[Backend]:
+    """Return the class ``settings.archive.backend`` names; ConfigError if unknown."""
+    name = settings.archive.backend
+    try:
+        return resolve(name)
+    except KeyError:
+        where = settings.source_of("archive", "backend")
+        raise ConfigError(
+            f"{where}: unknown backend {name!r} (available: {', '.join(available())})"
+        ) from None
+
+
+def create(settings: Settings) -> Backend:
+    """Build the backend ``settings.archive.backend`` names; ConfigError if unknown."""
+    return check(settings)(settings)

@@ -1,0 +1,1 @@
+"""Plain filesystem storage: files under the archive prefix."""

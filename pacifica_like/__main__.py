@@ -1,0 +1,7 @@
+"""``python -m pacifica_like``: the same command line as ``pacifica-like``."""
+
+import sys
+
+from pacifica_like.cli import main
+
+sys.exit(main())

@@ -1,0 +1,139 @@
+"""The ``pacifica-like`` command line: ``serve`` now, maintenance commands later.
+
+Flags beat PAI_* variables, which beat archive.ini, which beats server.conf
+for the listening address, which beats the built-in defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from pacifica_like import __version__
+from pacifica_like.config import ConfigError, Settings, load_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser for every sub-command."""
+    from backends import factory
+
+    parser = argparse.ArgumentParser(
+        prog="pacifica-like", description="REST archive gateway for hierarchical storage."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the HTTP service (the default command)")
+    add_serve_arguments(serve, factory.available())
+    check = commands.add_parser("check-config", help="load and validate the settings, then print them")
+    add_serve_arguments(check, factory.available())
+    return parser
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser, backends: Sequence[str]) -> None:
+    """Add the flags that select settings (shared by serve and check-config)."""
+    parser.add_argument(
+        "-c", "--config", help="archive.ini path (default: $PAI_CONFIG, else built-in defaults)"
+    )
+    parser.add_argument(
+        "--cpconfig",
+        "--cherrypy-config",
+        dest="cpconfig",
+        help="CherryPy server.conf path (default: $PAI_CPCONFIG)",
+    )
+    parser.add_argument("-t", "--type", dest="backend", choices=backends, help="storage backend")
+    parser.add_argument("--prefix", help="archive root directory")
+    parser.add_argument("-a", "--address", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("-p", "--port", type=int, help="port to listen on (default 8080)")
+    parser.add_argument("--threads", type=int, help="request threads (default 16)")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Merge the parsed flags with env, files and defaults."""
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: outside 0-65535")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: must be positive")
+    return load_settings(
+        flags={
+            "archive": {"backend": args.backend, "prefix": args.prefix},
+            "server": {"address": args.address, "port": args.port, "threads": args.threads},
+        },
+        config_file=args.config,
+        cpconfig_file=args.cpconfig,
+    )
+
+
+def serve(settings: Settings) -> int:
+    """Run the threaded CherryPy server until interrupted."""
+    import cherrypy
+
+    from backends import factory
+    from pacifica_like.app import build_app
+
+    backend = factory.create(settings)
+    app = build_app(settings, backend)
+    listen = {
+        "server.socket_host": ("address", settings.server.address),
+        "server.socket_port": ("port", settings.server.port),
+        "server.thread_pool": ("threads", settings.server.threads),
+    }
+    cherrypy.config.update(
+        {
+            "engine.autoreload.on": False,
+            "checker.on": False,
+            "log.screen": True,
+            # Uploads are streamed to disk, so no body is too large to accept.
+            "server.max_request_body_size": 0,
+            "server.socket_timeout": 60,
+            **{option: value for option, (_, value) in listen.items()},
+        }
+    )
+    # server.conf beats the built-in defaults; archive.ini, env and flags beat server.conf.
+    if settings.cpconfig_file:
+        cherrypy.config.update(settings.cpconfig_file)
+    explicit = {key for (section, key) in settings.sources if section == "server"}
+    cherrypy.config.update({option: value for option, (key, value) in listen.items() if key in explicit})
+    cherrypy.tree.graft(app, "")
+    host, port = cherrypy.config["server.socket_host"], cherrypy.config["server.socket_port"]
+    print(
+        f"pacifica-like {__version__}: {settings.archive.backend} archive at {settings.archive.prefix}, "
+        f"serving http://{host}:{port}/",
+        flush=True,
+    )
+    cherrypy.engine.signals.subscribe()
+    cherrypy.engine.start()
+    cherrypy.engine.block()
+    backend.close()
+    return 0
+
+
+def check_config(settings: Settings) -> int:
+    """Validate the settings and the backend name; print the effective values."""
+    from backends import factory
+
+    factory.check(settings)
+    for section in ("archive", "server"):
+        for key, value in vars(getattr(settings, section)).items():
+            print(f"[{section}] {key} = {value}    ({settings.source_of(section, key)})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen command; return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "serve")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = settings_from_args(args)
+        if args.command == "check-config":
+            return check_config(settings)
+        return serve(settings)
+    except ConfigError as exc:
+        print(f"pacifica-like: configuration error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,216 @@
+"""Settings from archive.ini, PAI_* environment variables and command-line flags.
+
+The only module that reads the environment. Precedence is flags > env > file >
+defaults, every source is honoured, and each value remembers where it came
+from so a bad one fails at start naming the file and key (or the variable or
+flag). Nothing is read at import: callers ask for :func:`load_settings` when
+they start, which keeps uWSGI's pre-fork import free of I/O and lets tests
+build as many differently-configured apps as they like.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A setting is unknown or has a bad value; the message names its source."""
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
+def _parse_port(raw: str) -> int:
+    port = int(raw)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 0-65535")
+    return port
+
+
+def _parse_positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError(f"expected a positive integer, got {raw!r}")
+    return value
+
+
+def _parse_nonempty(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _parse_dirs(raw: str) -> tuple[str, ...]:
+    """Split a comma/newline separated list of directories, resolving links."""
+    roots = []
+    for item in raw.replace("\n", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        real = os.path.realpath(item)
+        if not os.path.isdir(real):
+            raise ValueError(f"{item!r} is not an existing directory")
+        roots.append(real)
+    return tuple(roots)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its parser, default and the env variable that overrides it."""
+
+    parse: Callable[[str], Any]
+    default: Any
+    env: str | None = None
+
+
+# The whole schema: section -> key -> Option. A key not listed here is an error.
+SCHEMA: dict[str, dict[str, Option]] = {
+    "archive": {
+        "backend": Option(_parse_nonempty, "posix", "PAI_BACKEND_TYPE"),
+        "prefix": Option(_parse_nonempty, "./archive-data", "PAI_PREFIX"),
+        "use_id2filename": Option(_parse_bool, True, "PAI_USE_ID2FILENAME"),
+        "write_once": Option(_parse_bool, False, "PAI_WRITE_ONCE"),
+        "allow_delete": Option(_parse_bool, False, "PAI_ALLOW_DELETE"),
+        "patch_roots": Option(_parse_dirs, (), "PAI_PATCH_ROOTS"),
+    },
+    "server": {
+        "address": Option(_parse_nonempty, "127.0.0.1", "PAI_ADDRESS"),
+        "port": Option(_parse_port, 8080, "PAI_PORT"),
+        "threads": Option(_parse_positive, 16, "PAI_THREADS"),
+    },
+}
+
+CONFIG_ENV = "PAI_CONFIG"
+CPCONFIG_ENV = "PAI_CPCONFIG"
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    """The ``[archive]`` section: which backend, where, and its policies."""
+
+    backend: str
+    prefix: str
+    use_id2filename: bool
+    write_once: bool
+    allow_delete: bool
+    patch_roots: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The ``[server]`` section: where ``pacifica-like serve`` listens."""
+
+    address: str
+    port: int
+    threads: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a process needs to build the app; immutable once loaded."""
+
+    archive: ArchiveSettings
+    server: ServerSettings
+    config_file: str | None = None
+    cpconfig_file: str | None = None
+    sources: Mapping[tuple[str, str], str] = field(default_factory=dict)
+
+    def source_of(self, section: str, key: str) -> str:
+        """Name where a value came from, for error messages."""
+        return self.sources.get((section, key), f"default [{section}] {key}")
+
+
+def load_settings(
+    flags: Mapping[str, Mapping[str, Any]] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+    cpconfig_file: str | None = None,
+) -> Settings:
+    """Merge defaults, the ini file, the environment and flags into Settings.
+
+    ``flags`` maps section -> key -> already-typed value (None means unset),
+    ``config_file`` beats ``PAI_CONFIG``. Raises ConfigError naming the source
+    of the first bad value.
+    """
+    env = os.environ if env is None else env
+    config_file = config_file or env.get(CONFIG_ENV) or None
+    cpconfig_file = cpconfig_file or env.get(CPCONFIG_ENV) or None
+    if cpconfig_file is not None and not os.path.isfile(cpconfig_file):
+        raise ConfigError(f"CherryPy config {cpconfig_file}: no such file")
+
+    values: dict[tuple[str, str], Any] = {}
+    sources: dict[tuple[str, str], str] = {}
+    for section, options in SCHEMA.items():
+        for key, option in options.items():
+            values[section, key] = option.default
+
+    if config_file is not None:
+        for (section, key), raw in _read_ini(config_file).items():
+            where = f"{config_file} [{section}] {key}"
+            values[section, key] = _convert(SCHEMA[section][key], raw, where)
+            sources[section, key] = where
+
+    for section, options in SCHEMA.items():
+        for key, option in options.items():
+            if option.env and env.get(option.env) is not None:
+                where = f"environment variable {option.env}"
+                values[section, key] = _convert(option, env[option.env], where)
+                sources[section, key] = where
+
+    for section, given in (flags or {}).items():
+        for key, value in given.items():
+            if value is not None:
+                values[section, key] = value
+                sources[section, key] = f"command-line flag for [{section}] {key}"
+
+    archive = {key: values["archive", key] for key in SCHEMA["archive"]}
+    archive["prefix"] = os.path.abspath(archive["prefix"])
+    server = {key: values["server", key] for key in SCHEMA["server"]}
+    return Settings(
+        archive=ArchiveSettings(**archive),
+        server=ServerSettings(**server),
+        config_file=config_file,
+        cpconfig_file=cpconfig_file,
+        sources=sources,
+    )
+
+
+def _read_ini(path: str) -> dict[tuple[str, str], str]:
+    """Read an ini file, rejecting sections and keys the schema does not know."""
+    parser = configparser.ConfigParser(interpolation=None, default_section="\x00unused")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except OSError as exc:
+        raise ConfigError(f"archive config {path}: {exc.strerror}") from exc
+    except configparser.Error as exc:
+        raise ConfigError(f"archive config {path}: {exc}") from exc
+    found = {}
+    for section in parser.sections():
+        if section not in SCHEMA:
+            known = ", ".join(sorted(SCHEMA))
+            raise ConfigError(f"{path}: unknown section [{section}] (known: {known})")
+        for key, raw in parser.items(section):
+            if key not in SCHEMA[section]:
+                known = ", ".join(sorted(SCHEMA[section]))
+                raise ConfigError(f"{path} [{section}] {key}: unknown key (known: {known})")
+            found[section, key] = raw
+    return found
+
+
+def _convert(option: Option, raw: str, where: str) -> Any:
+    try:
+        return option.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None

@@ -1,0 +1,337 @@
+"""The file API: ``/`` (health) and ``/<id>`` with GET, HEAD, PUT, POST, PATCH, DELETE.
+
+A plain WSGI application in front of CherryPy: it answers every one-segment
+path itself and hands anything else (unknown paths, later API mounts) to the
+CherryPy application given as ``fallback``. Why not a CherryPy handler: the
+framework's per-request pipeline costs more than the whole GET of a small file
+(docs/architecture.md has the measurements). Handlers here validate the request,
+call the backend contract and shape the response; statuses for errors come from
+the ``render_error`` callable the app injects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs
+
+from backends.base import CHUNK_SIZE, Backend, FileStatus, Reader
+from pacifica_like import httpheaders
+from pacifica_like.config import Settings
+from pacifica_like.errors import (
+    InvalidRequest,
+    MethodDisabled,
+    UnsupportedMediaType,
+)
+from pacifica_like.id2filename import parse_id
+
+log = logging.getLogger("pacifica_like")
+
+HEALTH_MESSAGE = "Pacifica Archive Interface Up and Running"
+#: The largest PATCH body we read; it only carries a path.
+MAX_JSON_BODY = 64 * 1024
+#: Seconds a chunked upload may stall between chunks before it is abandoned.
+UPLOAD_TIMEOUT = 60
+FILE_VERBS = "DELETE, GET, HEAD, PATCH, POST, PUT"
+WRITE_VERBS_ALLOWED_WITHOUT_DELETE = "GET, HEAD, PATCH, POST, PUT"
+
+Headers = list[tuple[str, str]]
+Response = tuple[int, Headers, Iterable[bytes]]
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+ErrorRenderer = Callable[[BaseException], Response]
+
+STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
+
+
+def json_response(code: int, payload: dict[str, Any], headers: Headers | None = None) -> Response:
+    """Return a JSON response triple."""
+    body = json.dumps(payload).encode("utf-8")
+    return (
+        code,
+        [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *(headers or [])],
+        [body],
+    )
+
+
+class RequestHeaders:
+    """Case-insensitive read access to a WSGI environ's request headers."""
+
+    def __init__(self, environ: dict[str, Any]) -> None:
+        self._environ = environ
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """Return the header's value, or ``default``."""
+        key = name.upper().replace("-", "_")
+        if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            key = "HTTP_" + key
+        return self._environ.get(key, default)
+
+
+class FileAPI:
+    """WSGI application serving the archive's files from one backend."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        settings: Settings,
+        fallback: WSGIApp,
+        render_error: ErrorRenderer,
+        fallback_names: Iterable[str] = (),
+    ) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.fallback = fallback
+        self.render_error = render_error
+        self.fallback_names = frozenset(fallback_names)
+        self._verbs: dict[str, Callable[[int, dict[str, Any]], Response]] = {
+            "GET": self.get,
+            "HEAD": self.head,
+            "PUT": self.put,
+            "POST": self.post,
+            "PATCH": self.patch,
+            "DELETE": self.delete,
+        }
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """Route one request: ``/`` and ``/<segment>`` here, the rest to the fallback."""
+        path = environ.get("PATH_INFO") or "/"
+        segment = path[1:]
+        if "/" in segment or segment in self.fallback_names:
+            return self.fallback(environ, start_response)
+        method = environ["REQUEST_METHOD"]
+        try:
+            if not segment:
+                code, headers, body = self.root(method)
+            else:
+                handler = self._verbs.get(method)
+                if handler is None:
+                    raise MethodDisabled(f"{method} is not supported on /<id>", allow=FILE_VERBS)
+                try:
+                    file_id = parse_id(segment)
+                except ValueError as exc:
+                    raise InvalidRequest(str(exc)) from None
+                code, headers, body = handler(file_id, environ)
+        except Exception as exc:  # every failure becomes a JSON answer, never a traceback
+            code, headers, body = self.render_error(exc)
+        start_response(STATUS_LINES[code], headers)
+        if method == "HEAD":
+            _close(body)
+            return []
+        return body
+
+    @staticmethod
+    def root(method: str) -> Response:
+        """Answer the liveness check on ``/``."""
+        if method not in ("GET", "HEAD"):
+            raise MethodDisabled(f"{method} needs a file id: {method} /<id>", allow="GET, HEAD")
+        return json_response(200, {"message": HEALTH_MESSAGE})
+
+    def get(self, file_id: int, environ: dict[str, Any]) -> Response:
+        """Stream a file, whole or a byte range."""
+        reader = self.backend.open_reader(file_id)
+        try:
+            code, headers, start, end = _plan_read(reader.status, environ)
+            if start == 0 and end == reader.size and "wsgi.file_wrapper" in environ:
+                fileno = reader.fileno()
+                if fileno is not None:
+                    # Let the server use sendfile(): no copy through Python at all.
+                    return code, headers, environ["wsgi.file_wrapper"](reader, CHUNK_SIZE)
+            if start:
+                reader.seek(start)
+            return code, headers, ReaderBody(reader, end - start)
+        except BaseException:
+            reader.close()
+            raise
+
+    def head(self, file_id: int, environ: dict[str, Any]) -> Response:
+        """Report a file's status in Pacifica's headers, answering 204."""
+        return 204, status_headers(self.backend.status(file_id)), []
+
+    def put(self, file_id: int, environ: dict[str, Any]) -> Response:
+        """Store the request body under the id, atomically; answer 201."""
+        headers = RequestHeaders(environ)
+        last_modified = headers.get("Last-Modified")
+        if not last_modified:
+            raise InvalidRequest("PUT needs a Last-Modified header (an HTTP date) for the file's mtime")
+        mtime = httpheaders.parse_http_date(last_modified)
+        expect = httpheaders.parse_digest_headers(headers)
+        length = _content_length(headers)
+        with self.backend.open_writer(file_id, mtime, expect) as writer:
+            received = copy_body(body_file(environ, length), length, writer.write)
+            if length is not None and received < length:
+                raise InvalidRequest(f"upload ended after {received} of {length} bytes; nothing was stored")
+            total = writer.commit()
+        return json_response(201, {"message": "File added to archive", "total_bytes": total})
+
+    def post(self, file_id: int, environ: dict[str, Any]) -> Response:
+        """Stage the file to disk (a no-op where data is always on disk)."""
+        self.backend.stage(file_id)
+        return json_response(200, {"message": "File was staged", "file": str(file_id)})
+
+    def patch(self, file_id: int, environ: dict[str, Any]) -> Response:
+        """Move a server-side file (JSON ``{"path": ...}``) into the archive."""
+        headers = RequestHeaders(environ)
+        content_type = headers.get("Content-Type") or ""
+        if content_type.split(";")[0].strip().lower() != "application/json":
+            raise UnsupportedMediaType(
+                f'PATCH takes application/json {{"path": ...}}, not {content_type or "no content type"!r}'
+            )
+        length = _content_length(headers)
+        if length is not None and length > MAX_JSON_BODY:
+            raise InvalidRequest(f"PATCH body is over {MAX_JSON_BODY} bytes")
+        raw = bytearray()
+        copy_body(body_file(environ, length), length, raw.extend, limit=MAX_JSON_BODY)
+        try:
+            document = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(f"PATCH body is not valid JSON: {exc}") from None
+        if not isinstance(document, dict) or "path" not in document:
+            raise InvalidRequest('PATCH body must be a JSON object with a "path"')
+        self.backend.adopt(file_id, document["path"])
+        return json_response(200, {"message": "File Moved Successfully"})
+
+    def delete(self, file_id: int, environ: dict[str, Any]) -> Response:
+        """Remove the file, where the deployment allows it."""
+        if not self.settings.archive.allow_delete:
+            raise MethodDisabled(
+                "DELETE is disabled on this archive (allow_delete = false)",
+                allow=WRITE_VERBS_ALLOWED_WITHOUT_DELETE,
+            )
+        self.backend.delete(file_id)
+        return json_response(200, {"message": "File Deleted", "file": str(file_id)})
+
+
+def status_headers(status: FileStatus) -> Headers:
+    """Return Pacifica's HEAD headers for a file, plus ETag and Repr-Digest."""
+    headers = [
+        ("X-Pacifica-Messsage", "File was found"),  # sic: Pacifica clients read this spelling
+        ("X-Pacifica-File", status.relpath),
+        ("X-Content-Length", str(status.size)),
+        ("Last-Modified", str(status.mtime)),  # epoch seconds, as Pacifica clients parse it
+        ("X-Pacifica-Ctime", str(status.ctime)),
+        ("X-Pacifica-Bytes-Per-Level", str(tuple(status.bytes_per_level))),
+        ("X-Pacifica-File-Storage-Media", status.media),
+        ("ETag", httpheaders.etag_for(status.sha256, status.size, status.mtime)),
+    ]
+    if status.sha256 is not None:
+        headers.append(("Repr-Digest", httpheaders.format_repr_digest(status.sha256)))
+    return headers
+
+
+def _plan_read(status: FileStatus, environ: dict[str, Any]) -> tuple[int, Headers, int, int]:
+    """Decide status, headers and the half-open byte span a GET serves."""
+    code, start, end = 200, 0, status.size
+    etag = httpheaders.etag_for(status.sha256, status.size, status.mtime)
+    headers = [
+        ("Content-Type", "application/octet-stream"),
+        ("Accept-Ranges", "bytes"),
+        ("Last-Modified", httpheaders.format_http_date(status.mtime)),
+        ("ETag", etag),
+    ]
+    if status.sha256 is not None:
+        headers.append(("Repr-Digest", httpheaders.format_repr_digest(status.sha256)))
+    query = environ.get("QUERY_STRING")
+    byte_range = parse_qs(query).get("byte_range") if query else None
+    wanted = environ.get("HTTP_RANGE")
+    if byte_range:
+        start, end = httpheaders.parse_byte_range(byte_range[-1], status.size)
+    elif wanted and environ.get("HTTP_IF_RANGE", etag) == etag:
+        span = httpheaders.parse_range_header(wanted, status.size)
+        if span is not None:
+            code, (start, end) = 206, span
+            headers.append(("Content-Range", f"bytes {start}-{end - 1}/{status.size}"))
+    headers.append(("Content-Length", str(end - start)))
+    return code, headers, start, end
+
+
+class ReaderBody:
+    """WSGI response body streaming ``remaining`` bytes from a Reader, then closing it."""
+
+    def __init__(self, reader: Reader, remaining: int) -> None:
+        self._reader = reader
+        self._remaining = remaining
+
+    def __iter__(self) -> Iterator[bytes]:
+        while self._remaining > 0:
+            chunk = self._reader.read(min(CHUNK_SIZE, self._remaining))
+            if not chunk:
+                # Committed files never shrink; if one did, end short so the
+                # client sees fewer bytes than Content-Length promised.
+                raise OSError("file ended before its recorded size")
+            self._remaining -= len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        """Close the reader (the server calls this even if the client left early)."""
+        self._reader.close()
+
+
+def _close(body: Iterable[bytes]) -> None:
+    close = getattr(body, "close", None)
+    if close is not None:
+        close()
+
+
+def _content_length(headers: RequestHeaders) -> int | None:
+    """Return the declared body length, or None for a chunked body."""
+    raw = headers.get("Content-Length")
+    if raw is None or raw == "":
+        chunked = "chunked" in (headers.get("Transfer-Encoding") or "").lower()
+        return None if chunked else 0
+    if not raw.isdigit():
+        raise InvalidRequest(f"bad Content-Length: {raw!r}")
+    return int(raw)
+
+
+class UwsgiChunkedBody:
+    """File-like view of a chunked body under uWSGI, whose wsgi.input reads it as empty."""
+
+    def __init__(self, read_chunk: Callable[[int], bytes], timeout: int = UPLOAD_TIMEOUT) -> None:
+        self._read_chunk = read_chunk
+        self._timeout = timeout
+        self._pending = b""
+        self._done = False
+
+    def read(self, size: int) -> bytes:
+        """Return up to ``size`` bytes of the decoded body; ``b""`` at its end."""
+        if not self._pending and not self._done:
+            self._pending = self._read_chunk(self._timeout) or b""
+            self._done = not self._pending
+        chunk, self._pending = self._pending[:size], self._pending[size:]
+        return chunk
+
+
+def body_file(environ: dict[str, Any], length: int | None) -> Any:
+    """Return a file-like object with ``read(n)`` over the request body."""
+    if length is None and "uwsgi.version" in environ:
+        import uwsgi  # only importable inside a uWSGI worker
+
+        return UwsgiChunkedBody(uwsgi.chunked_read)
+    return environ["wsgi.input"]
+
+
+def copy_body(rfile: Any, length: int | None, sink: Callable[[bytes], Any], limit: int | None = None) -> int:
+    """Feed the request body to ``sink`` in chunks; return bytes received.
+
+    A client that disconnects makes the server's read fail or end early;
+    either way the caller sees fewer bytes than declared and stores nothing.
+    """
+    received = 0
+    while length is None or received < length:
+        want = CHUNK_SIZE if length is None else min(CHUNK_SIZE, length - received)
+        try:
+            chunk = rfile.read(want)
+        except (OSError, ValueError) as exc:
+            raise InvalidRequest(
+                f"upload interrupted after {received} bytes ({exc}); nothing was stored"
+            ) from exc
+        if not chunk:
+            break
+        received += len(chunk)
+        if limit is not None and received > limit:
+            raise InvalidRequest(f"request body is over {limit} bytes")
+        sink(chunk)
+    return received
