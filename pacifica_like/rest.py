@@ -1,8 +1,9 @@
 """The file API: ``/`` (health) and ``/<id>`` with GET, HEAD, PUT, POST, PATCH, DELETE.
 
-A plain WSGI application in front of CherryPy: it answers every one-segment
-path itself and hands anything else (unknown paths, later API mounts) to the
-CherryPy application given as ``fallback``. Why not a CherryPy handler: the
+A plain WSGI application in front of CherryPy: it answers every path itself
+(anything that is not ``/`` or a valid ``/<id>`` is a 400) except those whose
+first segment is in ``fallback_names``, which go to the CherryPy application
+given as ``fallback`` (the mount point for later APIs). Why not a CherryPy handler: the
 framework's per-request pipeline costs more than the whole GET of a small file
 (docs/architecture.md has the measurements). Handlers here validate the request,
 call the backend contract and shape the response; statuses for errors come from
@@ -98,17 +99,20 @@ class FileAPI:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         """Route one request: ``/`` and ``/<segment>`` here, the rest to the fallback."""
         path = environ.get("PATH_INFO") or "/"
-        segment = path[1:]
-        if "/" in segment or segment in self.fallback_names:
+        segment, slash, rest = path[1:].partition("/")
+        if segment in self.fallback_names:
             return self.fallback(environ, start_response)
         method = environ["REQUEST_METHOD"]
         try:
-            if not segment:
+            if not path[1:]:
                 code, headers, body = self.root(method)
             else:
                 handler = self._verbs.get(method)
                 if handler is None:
                     raise MethodDisabled(f"{method} is not supported on /<id>", allow=FILE_VERBS)
+                if slash:
+                    # Includes %2F.. (decoded by the server before we see it).
+                    raise InvalidRequest(f"a file id is exactly one path segment, not {path!r}")
                 try:
                     file_id = parse_id(segment)
                 except ValueError as exc:

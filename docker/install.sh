@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Install pacifica-like, with uWSGI, into a self-contained virtualenv.
+#
+# The Dockerfile runs this in its build stage and tests/test_docker_scripts.py
+# runs it into a temporary directory, so the image's install step is tested
+# without Docker. It needs no root: it writes only under $PAI_VENV and a
+# temporary directory (the image's user is created by the Dockerfile).
+#
+# Usage: install.sh [SOURCE_DIR]
+#   SOURCE_DIR   the project checkout (default: $PAI_SRC, else this script's repo)
+#   PAI_VENV     where the virtualenv goes (default /opt/pacifica-like)
+#   PAI_PYTHON   interpreter that creates it (default python3)
+#   PAI_EXTRAS   extras to install (default uwsgi; e.g. "uwsgi,mysql")
+# pip's own PIP_* variables (index, cache, proxy) are honoured as usual.
+set -euo pipefail
+
+here=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+src=${1:-${PAI_SRC:-$(dirname -- "$here")}}
+venv=${PAI_VENV:-/opt/pacifica-like}
+python=${PAI_PYTHON:-python3}
+extras=${PAI_EXTRAS:-uwsgi}
+
+die() {
+    echo "install.sh: $*" >&2
+    exit 2
+}
+
+[[ -f "$src/setup.py" ]] || die "$src has no setup.py; pass the pacifica-like source directory"
+[[ -f "$src/docker/entrypoint.sh" ]] || die "$src/docker/entrypoint.sh is missing"
+
+# setuptools writes build/ and *.egg-info into the tree it builds, so build a
+# copy: the caller's checkout stays untouched and a stale egg-info in it cannot
+# leak into the wheel. The exclusions mirror .dockerignore.
+staging=$(mktemp -d)
+trap 'rm -rf -- "$staging"' EXIT
+tar -C "$src" \
+    --exclude=./.git --exclude=./.venv --exclude=./bench/.peer-venv \
+    --exclude=./archive-data --exclude=./build --exclude='*.egg-info' \
+    --exclude=__pycache__ --exclude=.pytest_cache --exclude=.ruff_cache \
+    -cf - . | tar -C "$staging" -xf -
+
+echo "install.sh: installing $src[$extras] into $venv"
+"$python" -m venv "$venv"
+# Not --upgrade-deps or a pip self-upgrade: the build must work from whatever
+# index PIP_* points at, including an offline mirror without pip itself.
+"$venv/bin/python" -m pip install --disable-pip-version-check "$staging[$extras]"
+
+# The entrypoint travels inside the venv, so the runtime stage gets it with the
+# single COPY of the venv, and the test runs the very file the image runs.
+install -d "$venv/docker"
+install -m 0755 "$staging/docker/entrypoint.sh" "$venv/docker/entrypoint.sh"
+
+# Fail the build here, not at first start, if the server cannot run.
+"$venv/bin/uwsgi" --version >/dev/null || die "uwsgi in $venv does not run"
+"$venv/bin/python" -c "import pacifica_like.wsgi" || die "pacifica_like.wsgi does not import"
+"$venv/bin/pacifica-like" --version

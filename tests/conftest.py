@@ -1,0 +1,69 @@
+"""Shared fixtures: settings on a temp prefix, the real app through WebTest."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import webtest
+
+from backends import factory
+from backends.base import Backend
+from pacifica_like.app import build_app
+from pacifica_like.config import Settings, load_settings
+
+LAST_MODIFIED = "Sun, 06 Nov 1994 08:49:37 GMT"
+LAST_MODIFIED_EPOCH = 784111777.0
+
+
+@pytest.fixture
+def prefix(tmp_path: Path) -> Path:
+    """The archive root of the test."""
+    return tmp_path / "archive"
+
+
+@pytest.fixture
+def make_settings(prefix: Path) -> Callable[..., Settings]:
+    """Build Settings over the test prefix; keyword args override [archive] keys."""
+
+    def build(**archive: Any) -> Settings:
+        archive.setdefault("prefix", str(prefix))
+        return load_settings(flags={"archive": archive}, env={})
+
+    return build
+
+
+@pytest.fixture
+def make_app(make_settings: Callable[..., Settings]) -> Callable[..., webtest.TestApp]:
+    """Build the real WSGI app (file API + CherryPy fallback) for WebTest."""
+
+    def build(**archive: Any) -> webtest.TestApp:
+        settings = make_settings(**archive)
+        return webtest.TestApp(build_app(settings, factory.create(settings)))
+
+    return build
+
+
+@pytest.fixture
+def app(make_app: Callable[..., webtest.TestApp]) -> webtest.TestApp:
+    """The app with default settings (sharded posix, overwrite allowed, no delete)."""
+    return make_app()
+
+
+@pytest.fixture
+def backend(make_settings: Callable[..., Settings]) -> Backend:
+    """A posix backend on the test prefix."""
+    return factory.create(make_settings())
+
+
+def put(app: webtest.TestApp, file_id: int | str, body: bytes, **headers: str) -> webtest.TestResponse:
+    """PUT ``body`` with a valid Last-Modified unless the caller overrides headers."""
+    all_headers = {"Last-Modified": LAST_MODIFIED, **{k.replace("_", "-"): v for k, v in headers.items()}}
+    return app.put(f"/{file_id}", body, headers=all_headers, expect_errors=True)
+
+
+def files_under(root: Path) -> list[Path]:
+    """Every regular file below ``root`` (temp files included), sorted."""
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
