@@ -46,7 +46,7 @@ export PAI_VENV
 # and uses the posix backend. They are exported as PAI_* variables, which beat
 # archive.ini, so they apply only to keys neither the environment nor the file
 # given by PAI_CONFIG names; the config loader itself decides that. It prints
-# NAME=value lines: defaults to export, then DATA_DIR, the effective prefix.
+# NAME=value lines: defaults to export, then the effective BACKEND and DATA_DIR.
 # A bad setting stops here, before uWSGI forks anything.
 resolve_settings() {
     "$PAI_VENV/bin/python" -c '
@@ -62,20 +62,24 @@ named = {key for section, key in settings.sources if section == "archive"}
 for key, (variable, value) in IMAGE_DEFAULTS.items():
     if key not in named:
         print(f"{variable}={value}")
+backend = settings.archive.backend if "backend" in named else IMAGE_DEFAULTS["backend"][1]
 prefix = settings.archive.prefix if "prefix" in named else IMAGE_DEFAULTS["prefix"][1]
+print(f"BACKEND={backend}")
 print(f"DATA_DIR={prefix}")
 '
 }
 resolved=$(resolve_settings)
+backend=""
 data_dir=""
 while IFS='=' read -r name value; do
     case "$name" in
         PAI_BACKEND_TYPE | PAI_PREFIX) export "$name=$value" ;;
+        BACKEND) backend=$value ;;
         DATA_DIR) data_dir=$value ;;
         *) die "unexpected settings line: $name=$value" ;;
     esac
 done <<<"$resolved"
-[[ -n "$data_dir" ]] || die "could not resolve the archive prefix"
+[[ -n "$backend" && -n "$data_dir" ]] || die "could not resolve the backend and archive prefix"
 
 # Sub-commands see the same settings but manage the data dir themselves
 # (check-config must not create it). Spelling out "pacifica-like" is optional.
@@ -90,21 +94,24 @@ fi
 # volume would otherwise surface as a 500 long after start. Check it now.
 # Only the last component is created: a missing parent usually means a volume
 # mounted at the wrong path, which mkdir -p would paper over.
+uid=$(id -u)
+gid=$(id -g)
+user="uid $uid gid $gid"
 if [[ ! -d "$data_dir" ]]; then
     parent=$(dirname -- "$data_dir")
     [[ -d "$parent" ]] || die "data directory $data_dir: parent $parent does not exist" \
         "(mount a volume there or set PAI_PREFIX)"
     mkdir -- "$data_dir" 2>/dev/null \
-        || die "cannot create data directory $data_dir: $parent is not writable by uid $(id -u)"
+        || die "cannot create data directory $data_dir: $parent is not writable by $user"
 fi
-# Probe with a real file rather than [[ -w ]]: root passes -w on anything, and
-# -w cannot see a read-only mount.
+# Probe with a real file rather than [[ -w ]]: -w trusts mode bits, which
+# root-squashed NFS, ACLs and SELinux labels can contradict.
 probe=$(mktemp -p "$data_dir" .entrypoint-probe.XXXXXX 2>/dev/null) \
-    || die "data directory $data_dir is not writable by uid $(id -u) gid $(id -g)" \
+    || die "data directory $data_dir is not writable by $user" \
         "(chown it, or mount the volume read-write)"
 rm -f -- "$probe"
 
-echo "entrypoint: $PAI_BACKEND_TYPE archive at $data_dir, uWSGI on ${PAI_LISTEN:-:8080}" >&2
+echo "entrypoint: $backend archive at $data_dir, uWSGI on ${PAI_LISTEN:-:8080}" >&2
 exec "$PAI_VENV/bin/uwsgi" \
     --http-socket "${PAI_LISTEN:-:8080}" \
     --master \

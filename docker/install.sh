@@ -39,11 +39,11 @@ tar -C "$src" \
     --exclude=__pycache__ --exclude=.pytest_cache --exclude=.ruff_cache \
     -cf - . | tar -C "$staging" -xf -
 
-echo "install.sh: installing $src[$extras] into $venv"
+echo "install.sh: installing ${src}[${extras}] into $venv"
 "$python" -m venv "$venv"
 # Not --upgrade-deps or a pip self-upgrade: the build must work from whatever
 # index PIP_* points at, including an offline mirror without pip itself.
-"$venv/bin/python" -m pip install --disable-pip-version-check "$staging[$extras]"
+"$venv/bin/python" -m pip install --disable-pip-version-check "${staging}[${extras}]"
 
 # The entrypoint travels inside the venv, so the runtime stage gets it with the
 # single COPY of the venv, and the test runs the very file the image runs.

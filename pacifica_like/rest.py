@@ -99,7 +99,7 @@ class FileAPI:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         """Route one request: ``/`` and ``/<segment>`` here, the rest to the fallback."""
         path = environ.get("PATH_INFO") or "/"
-        segment, slash, rest = path[1:].partition("/")
+        segment, slash, _ = path[1:].partition("/")
         if segment in self.fallback_names:
             return self.fallback(environ, start_response)
         method = environ["REQUEST_METHOD"]

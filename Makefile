@@ -1,0 +1,34 @@
+# The project's entry points: CI runs exactly what a developer runs.
+#   make run    install into .venv and serve on 127.0.0.1:8080 (data in ./archive-data)
+#   make test   install test dependencies, lint, run every test (live servers included)
+#   make bench  compare against pacifica-archiveinterface 0.4.2 under uWSGI
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(STAMP): setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,uwsgi]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/pacifica-like serve
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info bench/.peer-venv
