@@ -29,7 +29,7 @@ ARCHIVE_CONFIG = "[posix]\nuse_id2filename = true\n"
 
 _PROBE = (
     "import sys, importlib.metadata as m; "
-    f"print('%d.%d' % sys.version_info[:2], m.version({PEER_PACKAGE!r}))"
+    f"print('{{}}.{{}}'.format(*sys.version_info[:2]), m.version({PEER_PACKAGE!r}))"
 )
 
 
@@ -48,7 +48,7 @@ def installed_version(home: Path) -> str | None:
     if probe.returncode != 0:
         return None
     python_version, version = probe.stdout.split()
-    if python_version != "%d.%d" % sys.version_info[:2]:
+    if python_version != "{}.{}".format(*sys.version_info[:2]):
         return None
     return version
 

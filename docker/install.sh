@@ -28,16 +28,32 @@ die() {
 [[ -f "$src/setup.py" ]] || die "$src has no setup.py; pass the pacifica-like source directory"
 [[ -f "$src/docker/entrypoint.sh" ]] || die "$src/docker/entrypoint.sh is missing"
 
-# setuptools writes build/ and *.egg-info into the tree it builds, so build a
-# copy: the caller's checkout stays untouched and a stale egg-info in it cannot
-# leak into the wheel. The exclusions mirror .dockerignore.
-staging=$(mktemp -d)
-trap 'rm -rf -- "$staging"' EXIT
-tar -C "$src" \
-    --exclude=./.git --exclude=./.venv --exclude=./bench/.peer-venv \
-    --exclude=./archive-data --exclude=./build --exclude='*.egg-info' \
-    --exclude=__pycache__ --exclude=.pytest_cache --exclude=.ruff_cache \
-    -cf - . | tar -C "$staging" -xf -
+# setuptools writes build/ and *.egg-info into the tree it builds (the
+# checkout's egg-info may even be tracked), and a stale build/lib can leak
+# deleted modules into the wheel, so build a copy. Copy only what the build
+# reads: packaging files and the top-level packages, minus hidden entries and
+# caches; a working tree may also hold venvs, archives and benchmark output of
+# any size, still being written. Add any top-level file setup.py starts
+# reading to the list below.
+parts=(docker/entrypoint.sh)
+for path in "$src"/setup.py "$src"/setup.cfg "$src"/pyproject.toml "$src"/MANIFEST.in \
+    "$src"/README* "$src"/LICENSE* "$src"/requirements*.txt "$src"/*/__init__.py; do
+    # Unmatched globs and absent names stay literal; skip them.
+    if [[ -e "$path" ]]; then
+        relative=${path#"$src"/}
+        parts+=("${relative%/__init__.py}")
+    fi
+done
+work=$(mktemp -d)
+trap 'rm -rf -- "$work"' EXIT
+staging="$work/src"
+mkdir "$staging"
+# tar's status 1 means only "a file changed while being read" (say, a log in a
+# package directory); the sources themselves are not being edited mid-install.
+tar -C "$src" --exclude='.*' --exclude=__pycache__ --exclude='*.pyc' \
+    -cf "$work/source.tar" "${parts[@]}" \
+    || [[ $? -eq 1 ]] || die "could not copy the sources from $src"
+tar -C "$staging" -xf "$work/source.tar"
 
 echo "install.sh: installing ${src}[${extras}] into $venv"
 "$python" -m venv "$venv"

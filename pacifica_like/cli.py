@@ -87,6 +87,8 @@ def serve(settings: Settings) -> int:
             # Uploads are streamed to disk, so no body is too large to accept.
             "server.max_request_body_size": 0,
             "server.socket_timeout": 60,
+            # cheroot's default backlog of 5 refuses connections under bursts of clients.
+            "server.socket_queue_size": 128,
             **{option: value for option, (_, value) in listen.items()},
         }
     )

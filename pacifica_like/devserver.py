@@ -69,6 +69,10 @@ def uwsgi_command(port: int, processes: int = 4, threads: int = 1, extra: Sequen
         "60",
         "--chunked-input-limit",
         str(16 << 20),
+        # --http-socket closes every connection after one response; say so, or
+        # keep-alive clients find out by a reset on their next request.
+        "--add-header",
+        "Connection: close",
     ]
     if threads > 1:
         command += ["--threads", str(threads)]

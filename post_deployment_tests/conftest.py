@@ -16,7 +16,6 @@ MARKERS = {
     "integrity": "bytes stored are the bytes sent: digests, overwrites, chunked bodies",
     "large": "streams LARGE_FILE_SIZE bytes up and down (slow on big sizes)",
     "concurrency": "many clients at once: MANY_FILES_TEST_COUNT files, racing overwrites",
-    "known_bug": "documents a known server bug; marked xfail until it is fixed",
 }
 
 

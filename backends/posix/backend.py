@@ -83,13 +83,13 @@ class PosixBackend(Backend):
         return AtomicFileWriter(path, mtime, expect, replace=not self.write_once)
 
     def status(self, file_id: int) -> FileStatus:
-        """Stat the file and read its recorded digest."""
-        path = self.path(file_id)
-        with translate_os_errors(f"cannot stat file {file_id}", missing=self._missing(file_id)):
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode):
-                raise FileNotInArchive(self._missing(file_id))
-            return status_from_stat(st, self.relpath(file_id), read_sha256(path))
+        """Stat the file and read its recorded digest, both from one open inode.
+
+        Two lookups by path could straddle a concurrent overwrite and pair one
+        version's size with the other's digest.
+        """
+        with self.open_reader(file_id) as reader:
+            return reader.status
 
     def stage(self, file_id: int) -> None:
         """Posix data is always on disk: only check that the file exists."""

@@ -1,0 +1,221 @@
+"""``python -m bench``: run every measurement against both servers and print one table.
+
+Order of work: dd on the data filesystem, then both servers start (same
+uWSGI flags, separate data dirs), the GET/HEAD pool is pre-loaded, the
+small-file cells run alternating ours/peer so drift hits both alike, then the
+large transfers with peak-RSS samples around them. Servers are stopped and
+the scratch directory removed whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import disk, largefile, memory, peer, report, servers, smallfiles
+from bench.content import SMALL_SIZE
+from pacifica_like.devserver import RunningServer, uwsgi_binary
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+#: Concurrency of the small-file cells (wrk connections).
+CONCURRENCY = (1, 16)
+OPERATIONS = ("put", "get", "head")
+#: PUT cells write ids from here up (one block of ids per cell), far from the GET/HEAD pool.
+PUT_ID_BASE = 100_000_000
+LARGE_FILE_ID = 900_000_001
+LARGE_SEED = 20241106
+#: Ids read back from each wrk thread's PUT range after a PUT cell.
+READBACK_SAMPLES = 20
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line; --quick only changes what was not given explicitly."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--processes", type=int, default=8, help="uWSGI --processes for both servers")
+    parser.add_argument("--duration", type=int, help="whole seconds per small-file cell (default 5)")
+    parser.add_argument("--large-size", type=int, help="large file size in MiB (default 1024)")
+    parser.add_argument("--files", type=int, default=2000, help="ids pre-loaded for GET/HEAD")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 s cells, 64 MiB large file")
+    parser.add_argument("--workdir", type=Path, help="put the scratch dir here (default: bench/)")
+    parser.add_argument("--peer-home", type=Path, default=peer.DEFAULT_HOME, help="the peer's virtualenv")
+    parser.add_argument("--setup-peer", action="store_true", help="(re)create the peer venv and exit")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch dir (data and server logs)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when any target is missed")
+    args = parser.parse_args(argv)
+    if args.duration is None:
+        args.duration = 1 if args.quick else 5
+    if args.large_size is None:
+        args.large_size = 64 if args.quick else 1024
+    if args.processes < 1 or args.duration <= 0 or args.large_size < 1 or args.files < 1:
+        parser.error("--processes, --duration, --large-size and --files must be positive")
+    return args
+
+
+def _tool_version(command: list[str]) -> str:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    except OSError as exc:
+        return f"unavailable ({exc})"
+    return (done.stdout or done.stderr).strip().splitlines()[0] if (done.stdout or done.stderr) else "?"
+
+
+def machine_info() -> dict[str, Any]:
+    """Describe where the numbers came from."""
+    model = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "wrk": _tool_version(["wrk", "-v"]),
+        "uwsgi": _tool_version([uwsgi_binary(), "--version"]),
+    }
+
+
+def _log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def run_small_cells(args: argparse.Namespace, running: dict[str, RunningServer]) -> list[smallfiles.Cell]:
+    """Run every small-file cell, alternating servers, and read back samples of each PUT."""
+    cells = []
+    for op in OPERATIONS:
+        for index, connections in enumerate(CONCURRENCY):
+            first_id = PUT_ID_BASE * (index + 1) if op == "put" else 0
+            for name, server in running.items():
+                os.sync()  # start each cell with no dirty pages left by the previous one
+                cell = smallfiles.run_cell(
+                    name, server.url, op, connections, args.duration, first_id, args.files, SMALL_SIZE
+                )
+                if op == "put":
+                    cell.readback = smallfiles.verify_put_ranges(
+                        servers.port_of(server), cell.stats["put_ranges"], READBACK_SAMPLES
+                    )
+                _log(
+                    f"{name:<4} {cell.op:<4} c={connections:<2} {cell.ops_per_s:8.0f} ops/s "
+                    f"p50 {cell.p50_ms:.2f} ms p99 {cell.p99_ms:.2f} ms errors {cell.errors}"
+                    + (f" readback {cell.readback}" if cell.readback else "")
+                )
+                cells.append(cell)
+    return cells
+
+
+def run_large(
+    args: argparse.Namespace, running: dict[str, RunningServer]
+) -> tuple[dict[str, dict[str, largefile.Transfer | None]], dict[str, Any], dict[str, str]]:
+    """PUT then GET the large file on each server; sample worker peak RSS around it all."""
+    size = args.large_size << 20
+    before = {name: memory.worker_peaks(s.process.pid) for name, s in running.items()}
+    transfers: dict[str, dict[str, largefile.Transfer | None]] = {name: {} for name in running}
+    failures: dict[str, str] = {}
+    for op in ("PUT", "GET"):
+        for name, server in running.items():
+            port = servers.port_of(server)
+            try:
+                if op == "PUT":
+                    result = largefile.put_large(port, LARGE_FILE_ID, size, LARGE_SEED)
+                else:
+                    put = transfers[name].get("PUT")
+                    expected = put.sha256 if put is not None else ""
+                    result = largefile.get_large(port, LARGE_FILE_ID, size, expected)
+            except (OSError, http.client.HTTPException) as exc:
+                failures[f"{name} {op}"] = repr(exc)
+                transfers[name][op] = None
+                _log(f"{name:<4} large {op} failed: {exc!r}")
+                continue
+            transfers[name][op] = result
+            _log(f"{name:<4} large {op} {result.mib_per_s:8.1f} MiB/s {result.detail}")
+    after = {name: memory.worker_peaks(s.process.pid) for name, s in running.items()}
+    rss = {
+        name: {
+            "before_kib": before[name],
+            "after_kib": after[name],
+            "peak_mib": max(after[name].values(), default=0) / report.KIB_PER_MIB,
+            "rise_mib": memory.peak_rise_kib(before[name], after[name]) / report.KIB_PER_MIB,
+        }
+        for name in running
+    }
+    return transfers, rss, failures
+
+
+def run(args: argparse.Namespace, workdir: Path, peer_version: str) -> dict[str, Any]:
+    """Measure everything; return the results the report is made from."""
+    results: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H-%M-%S"),
+        "settings": {
+            "processes": args.processes,
+            "duration": args.duration,
+            "large_size": args.large_size,
+            "files": args.files,
+            "small_size": SMALL_SIZE,
+            "concurrency": list(CONCURRENCY),
+            "workdir": str(workdir),
+        },
+        "machine": machine_info(),
+        "peer": f"{peer.PEER_PACKAGE} {peer_version}",
+    }
+    _log(f"dd {args.large_size} MiB in {workdir}")
+    results["disk"] = disk.measure_disk(workdir, args.large_size)
+    targets = servers.make_targets(workdir, args.peer_home, peer_version)
+    with contextlib.ExitStack() as stack:
+        running = {t.name: stack.enter_context(servers.serve(t, args.processes, workdir)) for t in targets}
+        results["commands"] = {name: s.process.args for name, s in running.items()}
+        urls = ", ".join(f"{name} {server.url}" for name, server in running.items())
+        _log(f"servers up: {urls}; pre-loading {args.files} ids")
+        results["populate_failures"] = {
+            name: smallfiles.populate(servers.port_of(s), 0, args.files) for name, s in running.items()
+        }
+        results["cells"] = run_small_cells(args, running)
+        results["large"], results["rss"], results["large_failures"] = run_large(args, running)
+    # Other work on the machine skews every number; the JSON keeps the evidence.
+    results["machine"]["loadavg_end"] = os.getloadavg()
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; exit 1 on any error (or missed target with --strict)."""
+    args = parse_args(argv)
+    if args.setup_peer:
+        peer.setup_peer(args.peer_home)
+        return 0
+    if shutil.which("wrk") is None:
+        print("bench: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    peer_version = peer.ensure_peer(args.peer_home)
+    parent = args.workdir or BENCH_DIR
+    workdir = Path(tempfile.mkdtemp(prefix=".work-", dir=parent))
+    try:
+        results = run(args, workdir, peer_version)
+    finally:
+        if args.keep:
+            _log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    found = report.verdicts(results)
+    path = report.write_json(results, found, RESULTS_DIR)
+    print(report.table(results))
+    print()
+    for verdict in found:
+        print(verdict.line())
+    print(f"\nfull results: {path}")
+    if report.error_count(results, servers.OURS):
+        return 1
+    return 1 if args.strict and not all(v.passed for v in found) else 0

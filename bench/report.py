@@ -1,0 +1,190 @@
+"""Turn a run's results into the comparison table, the verdicts and the JSON file.
+
+Targets are checked against our server only; the peer's numbers are the
+yardstick. Every figure printed is also in the JSON, with wrk's raw counters.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.largefile import Transfer
+from bench.servers import OURS, PEER
+from bench.smallfiles import Cell
+
+KIB_PER_MIB = 1024
+#: The largest acceptable growth of a worker's peak RSS during the large transfers.
+RSS_RISE_LIMIT_MIB = 64.0
+#: ours/peer ops/s each small-file operation must reach.
+SMALL_TARGETS = {"GET": 2.0, "HEAD": 2.0, "PUT": 1.5}
+#: Large PUT vs dd conv=fsync write, large GET vs the peer's GET.
+LARGE_PUT_VS_DD = 0.90
+LARGE_GET_VS_PEER = 1.00
+
+
+@dataclass
+class Verdict:
+    """One target: met or not, with the figure that decided it."""
+
+    name: str
+    passed: bool
+    detail: str
+
+    def line(self) -> str:
+        """Return the printed form."""
+        return f"{'PASS' if self.passed else 'FAIL'}  {self.name}: {self.detail}"
+
+
+def _ratio(ours: float, peer: float) -> float | None:
+    return ours / peer if peer > 0 else None
+
+
+def _fmt_ratio(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def _side(value: str, p50: str = "", p99: str = "", errors: str = "") -> str:
+    return f"{value:>10} {p50:>7} {p99:>7} {errors:>5}"
+
+
+LABEL_WIDTH = 34
+HEADER = (
+    f"{'test':<{LABEL_WIDTH}} | {_side('ours', 'p50 ms', 'p99 ms', 'errs')} "
+    f"| {_side('peer', 'p50 ms', 'p99 ms', 'errs')} | ours/peer"
+)
+
+
+def _row(label: str, ours: str, peer: str, ratio: str) -> str:
+    return f"{label:<{LABEL_WIDTH}} | {ours} | {peer} | {ratio:>9}"
+
+
+def _cell_side(cell: Cell) -> str:
+    return _side(f"{cell.ops_per_s:.0f}", f"{cell.p50_ms:.2f}", f"{cell.p99_ms:.2f}", str(cell.errors))
+
+
+def _transfer_side(transfer: Transfer | None) -> str:
+    if transfer is None:
+        return _side("failed", errors="1")
+    return _side(f"{transfer.mib_per_s:.1f}", errors="0" if transfer.ok else "1")
+
+
+def small_pairs(cells: list[Cell]) -> list[tuple[Cell, Cell]]:
+    """Pair each of our cells with the peer's cell of the same op and concurrency."""
+    peer_cells = {(c.op, c.connections): c for c in cells if c.server == PEER}
+    return [(c, peer_cells[(c.op, c.connections)]) for c in cells if c.server == OURS]
+
+
+def table(results: dict[str, Any]) -> str:
+    """Return the one comparison table, ready to print."""
+    args, machine = results["settings"], results["machine"]
+    lines = [
+        f"ours = pacifica_like, peer = {results['peer']}; both under uWSGI --processes "
+        f"{args['processes']}; {args['duration']:g} s per small-file cell; {machine['cpus']} CPUs, "
+        f"loopback; load avg (1 min) {machine['loadavg_start'][0]:.2f} at start, "
+        f"{machine['loadavg_end'][0]:.2f} at end",
+        HEADER,
+        "-" * len(HEADER),
+    ]
+    for ours, peer in small_pairs(results["cells"]):
+        label = f"{ours.op:<4} 4 KiB  c={ours.connections:<2} (ops/s)"
+        ratio = _fmt_ratio(_ratio(ours.ops_per_s, peer.ops_per_s))
+        lines.append(_row(label, _cell_side(ours), _cell_side(peer), ratio))
+    large = results["large"]
+    for op in ("PUT", "GET"):
+        ours_t, peer_t = large[OURS].get(op), large[PEER].get(op)
+        ratio = _ratio(ours_t.mib_per_s, peer_t.mib_per_s) if ours_t and peer_t else None
+        label = f"{op:<4} {args['large_size']} MiB stream (MiB/s)"
+        lines.append(_row(label, _transfer_side(ours_t), _transfer_side(peer_t), _fmt_ratio(ratio)))
+    rss = results["rss"]
+    for key, title in (("peak_mib", "worker peak RSS (MiB)"), ("rise_mib", "  rise in large phase (MiB)")):
+        lines.append(_row(title, _side(f"{rss[OURS][key]:.1f}"), _side(f"{rss[PEER][key]:.1f}"), ""))
+    disk = results["disk"]
+    for key in ("write", "read", "read_direct"):
+        run = disk[key]
+        label = f"disk dd {run.what} (MiB/s)"
+        lines.append(_row(label[:LABEL_WIDTH], _side(f"{run.mib_per_s:.1f}"), _side(""), ""))
+    return "\n".join(lines)
+
+
+def verdicts(results: dict[str, Any]) -> list[Verdict]:
+    """Check each target against our numbers."""
+    found = []
+    for ours, peer in small_pairs(results["cells"]):
+        want = SMALL_TARGETS[ours.op]
+        ratio = _ratio(ours.ops_per_s, peer.ops_per_s)
+        found.append(
+            Verdict(
+                f"small {ours.op} c={ours.connections} ops/s >= {want:g}x peer",
+                ratio is not None and ratio >= want,
+                f"{_fmt_ratio(ratio)} ({ours.ops_per_s:.0f} vs {peer.ops_per_s:.0f})",
+            )
+        )
+    large, disk = results["large"], results["disk"]
+    size = results["settings"]["large_size"]
+    put, dd_write = large[OURS].get("PUT"), disk["write"].mib_per_s
+    put_share = put.mib_per_s / dd_write if put and put.ok else 0.0
+    found.append(
+        Verdict(
+            f"{size} MiB PUT >= {LARGE_PUT_VS_DD:.0%} of dd conv=fsync write",
+            put_share >= LARGE_PUT_VS_DD,
+            f"{put_share:.0%} ({put.mib_per_s if put else 0:.1f} vs {dd_write:.1f} MiB/s)",
+        )
+    )
+    get, peer_get = large[OURS].get("GET"), large[PEER].get("GET")
+    get_share = get.mib_per_s / peer_get.mib_per_s if get and get.ok and peer_get else 0.0
+    found.append(
+        Verdict(
+            f"{size} MiB GET >= {LARGE_GET_VS_PEER:.0%} of peer",
+            get_share >= LARGE_GET_VS_PEER,
+            f"{get_share:.0%} ({get.mib_per_s if get else 0:.1f} vs "
+            f"{peer_get.mib_per_s if peer_get else 0:.1f} MiB/s)",
+        )
+    )
+    rise = results["rss"][OURS]["rise_mib"]
+    found.append(
+        Verdict(
+            f"worker RSS rise in large phase < {RSS_RISE_LIMIT_MIB:g} MiB",
+            rise < RSS_RISE_LIMIT_MIB,
+            f"{rise:.1f} MiB (peak {results['rss'][OURS]['peak_mib']:.1f} MiB)",
+        )
+    )
+    errors = error_count(results, OURS)
+    found.append(Verdict("zero errors (ours)", errors == 0, f"{errors} error(s)"))
+    return found
+
+
+def error_count(results: dict[str, Any], server: str) -> int:
+    """Return every failure seen for ``server``: cells, PUT read-back, large transfers, pre-load."""
+    total = results["populate_failures"][server]
+    for cell in results["cells"]:
+        if cell.server == server:
+            total += cell.errors + cell.readback.get("bad", 0)
+    for op in ("PUT", "GET"):
+        transfer = results["large"][server].get(op)
+        total += 0 if transfer is not None and transfer.ok else 1
+    return total
+
+
+def _jsonable(value: Any) -> Any:
+    as_dict: Callable[[], Any] | None = getattr(value, "as_dict", None)
+    if as_dict is not None:
+        return as_dict()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def write_json(results: dict[str, Any], found: list[Verdict], directory: Path) -> Path:
+    """Write everything measured to ``directory/<timestamp>.json``; return the path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{results['started'].replace(':', '').replace('-', '')}.json"
+    document = {
+        **results,
+        "verdicts": [{"name": v.name, "passed": v.passed, "detail": v.detail} for v in found],
+    }
+    path.write_text(json.dumps(document, indent=2, default=_jsonable) + "\n", encoding="utf-8")
+    return path
