@@ -2,8 +2,9 @@
 
 GET and HEAD read a pool of ids PUT beforehand by :func:`populate`; PUT cells
 write ids never used before. wrk's own "read" socket errors are not failures
-here: uWSGI's --http-socket closes the connection after each answer and wrk
-counts the close as one. Failures are what the Lua ``response()`` callback
+here: uWSGI's --http-socket closes the connection after each answer, and wrk
+counts a close it did not expect (no ``Connection: close``, or a body that ends
+at the close) as one. Failures are what the Lua ``response()`` callback
 rejects (wrong status, wrong bytes), plus connect errors and timeouts.
 """
 
@@ -93,8 +94,10 @@ def verify_put_ranges(
 ) -> dict[str, int]:
     """Read back ``samples`` ids spread over each PUT range; count ok, missing and bad.
 
-    A missing id is a request wrk wrote into a connection the server had
-    already closed (it never reached the application); bad bytes are errors.
+    A missing id is a request that never reached the application: the one
+    wrk builds to validate the script, one in flight when the cell ended, or
+    one written into a connection the server had already closed. Bad bytes
+    are errors.
     """
     counts = {"ok": 0, "missing": 0, "bad": 0}
     for first, last in ranges:

@@ -121,4 +121,5 @@ exec "$PAI_VENV/bin/uwsgi" \
     --die-on-term \
     --socket-timeout 60 \
     --chunked-input-limit 16777216 \
+    --add-header "Connection: close" \
     "$@"
