@@ -129,10 +129,6 @@ class Reader(abc.ABC):
     def close(self) -> None:
         """Release the handle; safe to call twice."""
 
-    def fileno(self) -> int | None:
-        """Return an OS descriptor positioned on the data (for sendfile), or None."""
-        return None
-
     def __enter__(self) -> Reader:
         return self
 
@@ -393,10 +389,6 @@ class FileReader(Reader):
     def close(self) -> None:
         """Close the descriptor."""
         self._file.close()
-
-    def fileno(self) -> int | None:
-        """Return the descriptor, so servers can sendfile() it."""
-        return self._file.fileno()
 
 
 def status_from_stat(st: os.stat_result, relpath: str, sha256: bytes | None) -> FileStatus:

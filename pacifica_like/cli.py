@@ -97,6 +97,8 @@ def serve(settings: Settings) -> int:
         cherrypy.config.update(settings.cpconfig_file)
     explicit = {key for (section, key) in settings.sources if section == "server"}
     cherrypy.config.update({option: value for option, (key, value) in listen.items() if key in explicit})
+    # CherryPy prints its engine log itself; passing it on to the root logger would print it twice.
+    logging.getLogger("cherrypy").propagate = False
     cherrypy.tree.graft(app, "")
     host, port = cherrypy.config["server.socket_host"], cherrypy.config["server.socket_port"]
     print(

@@ -138,11 +138,6 @@ class FileAPI:
         reader = self.backend.open_reader(file_id)
         try:
             code, headers, start, end = _plan_read(reader.status, environ)
-            if start == 0 and end == reader.size and "wsgi.file_wrapper" in environ:
-                fileno = reader.fileno()
-                if fileno is not None:
-                    # Let the server use sendfile(): no copy through Python at all.
-                    return code, headers, environ["wsgi.file_wrapper"](reader, CHUNK_SIZE)
             if start:
                 reader.seek(start)
             return code, headers, ReaderBody(reader, end - start)
