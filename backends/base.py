@@ -251,6 +251,27 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def publish(source: str, target: str, replace: bool) -> None:
+    """Give a durable file its archive name, then make the new name durable.
+
+    ``replace``: rename() swaps the name atomically, so readers see the old
+    file or the new one. Otherwise link() refuses an existing name (Conflict),
+    so two racing write-once commits cannot both win.
+    """
+    if replace:
+        os.rename(source, target)
+    else:
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            raise Conflict(
+                f"{os.path.basename(target)} already exists and the archive is write-once"
+            ) from None
+        os.unlink(source)
+    # The new entry lives in the directory: flush it so the name survives a crash.
+    fsync_dir(os.path.dirname(target))
+
+
 def read_sha256(fd_or_path: int | str) -> bytes | None:
     """Return the sha-256 recorded with a file at ingest, or None if there is none."""
     try:
@@ -329,7 +350,6 @@ class AtomicFileWriter(Writer):
                     f"{claim.header}: {claim.algorithm} of the {self.bytes_written} bytes received "
                     "does not match the digest sent; nothing was stored"
                 )
-        directory = os.path.dirname(self.final_path)
         with translate_os_errors("cannot store upload"):
             # Flush Python's buffer first: metadata calls below act on the fd.
             self._file.flush()
@@ -341,21 +361,8 @@ class AtomicFileWriter(Writer):
             # Data and metadata reach the disk before any name points at them.
             os.fsync(fd)
             self._file.close()
-            if self._replace:
-                # rename() swaps the name atomically: readers see the old file or the new one.
-                os.rename(self._temp_path, self.final_path)
-            else:
-                # link() refuses an existing name, so two racing write-once uploads cannot both win.
-                try:
-                    os.link(self._temp_path, self.final_path)
-                except FileExistsError:
-                    raise Conflict(
-                        f"{os.path.basename(self.final_path)} already exists and the archive is write-once"
-                    ) from None
-                os.unlink(self._temp_path)
+            publish(self._temp_path, self.final_path, replace=self._replace)
             self._committed = True
-            # The rename lives in the directory: flush it so the new name survives a crash.
-            fsync_dir(directory)
         self.sha256 = digest
         return self.bytes_written
 

@@ -37,7 +37,7 @@ MAX_JSON_BODY = 64 * 1024
 #: Seconds a chunked upload may stall between chunks before it is abandoned.
 UPLOAD_TIMEOUT = 60
 FILE_VERBS = "DELETE, GET, HEAD, PATCH, POST, PUT"
-WRITE_VERBS_ALLOWED_WITHOUT_DELETE = "GET, HEAD, PATCH, POST, PUT"
+VERBS_WITHOUT_DELETE = "GET, HEAD, PATCH, POST, PUT"
 
 Headers = list[tuple[str, str]]
 Response = tuple[int, Headers, Iterable[bytes]]
@@ -197,7 +197,7 @@ class FileAPI:
         if not self.settings.archive.allow_delete:
             raise MethodDisabled(
                 "DELETE is disabled on this archive (allow_delete = false)",
-                allow=WRITE_VERBS_ALLOWED_WITHOUT_DELETE,
+                allow=VERBS_WITHOUT_DELETE,
             )
         self.backend.delete(file_id)
         return json_response(200, {"message": "File Deleted", "file": str(file_id)})

@@ -175,11 +175,17 @@ def test_list_ids_yields_every_stored_id(backend: Backend):
     assert sorted(backend.list_ids()) == ids
 
 
-def test_adopt_moves_a_file_from_an_allowed_root(make_backend, tmp_path: Path):
+@pytest.fixture
+def incoming(tmp_path: Path) -> Path:
+    """A directory configured as the only patch root."""
     root = tmp_path / "incoming"
     root.mkdir()
-    backend = make_backend(patch_roots=(str(root),))
-    source = root / "file.dat"
+    return root
+
+
+def test_adopt_moves_a_file_from_an_allowed_root(make_backend, incoming: Path):
+    backend = make_backend(patch_roots=(str(incoming),))
+    source = incoming / "file.dat"
     source.write_bytes(b"adopted bytes")
     assert backend.adopt(15, str(source)) == len(b"adopted bytes")
     assert not source.exists()
@@ -187,10 +193,8 @@ def test_adopt_moves_a_file_from_an_allowed_root(make_backend, tmp_path: Path):
     assert backend.status(15).sha256 == hashlib.sha256(b"adopted bytes").digest()
 
 
-def test_adopt_refuses_paths_outside_the_roots(make_backend, tmp_path: Path):
-    root = tmp_path / "incoming"
-    root.mkdir()
-    backend = make_backend(patch_roots=(str(root),))
+def test_adopt_refuses_paths_outside_the_roots(make_backend, incoming: Path, tmp_path: Path):
+    backend = make_backend(patch_roots=(str(incoming),))
     outside = tmp_path / "outside.dat"
     outside.write_bytes(b"x")
     with pytest.raises(Forbidden):

@@ -24,6 +24,7 @@ from backends.base import (
     Writer,
     fsync_dir,
     hash_file,
+    publish,
     read_sha256,
     record_sha256,
     resolve_adopt_source,
@@ -58,6 +59,17 @@ class PosixBackend(Backend):
         """Return the absolute path of ``file_id``."""
         return os.path.join(self.prefix, self.relpath(file_id))
 
+    def _target(self, file_id: int) -> str:
+        """Return the path an upload of ``file_id`` will take; Conflict now if write-once and taken.
+
+        The early check spares streaming a body only to refuse it; publish()'s
+        link() still decides races.
+        """
+        path = self.path(file_id)
+        if self.write_once and os.path.lexists(path):
+            raise Conflict(f"file {file_id} already exists and the archive is write-once")
+        return path
+
     def _missing(self, file_id: int) -> str:
         return f"file {file_id} is not in the archive"
 
@@ -77,9 +89,7 @@ class PosixBackend(Backend):
 
     def open_writer(self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()) -> Writer:
         """Start an atomic upload; Conflict now if write-once and taken."""
-        path = self.path(file_id)
-        if self.write_once and os.path.lexists(path):
-            raise Conflict(f"file {file_id} already exists and the archive is write-once")
+        path = self._target(file_id)
         return AtomicFileWriter(path, mtime, expect, replace=not self.write_once)
 
     def status(self, file_id: int) -> FileStatus:
@@ -103,9 +113,7 @@ class PosixBackend(Backend):
         through AtomicFileWriter and the source removed only after commit.
         """
         source = resolve_adopt_source(source_path, self.patch_roots)
-        target = self.path(file_id)
-        if self.write_once and os.path.lexists(target):
-            raise Conflict(f"file {file_id} already exists and the archive is write-once")
+        target = self._target(file_id)
         what = f"cannot move {source_path} to file {file_id}"
         with translate_os_errors(what, missing=f"PATCH source {source_path} does not exist"):
             st = os.stat(source)
@@ -128,17 +136,7 @@ class PosixBackend(Backend):
             os.fsync(fd)
         finally:
             os.close(fd)
-        if self.write_once:
-            try:
-                os.link(source, target)
-            except FileExistsError:
-                raise Conflict(
-                    f"{os.path.basename(target)} already exists and the archive is write-once"
-                ) from None
-            os.unlink(source)
-        else:
-            os.rename(source, target)
-        fsync_dir(os.path.dirname(target))
+        publish(source, target, replace=not self.write_once)
 
     def _copy_in(self, source: str, target: str, mtime: float) -> None:
         with (
