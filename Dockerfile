@@ -8,10 +8,11 @@
 #   docker run -p 8080:8080 -v archive:/data pacifica-like
 #   docker run --rm pacifica-like check-config
 
-# Build stage: uWSGI compiles from source, so the compiler lives only here.
+# Build stage: uWSGI and the tape stager compile from source, so the compiler and
+# the OpenSSL headers live only here (the slim runtime already has libssl3).
 FROM python:3.11-slim AS build
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential \
+    && apt-get install -y --no-install-recommends build-essential libssl-dev \
     && rm -rf /var/lib/apt/lists/*
 COPY . /src
 # Extras to install, e.g. --build-arg PAI_EXTRAS=uwsgi,mysql for the MySQL driver.

@@ -1,6 +1,33 @@
-"""One distribution: the service (pacifica_like) and its storage backends."""
+"""One distribution: the service (pacifica_like), its storage backends and the tape stager's C library."""
 
-from setuptools import find_packages, setup
+import os
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+
+class CLibrary(Extension):
+    """A C shared library that Python binds with ctypes; built like an extension, but no module."""
+
+
+class BuildExt(build_ext):
+    """build_ext that names a :class:`CLibrary` ``lib<name>.so`` and exports no module init.
+
+    The default name carries the interpreter's tag (``.cpython-311-x86_64-linux-gnu.so``),
+    which only makes sense for a module ``import`` loads; the ctypes binding looks
+    for the plain name beside itself. In editable installs setuptools copies the
+    built file into the source tree under this same name.
+    """
+
+    def get_ext_filename(self, fullname: str) -> str:
+        if isinstance(self.ext_map.get(fullname), CLibrary):
+            return os.path.join(*fullname.split(".")) + ".so"
+        return super().get_ext_filename(fullname)
+
+    def get_export_symbols(self, ext: Extension) -> list[str]:
+        # No PyInit_<name>: the library's C API is whatever it declares.
+        return [] if isinstance(ext, CLibrary) else super().get_export_symbols(ext)
+
 
 setup(
     name="pacifica-like",
@@ -8,7 +35,17 @@ setup(
     description="REST archive gateway for hierarchical storage, wire-compatible with Pacifica",
     python_requires=">=3.11",
     packages=find_packages(include=["pacifica_like", "pacifica_like.*", "backends", "backends.*"]),
-    install_requires=["CherryPy>=18.8", "peewee>=3.17"],
+    ext_modules=[
+        CLibrary(
+            "backends.tape.libstager",
+            ["backends/tape/stager.c"],
+            # sha-256 through OpenSSL's EVP interface (libssl-dev to build, libssl3 to run).
+            libraries=["crypto"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra"],
+        )
+    ],
+    cmdclass={"build_ext": BuildExt},
+    install_requires=["CherryPy>=18.8", "peewee>=3.17", "tqdm>=4.66"],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "WebTest>=3.0", "requests>=2.31", "ruff>=0.6"],
         "uwsgi": ["uWSGI>=2.0.24"],

@@ -95,7 +95,9 @@ class FileStatus:
     ``bytes_per_level`` is (bytes on disk, bytes on tape); ``media`` is
     ``"disk"`` unless the data is only on tape; ``relpath`` is relative to the
     archive prefix, never an absolute server path; ``sha256`` is the digest
-    recorded at ingest (None when the storage could not record one).
+    recorded at ingest (None when the storage could not record one); ``state``
+    is the HSM state (``REGULAR``, ``DUAL``, ``OFFLINE``, ``UNMIGRATING``) on
+    backends with tape behind the disk, None elsewhere.
     """
 
     size: int
@@ -105,6 +107,7 @@ class FileStatus:
     media: str
     relpath: str
     sha256: bytes | None = None
+    state: str | None = None
 
 
 class Reader(abc.ABC):
@@ -195,9 +198,22 @@ class Backend(abc.ABC):
     def status(self, file_id: int) -> FileStatus:
         """Return the status of a stored file; FileNotInArchive if there is none."""
 
+    @classmethod
+    def preflight(cls, settings: Settings) -> None:
+        """Check what the backend needs outside the settings (libraries, directories).
+
+        Called where a service starts (the uWSGI master, ``check-config``), so a
+        broken deployment fails there naming the path. Raises ConfigError.
+        """
+        return None
+
     @abc.abstractmethod
-    def stage(self, file_id: int) -> None:
-        """Make the file's bytes readable from disk; returns when they are."""
+    def stage(self, file_id: int) -> bool:
+        """Make the file's bytes readable from disk.
+
+        Returns True when they are on disk now, False when a recall was started
+        (or is under way) and has not finished within the backend's wait.
+        """
 
     @abc.abstractmethod
     def adopt(self, file_id: int, source_path: str) -> int:

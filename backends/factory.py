@@ -16,8 +16,9 @@ from pacifica_like.config import ConfigError, Settings
 #: name -> "module:Class". Aliases keep Pacifica configurations working.
 REGISTRY: dict[str, str] = {
     "posix": "backends.posix.backend:PosixBackend",
+    "tape": "backends.tape.backend:TapeBackend",
 }
-ALIASES: dict[str, str] = {}
+ALIASES: dict[str, str] = {"hpss": "tape"}
 
 
 def available() -> list[str]:
@@ -36,15 +37,21 @@ def resolve(name: str) -> type[Backend]:
 
 
 def check(settings: Settings) -> type[Backend]:
-    """Return the class ``settings.archive.backend`` names; ConfigError if unknown."""
+    """Return the class ``settings.archive.backend`` names, after its preflight check.
+
+    Raises ConfigError if the name is unknown or the backend's environment
+    (a library, a directory) is not usable.
+    """
     name = settings.archive.backend
     try:
-        return resolve(name)
+        backend_class = resolve(name)
     except KeyError:
         where = settings.source_of("archive", "backend")
         raise ConfigError(
             f"{where}: unknown backend {name!r} (available: {', '.join(available())})"
         ) from None
+    backend_class.preflight(settings)
+    return backend_class
 
 
 def create(settings: Settings) -> Backend:

@@ -118,6 +118,7 @@ exec "$PAI_VENV/bin/uwsgi" \
     --processes "${PAI_PROCESSES:-4}" \
     --module pacifica_like.wsgi \
     --need-app \
+    --enable-threads \
     --die-on-term \
     --socket-timeout 60 \
     --chunked-input-limit 16777216 \

@@ -1,4 +1,4 @@
-"""The ``pacifica-like`` command line: ``serve`` now, maintenance commands later.
+"""The ``pacifica-like`` command line: ``serve``, ``check-config`` and the tape maintenance commands.
 
 Flags beat PAI_* variables, which beat archive.ini, which beats server.conf
 for the listening address, which beats the built-in defaults.
@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pacifica_like import __version__
+from pacifica_like import __version__, tape_cli
 from pacifica_like.config import ConfigError, Settings, load_settings
 
 
@@ -28,22 +28,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve, factory.available())
     check = commands.add_parser("check-config", help="load and validate the settings, then print them")
     add_serve_arguments(check, factory.available())
+    tape_cli.add_commands(commands, lambda command: add_settings_arguments(command, factory.available()))
     return parser
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, backends: Sequence[str]) -> None:
+    """Add the flags that choose the archive: config file, backend and prefix."""
+    parser.add_argument(
+        "-c", "--config", help="archive.ini path (default: $PAI_CONFIG, else built-in defaults)"
+    )
+    parser.add_argument("-t", "--type", dest="backend", choices=backends, help="storage backend")
+    parser.add_argument("--prefix", help="archive root directory (the disk cache)")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser, backends: Sequence[str]) -> None:
     """Add the flags that select settings (shared by serve and check-config)."""
-    parser.add_argument(
-        "-c", "--config", help="archive.ini path (default: $PAI_CONFIG, else built-in defaults)"
-    )
+    add_settings_arguments(parser, backends)
     parser.add_argument(
         "--cpconfig",
         "--cherrypy-config",
         dest="cpconfig",
         help="CherryPy server.conf path (default: $PAI_CPCONFIG)",
     )
-    parser.add_argument("-t", "--type", dest="backend", choices=backends, help="storage backend")
-    parser.add_argument("--prefix", help="archive root directory")
     parser.add_argument("-a", "--address", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("-p", "--port", type=int, help="port to listen on (default 8080)")
     parser.add_argument("--threads", type=int, help="request threads (default 16)")
@@ -51,6 +57,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser, backends: Sequence[str]
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Merge the parsed flags with env, files and defaults."""
+    for name in ("address", "port", "threads", "cpconfig"):
+        if not hasattr(args, name):
+            setattr(args, name, None)
     if args.port is not None and not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: outside 0-65535")
     if args.threads is not None and args.threads < 1:
@@ -118,7 +127,7 @@ def check_config(settings: Settings) -> int:
     from backends import factory
 
     factory.check(settings)
-    for section in ("archive", "server"):
+    for section in ("archive", "tape", "server"):
         for key, value in vars(getattr(settings, section)).items():
             print(f"[{section}] {key} = {value}    ({settings.source_of(section, key)})")
     return 0
@@ -137,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from_args(args)
         if args.command == "check-config":
             return check_config(settings)
+        if args.command in tape_cli.COMMANDS:
+            return tape_cli.run(args, settings)
         return serve(settings)
     except ConfigError as exc:
         print(f"pacifica-like: configuration error: {exc}", file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,62 @@ def _parse_nonempty(raw: str) -> str:
     return value
 
 
+def _parse_seconds(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"expected a number of seconds >= 0, got {raw!r}")
+    return value
+
+
+def _parse_rate(raw: str) -> float:
+    value = float(raw)
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"expected a positive rate, got {raw!r}")
+    return value
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
+
+
+def parse_size(raw: str) -> int:
+    """Parse a byte count such as ``18TB``, ``1.5 GiB`` or ``4096`` (decimal and binary units).
+
+    >>> parse_size("18TB"), parse_size("2 MiB"), parse_size("512")
+    (18000000000000, 2097152, 512)
+    """
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", raw)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"expected a size like 18TB, 512MiB or 4096, got {raw!r}")
+    value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if value < 1:
+        raise ValueError(f"size must be at least one byte, got {raw!r}")
+    return value
+
+
+def _parse_path(raw: str) -> str:
+    return os.path.abspath(_parse_nonempty(raw))
+
+
+def _parse_optional_path(raw: str) -> str | None:
+    return os.path.abspath(raw.strip()) if raw.strip() else None
+
+
 def _parse_dirs(raw: str) -> tuple[str, ...]:
     """Split a comma/newline separated list of directories, resolving links."""
     roots = []
@@ -84,6 +141,26 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "allow_delete": Option(_parse_bool, False, "PAI_ALLOW_DELETE"),
         "patch_roots": Option(_parse_dirs, (), "PAI_PATCH_ROOTS"),
     },
+    "tape": {
+        # The emulated library: its directory (volumes + catalog) and its size.
+        "library": Option(_parse_path, "./tape-library", "PAI_TAPE_LIBRARY"),
+        "drives": Option(_parse_positive, 2),
+        "volumes": Option(_parse_positive, 8),
+        "volume_capacity": Option(parse_size, 18 * 10**12),
+        # The cost model (an LTO-9 class drive); time_scale multiplies every delay, 0 = none.
+        "mount_seconds": Option(_parse_seconds, 30.0),
+        "unmount_seconds": Option(_parse_seconds, 20.0),
+        "locate_seconds": Option(_parse_seconds, 60.0),
+        "read_mib_s": Option(_parse_rate, 381.0),
+        "write_mib_s": Option(_parse_rate, 381.0),
+        "time_scale": Option(_parse_seconds, 1.0, "PAI_TAPE_TIME_SCALE"),
+        # Policy: read every new tape copy back before it counts as safe to release.
+        "verify_after_write": Option(_parse_bool, True),
+        "auto_stage": Option(_parse_bool, False, "PAI_TAPE_AUTO_STAGE"),
+        "stage_timeout": Option(_parse_seconds, 60.0),
+        # The compiled C stager; empty means the one built with the package.
+        "stager": Option(_parse_optional_path, None, "PAI_TAPE_STAGER"),
+    },
     "server": {
         "address": Option(_parse_nonempty, "127.0.0.1", "PAI_ADDRESS"),
         "port": Option(_parse_port, 8080, "PAI_PORT"),
@@ -108,6 +185,29 @@ class ArchiveSettings:
 
 
 @dataclass(frozen=True)
+class TapeSettings:
+    """The ``[tape]`` section: the emulated library, its cost model and recall policy.
+
+    Sizes are bytes, rates MiB/s, times seconds before ``time_scale`` applies.
+    """
+
+    library: str = os.path.abspath("./tape-library")
+    drives: int = 2
+    volumes: int = 8
+    volume_capacity: int = 18 * 10**12
+    mount_seconds: float = 30.0
+    unmount_seconds: float = 20.0
+    locate_seconds: float = 60.0
+    read_mib_s: float = 381.0
+    write_mib_s: float = 381.0
+    time_scale: float = 1.0
+    verify_after_write: bool = True
+    auto_stage: bool = False
+    stage_timeout: float = 60.0
+    stager: str | None = None
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     """The ``[server]`` section: where ``pacifica-like serve`` listens."""
 
@@ -122,6 +222,7 @@ class Settings:
 
     archive: ArchiveSettings
     server: ServerSettings
+    tape: TapeSettings = field(default_factory=TapeSettings)
     config_file: str | None = None
     cpconfig_file: str | None = None
     sources: Mapping[tuple[str, str], str] = field(default_factory=dict)
@@ -177,9 +278,12 @@ def load_settings(
     archive = {key: values["archive", key] for key in SCHEMA["archive"]}
     archive["prefix"] = os.path.abspath(archive["prefix"])
     server = {key: values["server", key] for key in SCHEMA["server"]}
+    tape = {key: values["tape", key] for key in SCHEMA["tape"]}
+    tape["library"] = os.path.abspath(tape["library"])
     return Settings(
         archive=ArchiveSettings(**archive),
         server=ServerSettings(**server),
+        tape=TapeSettings(**tape),
         config_file=config_file,
         cpconfig_file=cpconfig_file,
         sources=sources,

@@ -63,6 +63,8 @@ def uwsgi_command(port: int, processes: int = 4, threads: int = 1, extra: Sequen
         "--module",
         "pacifica_like.wsgi",
         "--need-app",
+        # The tape backend recalls in background threads (POST answers 202 while they run).
+        "--enable-threads",
         "--die-on-term",
         "--disable-logging",
         "--socket-timeout",

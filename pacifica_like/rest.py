@@ -166,9 +166,23 @@ class FileAPI:
         return json_response(201, {"message": "File added to archive", "total_bytes": total})
 
     def post(self, file_id: int, environ: dict[str, Any]) -> Response:
-        """Stage the file to disk (a no-op where data is always on disk)."""
-        self.backend.stage(file_id)
-        return json_response(200, {"message": "File was staged", "file": str(file_id)})
+        """Stage the file to disk: 200 once it is there, 202 while a recall is still running.
+
+        The 202 points at HEAD /<id>, whose X-Pacifica-File-State turns from
+        UNMIGRATING to DUAL when the recall is done.
+        """
+        if self.backend.stage(file_id):
+            return json_response(200, {"message": "File was staged", "file": str(file_id)})
+        return json_response(
+            202,
+            {
+                "message": "File is being staged from tape; HEAD the file to follow it",
+                "file": str(file_id),
+                "state": "UNMIGRATING",
+                "progress": f"/{file_id}",
+            },
+            [("Location", f"/{file_id}")],
+        )
 
     def patch(self, file_id: int, environ: dict[str, Any]) -> Response:
         """Move a server-side file (JSON ``{"path": ...}``) into the archive."""
@@ -217,6 +231,8 @@ def status_headers(status: FileStatus) -> Headers:
     ]
     if status.sha256 is not None:
         headers.append(("Repr-Digest", httpheaders.format_repr_digest(status.sha256)))
+    if status.state is not None:
+        headers.append(("X-Pacifica-File-State", status.state))
     return headers
 
 

@@ -25,6 +25,28 @@ def prefix(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def prepare_backend(tmp_path: Path) -> Callable[[str], dict[str, dict[str, Any]]]:
+    """Return the extra setting flags a backend needs, creating what it needs on disk.
+
+    tape: an initialised library in the test directory with every delay off,
+    so tests check behaviour and counters, never clocks.
+    """
+
+    def prepare(name: str) -> dict[str, dict[str, Any]]:
+        if factory.ALIASES.get(name, name) != "tape":
+            return {}
+        from backends.tape.library import TapeLibrary
+
+        tape = {"library": str(tmp_path / "tape-library"), "time_scale": 0.0, "volume_capacity": 64 << 20}
+        library = TapeLibrary(load_settings(flags={"tape": tape}, env={}).tape, require_stager=False)
+        library.initialise()
+        library.catalog.close()
+        return {"tape": tape}
+
+    return prepare
+
+
+@pytest.fixture
 def make_settings(prefix: Path) -> Callable[..., Settings]:
     """Build Settings over the test prefix; keyword args override [archive] keys."""
 

@@ -23,14 +23,19 @@ MTIME = 784111777.0
 
 
 @pytest.fixture(params=sorted(factory.REGISTRY))
-def make_backend(request, tmp_path: Path):
-    """Build the parametrised backend over a fresh prefix."""
+def make_backend(request, tmp_path: Path, prepare_backend):
+    """Build the parametrised backend over a fresh prefix (and whatever else it needs)."""
+    built = []
 
     def build(**archive) -> Backend:
         archive = {"backend": request.param, "prefix": str(tmp_path / "archive"), **archive}
-        return factory.create(load_settings(flags={"archive": archive}, env={}))
+        settings = load_settings(flags={"archive": archive, **prepare_backend(request.param)}, env={})
+        built.append(factory.create(settings))
+        return built[-1]
 
-    return build
+    yield build
+    for backend in built:
+        backend.close()
 
 
 @pytest.fixture

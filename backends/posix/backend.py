@@ -101,9 +101,10 @@ class PosixBackend(Backend):
         with self.open_reader(file_id) as reader:
             return reader.status
 
-    def stage(self, file_id: int) -> None:
+    def stage(self, file_id: int) -> bool:
         """Posix data is always on disk: only check that the file exists."""
         self.status(file_id)
+        return True
 
     def adopt(self, file_id: int, source_path: str) -> int:
         """Move a server-side file in, committing it like an upload.

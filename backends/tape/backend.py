@@ -1,0 +1,402 @@
+"""The tape backend: a posix disk cache under the prefix, with the emulated library behind it.
+
+A file's state (DMF's names) is derived on every call from the disk cache and
+the catalog, so every process sees a change the moment another makes it:
+
+* REGULAR: on disk, no tape copy of this version;
+* DUAL: on disk and on tape (a current copy whose sha-256 equals the disk file's);
+* OFFLINE: only on tape;
+* UNMIGRATING: only on tape, and a live process is recalling it.
+
+Comparing digests, not flags, is what keeps releases safe: whatever order a
+crash interrupts a PUT in, a disk file that differs from its tape copy is
+REGULAR and release refuses to drop it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from backends.base import (
+    AtomicFileWriter,
+    ExpectedDigest,
+    FileStatus,
+    Reader,
+    Writer,
+    fsync_dir,
+    hash_file,
+    publish,
+    read_sha256,
+    record_sha256,
+    translate_os_errors,
+)
+from backends.posix.backend import PosixBackend
+from backends.tape.catalog import CopyInfo
+from backends.tape.library import CopyDamaged, MountedDrive, TapeLibrary, owner_alive
+from pacifica_like.config import Settings
+from pacifica_like.errors import Conflict, FileNotInArchive, OfflineOnTape
+
+REGULAR, DUAL, OFFLINE, UNMIGRATING = "REGULAR", "DUAL", "OFFLINE", "UNMIGRATING"
+
+
+def copy_matches(copy: CopyInfo, size: int, sha256: bytes | None) -> bool:
+    """True when ``copy`` is a current, undamaged tape copy of exactly these bytes."""
+    return not copy.stale and not copy.bad and copy.size == size and copy.sha256 == sha256
+
+
+class TapeWriter(AtomicFileWriter):
+    """An upload that, once published, marks the file's older tape copies stale."""
+
+    def __init__(self, backend: TapeBackend, file_id: int, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._backend = backend
+        self._file_id = file_id
+
+    def commit(self) -> int:
+        """Publish the new version, then retire the tape copies of the old one.
+
+        In this order a crash between the two steps leaves a disk file whose
+        digest differs from the copies: REGULAR, so nothing trusts them.
+        """
+        written = super().commit()
+        self._backend.catalog.mark_stale(self._file_id)
+        return written
+
+
+class TapeBackend(PosixBackend):
+    """Disk cache plus emulated tape library, sharing one catalog with every process."""
+
+    name = "tape"
+
+    @classmethod
+    def preflight(cls, settings: Settings) -> None:
+        """Load the stager and check the library was initialised (ConfigError naming the path)."""
+        library = TapeLibrary(settings.tape)
+        try:
+            library.check_ready()
+        finally:
+            library.catalog.close()
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.tape = settings.tape
+        self.library = TapeLibrary(settings.tape)
+        self.library.check_ready()
+        self.catalog = self.library.catalog
+        self._recalls: dict[int, Future[bool]] = {}
+        self._recalls_lock = threading.Lock()
+        # Background recalls for POST: bounded, since each one holds a drive while it runs.
+        self._executor = ThreadPoolExecutor(max_workers=max(2, 2 * settings.tape.drives))
+
+    # -- state -------------------------------------------------------------------
+
+    def _disk_status(self, file_id: int) -> FileStatus | None:
+        try:
+            # PosixBackend's own reader: our open_reader would ask for this status again.
+            with PosixBackend.open_reader(self, file_id) as reader:
+                return reader.status
+        except FileNotInArchive:
+            return None
+
+    def recall_in_flight(self, file_id: int) -> bool:
+        """True when a live process is recalling ``file_id`` right now."""
+        row = self.catalog.Recall.get_or_none(self.catalog.Recall.file_id == file_id)
+        return row is not None and owner_alive(row.owner)
+
+    def _combine(self, file_id: int, disk: FileStatus | None, copies: list[CopyInfo]) -> FileStatus:
+        """Merge the disk cache's view and the catalog's into one status."""
+        if disk is not None:
+            match = next((c for c in copies if copy_matches(c, disk.size, disk.sha256)), None)
+            tape_bytes = match.size if match else 0
+            state = DUAL if match else REGULAR
+            return dataclasses.replace(disk, bytes_per_level=(disk.size, tape_bytes), state=state)
+        if not copies:
+            raise FileNotInArchive(self._missing(file_id))
+        newest = copies[0]
+        return FileStatus(
+            size=newest.size,
+            mtime=newest.mtime,
+            ctime=newest.ctime,
+            bytes_per_level=(0, newest.size),
+            media="tape",
+            relpath=self.relpath(file_id),
+            sha256=newest.sha256,
+            state=UNMIGRATING if self.recall_in_flight(file_id) else OFFLINE,
+        )
+
+    def status(self, file_id: int) -> FileStatus:
+        """Report disk and tape bytes and the DMF state, answering from the catalog when offline."""
+        disk = self._disk_status(file_id)
+        return self._combine(file_id, disk, self.catalog.current_copies(file_id))
+
+    def state(self, file_id: int) -> str:
+        """Return the file's DMF state; FileNotInArchive if it has neither disk nor tape copy."""
+        state = self.status(file_id).state
+        assert state is not None
+        return state
+
+    # -- the contract ------------------------------------------------------------
+
+    def open_reader(self, file_id: int) -> Reader:
+        """Open the disk copy; an offline file is recalled first only with ``auto_stage``."""
+        try:
+            reader = super().open_reader(file_id)
+        except FileNotInArchive:
+            status = self.status(file_id)  # FileNotInArchive when there is no tape copy either
+            if not self.tape.auto_stage:
+                verb = "is being staged" if status.state == UNMIGRATING else "is only on tape"
+                raise OfflineOnTape(
+                    f"file {file_id} {verb}; POST /{file_id} to stage it to disk, then GET it again",
+                    retry_after=self.library.estimate_recall_seconds(),
+                ) from None
+            self.recall(file_id)
+            reader = super().open_reader(file_id)
+        try:
+            reader.status = self._combine(file_id, reader.status, self.catalog.current_copies(file_id))
+        except BaseException:
+            reader.close()
+            raise
+        return reader
+
+    def _target(self, file_id: int) -> str:
+        """Where an upload goes; with write-once, a file kept only on tape also counts as taken."""
+        if self.write_once and self.catalog.current_copies(file_id):
+            raise Conflict(f"file {file_id} already exists (on tape) and the archive is write-once")
+        return super()._target(file_id)
+
+    def open_writer(self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()) -> Writer:
+        """Start an atomic upload whose commit makes older tape copies stale."""
+        path = self._target(file_id)
+        return TapeWriter(self, file_id, path, mtime, expect, replace=not self.write_once)
+
+    def adopt(self, file_id: int, source_path: str) -> int:
+        """Move a server-side file in; older tape copies become stale."""
+        size = super().adopt(file_id, source_path)
+        self.catalog.mark_stale(file_id)
+        return size
+
+    def delete(self, file_id: int) -> None:
+        """Remove the disk copy and retire the tape copies (tape space is reclaimed by repacking)."""
+        copies = self.catalog.current_copies(file_id)
+        try:
+            super().delete(file_id)
+        except FileNotInArchive:
+            if not copies:
+                raise
+        self.catalog.mark_stale(file_id)
+
+    def list_ids(self) -> Iterator[int]:
+        """Yield every id on disk, then every id only on tape."""
+        seen = set()
+        for file_id in super().list_ids():
+            seen.add(file_id)
+            yield file_id
+        for file_id in self.catalog.tape_file_ids():
+            if file_id not in seen:
+                yield file_id
+
+    def stage(self, file_id: int) -> bool:
+        """Recall an offline file, waiting up to ``stage_timeout``; False if it is still running."""
+        if self._disk_status(file_id) is not None:
+            return True
+        if not self.catalog.current_copies(file_id):
+            raise FileNotInArchive(f"file {file_id} has no copy on disk or on tape")
+        with self._recalls_lock:
+            future = self._recalls.get(file_id)
+            if future is None:
+                future = self._executor.submit(self.recall, file_id)
+                self._recalls[file_id] = future
+                future.add_done_callback(lambda _: self._forget_recall(file_id))
+        try:
+            future.result(timeout=self.tape.stage_timeout)
+        except FutureTimeout:
+            return False
+        return True
+
+    def _forget_recall(self, file_id: int) -> None:
+        with self._recalls_lock:
+            self._recalls.pop(file_id, None)
+
+    def close(self) -> None:
+        """Let running recalls finish (they hold drives), then close the catalog."""
+        self._executor.shutdown(wait=True)
+        self.catalog.close()
+
+    # -- recall ------------------------------------------------------------------
+
+    def recall(self, file_id: int, copy: CopyInfo | None = None, drive: MountedDrive | None = None) -> bool:
+        """Copy an offline file from tape into the disk cache; return False if it was on disk.
+
+        Only one live process recalls a given file at a time; others wait for
+        it. ``drive``: a drive the caller already holds with the copy's volume
+        (bulk recalls in tape order). The bytes land in a hidden temp file, are verified by the stager,
+        made durable, and only then get the file's name. A failure, or a
+        killed process, leaves no visible file and the state OFFLINE.
+        """
+        path = self.path(file_id)
+        while True:
+            if os.path.lexists(path):
+                return False
+            copy = copy or self._recall_source(file_id)
+            if self._begin_recall(file_id, copy.vsn):
+                break
+            time.sleep(0.05)  # another process is recalling it; its result is ours
+        try:
+            return self._recall_locked(file_id, copy, path, drive)
+        finally:
+            with self.catalog.db.atomic():
+                self.catalog.Recall.delete().where(
+                    (self.catalog.Recall.file_id == file_id)
+                    & (self.catalog.Recall.owner == self.library.owner)
+                ).execute()
+
+    def _recall_source(self, file_id: int) -> CopyInfo:
+        copies = self.catalog.current_copies(file_id)
+        if not copies:
+            raise FileNotInArchive(f"file {file_id} has no copy on disk or on tape")
+        usable = [c for c in copies if not c.bad]
+        if not usable:
+            raise CopyDamaged(
+                f"every tape copy of file {file_id} failed its checksum; it cannot be recalled "
+                f"(bad copy on {copies[0].vsn} at byte {copies[0].offset})"
+            )
+        return usable[0]
+
+    def _begin_recall(self, file_id: int, vsn: str) -> bool:
+        """Record that this process recalls ``file_id``; False if a live process already does."""
+        recall = self.catalog.Recall
+        with self.catalog.db.atomic():
+            row = recall.get_or_none(recall.file_id == file_id)
+            if row is not None and owner_alive(row.owner):
+                return False
+            recall.replace(
+                file_id=file_id, owner=self.library.owner, vsn=vsn, started_at=time.time()
+            ).execute()
+        return True
+
+    def _recall_locked(self, file_id: int, copy: CopyInfo, path: str, drive: MountedDrive | None) -> bool:
+        if os.path.lexists(path):
+            return False  # the process we waited for finished it
+        directory, name = os.path.split(path)
+        with translate_os_errors(f"cannot recall file {file_id}"):
+            os.makedirs(directory, exist_ok=True)
+            # We hold the recall for this id, so any earlier recall temp file is a dead process's.
+            for leftover in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.*.recall")):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+        temp = os.path.join(directory, f".{name}.{os.getpid()}-{time.monotonic_ns()}.recall")
+        try:
+            if drive is not None and drive.vsn == copy.vsn:
+                drive.read_to(copy, temp)
+            else:
+                with self.library.drive(copy.vsn) as claimed:
+                    claimed.read_to(copy, temp)
+            with translate_os_errors(f"cannot store recalled file {file_id}"):
+                fd = os.open(temp, os.O_RDONLY)
+                try:
+                    record_sha256(fd, copy.sha256)
+                    os.fchmod(fd, 0o444)
+                    os.utime(fd, (copy.mtime, copy.mtime))
+                    # The stager flushed the data; this flush covers the digest and times.
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                try:
+                    # link(), never rename: an upload that landed meanwhile is newer and wins.
+                    publish(temp, path, replace=False)
+                except Conflict:
+                    return False
+            self._undo_if_retired(file_id, copy, path)
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+
+    def _undo_if_retired(self, file_id: int, copy: CopyInfo, path: str) -> None:
+        """Drop a recalled file whose copy was retired (DELETE, PUT) while we were reading it."""
+        if any(c.id == copy.id for c in self.catalog.current_copies(file_id)):
+            return
+        with contextlib.suppress(OSError):
+            if read_sha256(path) == copy.sha256 and os.stat(path).st_size == copy.size:
+                os.unlink(path)
+                fsync_dir(os.path.dirname(path))
+
+    # -- migrate and release (the maintenance CLI drives these) -------------------
+
+    def disk_digest(self, fd: int) -> bytes:
+        """Return the digest recorded with an open disk file, hashing it if none was recorded."""
+        digest = read_sha256(fd)
+        return digest if digest is not None else hash_file(f"/proc/self/fd/{fd}")
+
+    def release(self, file_id: int) -> CopyInfo:
+        """Drop the disk copy of a DUAL file whose tape copy is written and verified.
+
+        Raises Conflict for a file without such a copy (REGULAR, or an unverified
+        or damaged copy). The disk file is first renamed aside, then checked
+        to be the very inode whose digest matched, so an upload racing the
+        release is never the one dropped.
+        """
+        path = self.path(file_id)
+        copies = self.catalog.current_copies(file_id)
+        with translate_os_errors(f"cannot release file {file_id}", missing=self._missing(file_id)):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                if copies:
+                    raise Conflict(f"file {file_id} is already released (OFFLINE)") from None
+                raise
+            try:
+                st = os.fstat(fd)
+                digest = self.disk_digest(fd)
+            finally:
+                os.close(fd)
+            safe = next((c for c in copies if copy_matches(c, st.st_size, digest) and c.safe), None)
+            if safe is None:
+                unverified = any(copy_matches(c, st.st_size, digest) for c in copies)
+                reason = (
+                    "its tape copy is not verified yet (run pacifica-like verify)"
+                    if unverified
+                    else "it has no tape copy of this version (REGULAR); migrate it first"
+                )
+                raise Conflict(f"file {file_id} cannot be released: {reason}")
+            directory, name = os.path.split(path)
+            aside = os.path.join(directory, f".{name}.{os.getpid()}-{time.monotonic_ns()}.release")
+            os.rename(path, aside)
+            moved = os.stat(aside)
+            if (moved.st_ino, moved.st_dev) != (st.st_ino, st.st_dev):
+                # An upload replaced the file between our check and the rename: put it back.
+                # FileExistsError: an even newer upload holds the name; ours is superseded anyway.
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, path)
+                os.unlink(aside)
+                fsync_dir(directory)
+                raise Conflict(f"file {file_id} changed while being released; it was left on disk")
+            os.unlink(aside)
+            fsync_dir(directory)
+        return safe
+
+    def migration_source(self, file_id: int) -> tuple[int, os.stat_result, bytes] | None:
+        """Open a REGULAR file for migration: (fd, stat, digest), or None if it needs no copy.
+
+        The caller closes the fd. Raises FileNotInArchive when it is not on disk.
+        """
+        with translate_os_errors(f"cannot read file {file_id}", missing=self._missing(file_id)):
+            fd = os.open(self.path(file_id), os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            digest = self.disk_digest(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if any(copy_matches(c, st.st_size, digest) for c in self.catalog.current_copies(file_id)):
+            os.close(fd)
+            return None
+        return fd, st, digest
