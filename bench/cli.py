@@ -1,16 +1,18 @@
-"""``python -m bench``: run every measurement against both servers and print one table.
+"""``python -m bench``: measure our gateway against the peer, then the tape library; print the tables.
 
-Order of work: dd on the data filesystem, then both servers start (same
-uWSGI flags, separate data dirs), the GET/HEAD pool is pre-loaded, the
-small-file cells run alternating ours/peer so drift hits both alike, then the
-large transfers with peak-RSS samples around them. Servers are stopped and
-the scratch directory removed whatever happens.
+Order of work in the HTTP section: dd on the data filesystem, then both
+servers start (same uWSGI flags, separate data dirs), the GET/HEAD pool is
+pre-loaded, the small-file cells run alternating ours/peer so drift hits both
+alike, then the large transfers with peak-RSS samples around them. The tape
+section runs after the servers are stopped, so they take no CPU from it.
+Servers are stopped and the scratch directory removed whatever happens.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import http.client
 import os
 import platform
@@ -23,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import disk, largefile, memory, peer, report, servers, smallfiles
+from bench import disk, largefile, memory, peer, report, servers, smallfiles, tape
 from bench.content import SMALL_SIZE
 from pacifica_like.devserver import RunningServer, uwsgi_binary
 
@@ -38,6 +40,8 @@ LARGE_FILE_ID = 900_000_001
 LARGE_SEED = 20241106
 #: Ids read back from each wrk thread's PUT range after a PUT cell.
 READBACK_SAMPLES = 20
+#: The parts of the benchmark, in the order they run; --only picks one.
+SECTIONS = ("http", "tape")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -47,7 +51,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, help="whole seconds per small-file cell (default 5)")
     parser.add_argument("--large-size", type=int, help="large file size in MiB (default 1024)")
     parser.add_argument("--files", type=int, default=2000, help="ids pre-loaded for GET/HEAD")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 s cells, 64 MiB large file")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: 1 s cells, 64 MiB large file, {tape.QUICK.files} tape files of "
+        f"{tape.QUICK.min_mib}-{tape.QUICK.max_mib} MiB at time_scale {tape.QUICK.time_scale:g}",
+    )
+    parser.add_argument("--only", choices=SECTIONS, help="run one section: http (both servers) or tape")
+    parser.add_argument(
+        "--tape-files", type=int, help=f"files through the tape library (default {tape.FULL.files})"
+    )
+    parser.add_argument(
+        "--tape-scale",
+        type=float,
+        help=f"the tape library's time_scale (default {tape.FULL.time_scale:g}, "
+        f"{tape.QUICK.time_scale:g} with --quick)",
+    )
     parser.add_argument("--workdir", type=Path, help="put the scratch dir here (default: bench/)")
     parser.add_argument("--peer-home", type=Path, default=peer.DEFAULT_HOME, help="the peer's virtualenv")
     parser.add_argument("--setup-peer", action="store_true", help="(re)create the peer venv and exit")
@@ -60,6 +79,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.large_size = 64 if args.quick else 1024
     if args.processes < 1 or args.duration <= 0 or args.large_size < 1 or args.files < 1:
         parser.error("--processes, --duration, --large-size and --files must be positive")
+    args.sections = (args.only,) if args.only else SECTIONS
+    workload = tape.QUICK if args.quick else tape.FULL
+    if args.tape_files is not None:
+        workload = dataclasses.replace(workload, files=args.tape_files)
+    if args.tape_scale is not None:
+        workload = dataclasses.replace(workload, time_scale=args.tape_scale)
+    if workload.files < 1 or workload.time_scale < 0:
+        parser.error("--tape-files must be positive and --tape-scale not negative")
+    args.tape_workload = workload
     return args
 
 
@@ -156,11 +184,12 @@ def run_large(
     return transfers, rss, failures
 
 
-def run(args: argparse.Namespace, workdir: Path, peer_version: str) -> dict[str, Any]:
-    """Measure everything; return the results the report is made from."""
+def run(args: argparse.Namespace, workdir: Path, peer_version: str | None) -> dict[str, Any]:
+    """Measure every section asked for; return the results the report is made from."""
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H-%M-%S"),
         "settings": {
+            "sections": list(args.sections),
             "processes": args.processes,
             "duration": args.duration,
             "large_size": args.large_size,
@@ -170,8 +199,19 @@ def run(args: argparse.Namespace, workdir: Path, peer_version: str) -> dict[str,
             "workdir": str(workdir),
         },
         "machine": machine_info(),
-        "peer": f"{peer.PEER_PACKAGE} {peer_version}",
     }
+    if peer_version is not None:  # main looks the peer up only when the http section runs
+        run_http(args, workdir, peer_version, results)
+    if "tape" in args.sections:
+        results["tape"] = tape.run_tape(workdir / "tape", args.tape_workload, _log)
+    # Other work on the machine skews every number; the JSON keeps the evidence.
+    results["machine"]["loadavg_end"] = os.getloadavg()
+    return results
+
+
+def run_http(args: argparse.Namespace, workdir: Path, peer_version: str, results: dict[str, Any]) -> None:
+    """Measure the disk, then both servers; add the figures to ``results``."""
+    results["peer"] = f"{peer.PEER_PACKAGE} {peer_version}"
     _log(f"dd {args.large_size} MiB in {workdir}")
     results["disk"] = disk.measure_disk(workdir, args.large_size)
     targets = servers.make_targets(workdir, args.peer_home, peer_version)
@@ -185,9 +225,6 @@ def run(args: argparse.Namespace, workdir: Path, peer_version: str) -> dict[str,
         }
         results["cells"] = run_small_cells(args, running)
         results["large"], results["rss"], results["large_failures"] = run_large(args, running)
-    # Other work on the machine skews every number; the JSON keeps the evidence.
-    results["machine"]["loadavg_end"] = os.getloadavg()
-    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -196,10 +233,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.setup_peer:
         peer.setup_peer(args.peer_home)
         return 0
-    if shutil.which("wrk") is None:
-        print("bench: wrk is not installed (apt-get install wrk)", file=sys.stderr)
-        return 2
-    peer_version = peer.ensure_peer(args.peer_home)
+    peer_version = None
+    if "http" in args.sections:
+        if shutil.which("wrk") is None:
+            print("bench: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+            return 2
+        peer_version = peer.ensure_peer(args.peer_home)
     parent = args.workdir or BENCH_DIR
     workdir = Path(tempfile.mkdtemp(prefix=".work-", dir=parent))
     try:
@@ -216,6 +255,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for verdict in found:
         print(verdict.line())
     print(f"\nfull results: {path}")
-    if report.error_count(results, servers.OURS):
+    if report.failures(results):
         return 1
     return 1 if args.strict and not all(v.passed for v in found) else 0

@@ -1,7 +1,8 @@
-"""Turn a run's results into the comparison table, the verdicts and the JSON file.
+"""Turn a run's results into the tables, the verdicts and the JSON file.
 
-Targets are checked against our server only; the peer's numbers are the
-yardstick. Every figure printed is also in the JSON, with wrk's raw counters.
+HTTP targets are checked against our server only; the peer's numbers are the
+yardstick. The tape section has its own table and targets. Every figure
+printed is also in the JSON, with wrk's raw counters and the tape library's.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import tape
 from bench.largefile import Transfer
 from bench.servers import OURS, PEER
 from bench.smallfiles import Cell
@@ -79,7 +81,17 @@ def small_pairs(cells: list[Cell]) -> list[tuple[Cell, Cell]]:
 
 
 def table(results: dict[str, Any]) -> str:
-    """Return the one comparison table, ready to print."""
+    """Return the tables of every section that ran, ready to print."""
+    tables = []
+    if "cells" in results:
+        tables.append(http_table(results))
+    if "tape" in results:
+        tables.append(tape_table(results["tape"]))
+    return "\n\n".join(tables)
+
+
+def http_table(results: dict[str, Any]) -> str:
+    """Return the one comparison table of the HTTP section."""
     args, machine = results["settings"], results["machine"]
     lines = [
         f"ours = pacifica_like, peer = {results['peer']}; both under uWSGI --processes "
@@ -110,8 +122,75 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+TAPE_HEADER = (
+    f"{'tape phase':<22} | {'drives':>6} | {'files':>5} | {'MiB':>7} | {'seconds':>7} | {'MiB/s':>8} "
+    f"| {'mounts':>6} | {'unmounts':>8} | {'located MiB':>11}"
+)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (KIB_PER_MIB * KIB_PER_MIB):.1f}"
+
+
+def tape_table(results: dict[str, Any]) -> str:
+    """Return the tape section's table: one row per phase, counters as deltas over the phase."""
+    settings = results["settings"]
+    lines = [
+        f"tape: {settings['files']} files of {settings['sizes_mib'][0]}-{settings['sizes_mib'][1]} MiB "
+        f"({_mib(settings['bytes'])} MiB) on {results['volumes_used']} of {settings['volumes']} volumes "
+        f"of {_mib(settings['volume_capacity'])} MiB, {settings['drives']} drives; default cost model "
+        f"(mount {settings['mount_seconds']:g} s, unmount {settings['unmount_seconds']:g} s, "
+        f"full-tape locate {settings['locate_seconds']:g} s, {settings['read_mib_s']:g} MiB/s)",
+        f"time_scale {settings['time_scale']:g}: seconds are scaled model time plus real disk and CPU "
+        "time; mounts, unmounts and bytes located are exact whatever the scale",
+        TAPE_HEADER,
+        "-" * len(TAPE_HEADER),
+    ]
+    for phase in results["phases"]:
+        counters = phase.counters
+        drives = "-" if phase.drives is None else str(phase.drives)
+        lines.append(
+            f"{phase.label:<22} | {drives:>6} | {phase.files:>5} | {_mib(phase.bytes):>7} "
+            f"| {phase.seconds:>7.2f} | {phase.mib_per_s:>8.1f} | {counters['mounts']:>6} "
+            f"| {counters['unmounts']:>8} | {_mib(counters['bytes_located']):>11}"
+        )
+    readback = results["readback"]
+    lines.append(
+        f"recalled files read back from disk: {readback['ok']} ok, {readback['missing']} missing, "
+        f"{readback['bad']} bad"
+    )
+    return "\n".join(lines)
+
+
+def tape_verdicts(results: dict[str, Any]) -> list[Verdict]:
+    """Check the tape targets: the speed-up of verification with every drive, and no errors."""
+    drives = results["settings"]["drives"]
+    ratio = tape.verify_ratio(results)
+    seconds = {p.drives: p.seconds for p in results["phases"] if p.kind == "verify"}
+    found = [
+        Verdict(
+            f"tape verify with {drives} drives <= {tape.VERIFY_SPEEDUP_TARGET:g}x the time of 1 drive",
+            ratio is not None and ratio <= tape.VERIFY_SPEEDUP_TARGET,
+            f"{_fmt_ratio(ratio)} ({seconds.get(drives, 0):.2f} vs {seconds.get(1, 0):.2f} s)",
+        )
+    ]
+    errors = tape.error_count(results)
+    found.append(Verdict("zero errors (tape)", errors == 0, f"{errors} error(s)"))
+    return found
+
+
 def verdicts(results: dict[str, Any]) -> list[Verdict]:
-    """Check each target against our numbers."""
+    """Check each target of every section that ran."""
+    found = []
+    if "cells" in results:
+        found += http_verdicts(results)
+    if "tape" in results:
+        found += tape_verdicts(results["tape"])
+    return found
+
+
+def http_verdicts(results: dict[str, Any]) -> list[Verdict]:
+    """Check each HTTP target against our server's numbers."""
     found = []
     for ours, peer in small_pairs(results["cells"]):
         want = SMALL_TARGETS[ours.op]
@@ -155,6 +234,12 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
     errors = error_count(results, OURS)
     found.append(Verdict("zero errors (ours)", errors == 0, f"{errors} error(s)"))
     return found
+
+
+def failures(results: dict[str, Any]) -> int:
+    """Return every failure on our side, in every section that ran."""
+    total = error_count(results, OURS) if "cells" in results else 0
+    return total + (tape.error_count(results["tape"]) if "tape" in results else 0)
 
 
 def error_count(results: dict[str, Any], server: str) -> int:

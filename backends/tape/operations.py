@@ -434,6 +434,7 @@ def run_verify(
                                 target.append(copy.file_id)
                             else:
                                 backend.catalog.record_verification(copy.id, "ok")
+                                run.ok(Step(copy.file_id, "verify", copy.size, vsn, copy.offset))
                             check.files += 1
                             check.bytes += copy.size
                             progress(copy.size)
