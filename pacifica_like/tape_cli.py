@@ -46,7 +46,7 @@ def parse_age(raw: str) -> float:
 def _file_id(raw: str) -> int:
     try:
         return parse_id(raw)
-    except InvalidRequest as exc:
+    except (ValueError, InvalidRequest) as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
@@ -128,6 +128,7 @@ def _add_run_flags(command: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run one tape command; return the exit status."""
     if args.command == "tape" and args.tape_command == "init":
+        _require_tape(settings)
         return tape_init(settings)
     backend = _open_backend(settings)
     try:
@@ -143,14 +144,25 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         backend.close()
 
 
+def _require_tape(settings: Settings) -> None:
+    from backends import factory
+    from backends.tape.backend import TapeBackend
+
+    try:
+        backend_class = factory.resolve(settings.archive.backend)
+    except KeyError:
+        backend_class = None
+    if backend_class is None or not issubclass(backend_class, TapeBackend):
+        where = settings.source_of("archive", "backend")
+        raise ConfigError(f"{where}: tape commands need backend = tape, not {settings.archive.backend!r}")
+
+
 def _open_backend(settings: Settings) -> TapeBackend:
     from backends import factory
     from backends.tape.backend import TapeBackend
 
-    backend_class = factory.check(settings)
-    if not issubclass(backend_class, TapeBackend):
-        where = settings.source_of("archive", "backend")
-        raise ConfigError(f"{where}: tape commands need backend = tape, not {settings.archive.backend!r}")
+    _require_tape(settings)
+    factory.check(settings)
     return TapeBackend(settings)
 
 

@@ -32,6 +32,8 @@ from pacifica_like.config import ConfigError, TapeSettings
 from pacifica_like.errors import ArchiveError, InsufficientStorage, StorageUnavailable
 
 MIB = 1 << 20
+#: A volume with less room than this left takes no more writes (like a tape at its early-warning mark).
+FULL_THRESHOLD = 1 << 20
 #: Longest pause between two attempts to claim a drive.
 _POLL_MAX = 0.2
 
@@ -126,12 +128,30 @@ class TapeLibrary:
         with translate_os_errors(f"cannot create tape library {self.directory}"):
             os.makedirs(self.directory, exist_ok=True)
             volumes = {vsn_name(i): self.settings.volume_capacity for i in range(self.settings.volumes)}
+            self._refuse_unknown_data(volumes)
             created = self.catalog.create(volumes, [f"drive{i}" for i in range(self.settings.drives)])
             for vsn in created[0]:
                 # An empty cartridge: exclusive create, so an existing volume is never truncated.
                 with contextlib.suppress(FileExistsError):
                     os.close(os.open(self.volume_path(vsn), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         return created
+
+    def _refuse_unknown_data(self, volumes: dict[str, int]) -> None:
+        """Refuse to catalog a volume file that already holds records (a lost or foreign catalog).
+
+        A fresh catalog would record its end of data as 0, and the next
+        migration would write over the records it holds.
+        """
+        known = set()
+        if self.catalog.exists() and self.catalog.schema_version() is not None:
+            known = {row.vsn for row in self.catalog.Volume.select(self.catalog.Volume.vsn)}
+        for vsn in volumes:
+            path = self.volume_path(vsn)
+            if vsn not in known and os.path.exists(path) and os.path.getsize(path) > 0:
+                raise ConfigError(
+                    f"tape library {self.directory}: {path} holds {os.path.getsize(path)} bytes the catalog "
+                    "does not know; restore the catalog (catalog.sqlite) instead of initialising over it"
+                )
 
     def check_ready(self) -> None:
         """Raise ConfigError unless the library was initialised by this schema version."""
@@ -318,6 +338,11 @@ class MountedDrive:
         self._update(position=end, **changes)
         self.position = end
 
+    def _mark_full(self) -> None:
+        catalog = self.library.catalog
+        with catalog.db.atomic():
+            catalog.Volume.update(full=True).where(catalog.Volume.vsn == self.vsn).execute()
+
     def read_to(self, copy: CopyInfo, dest: str) -> None:
         """Copy a tape copy's bytes into a new file ``dest``, verifying them on the way.
 
@@ -360,13 +385,16 @@ class MountedDrive:
     def append(self, source: str, file_id: int, mtime: float, ctime: float) -> CopyInfo:
         """Write ``source`` at the volume's end of data and record the new copy.
 
-        Raises VolumeFull (nothing recorded, the volume marked full if even
-        an empty record would not fit) when the file does not fit.
+        Raises VolumeFull when the file does not fit; nothing is recorded. The
+        volume is marked full (no more writes planned to it) when less than
+        FULL_THRESHOLD is left, or when the end of tape came mid-write.
         """
         catalog = self.library.catalog
         volume = catalog.Volume.get_by_id(self.vsn)
         size = os.stat(source).st_size
         if volume.fill + stager_module.HEADER_SIZE + size > volume.capacity:
+            if volume.capacity - volume.fill < FULL_THRESHOLD:
+                self._mark_full()
             raise VolumeFull(f"{size} bytes do not fit on {self.vsn}")
         self.locate(volume.fill)
         rate = self.library.rate(self.library.settings.write_mib_s)
@@ -380,6 +408,7 @@ class MountedDrive:
                 exc.errno == errno.ENOSPC
                 and volume.fill + stager_module.HEADER_SIZE + os.stat(source).st_size > volume.capacity
             ):
+                self._mark_full()
                 raise VolumeFull(f"file {file_id} grew past the room left on {self.vsn}") from exc
             with translate_os_errors(f"cannot write file {file_id} to volume {self.vsn}"):
                 raise exc

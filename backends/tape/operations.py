@@ -275,7 +275,14 @@ def plan_release(backend: TapeBackend, file_ids: Iterable[int]) -> list[Step]:
         elif matching:
             steps.append(Step(file_id, "refuse", status.size, reason="tape copy not verified yet"))
         else:
-            steps.append(Step(file_id, "refuse", status.size, reason="REGULAR: no tape copy of this version"))
+            steps.append(
+                Step(
+                    file_id,
+                    "refuse",
+                    status.size,
+                    reason="REGULAR: no tape copy of this version; migrate it first",
+                )
+            )
     return steps
 
 
