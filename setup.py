@@ -45,11 +45,21 @@ setup(
         )
     ],
     cmdclass={"build_ext": BuildExt},
-    install_requires=["CherryPy>=18.8", "peewee>=3.17", "tqdm>=4.66"],
+    install_requires=["CherryPy>=18.8", "peewee>=3.17", "prometheus_client>=0.20", "tqdm>=4.66"],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "WebTest>=3.0", "requests>=2.31", "ruff>=0.6"],
+        # The database drivers: the catalog tests run the inventory on MariaDB and PostgreSQL.
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "WebTest>=3.0",
+            "requests>=2.31",
+            "ruff>=0.6",
+            "PyMySQL>=1.1",
+            "psycopg2-binary>=2.9",
+        ],
         "uwsgi": ["uWSGI>=2.0.24"],
         "mysql": ["PyMySQL>=1.1"],
+        "postgres": ["psycopg2-binary>=2.9"],
     },
     entry_points={"console_scripts": ["pacifica-like = pacifica_like.cli:main"]},
 )

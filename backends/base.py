@@ -6,7 +6,8 @@ Plugin API (what a backend implements and the web layer calls):
   holding no per-request state. It hands out per-request handles:
 * :class:`Reader` - an open, seekable view of one stored file and its status;
 * :class:`Writer` - a pending upload that becomes visible only on ``commit()``;
-* :class:`FileStatus` - what HEAD reports, as a frozen value.
+* :class:`FileStatus` - what HEAD reports, as a frozen value;
+* :class:`MetricSample` - one value a backend reports when ``/metrics`` is scraped.
 
 Helpers (not part of the API, shared so every backend commits the same way):
 :class:`AtomicFileWriter`, :class:`FileReader`, :func:`translate_os_errors`,
@@ -32,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-from pacifica_like.config import Settings
+from pacifica_like.config import ConfigError, Settings
 from pacifica_like.errors import (
     ArchiveError,
     Conflict,
@@ -80,6 +81,10 @@ def _load_sync_file_range() -> Callable[[int, int, int], None]:
 start_writeback = _load_sync_file_range()
 
 
+#: Called by ``Backend.list_ids`` with where the listing failed and the error.
+ListingErrorHandler = Callable[[str, ArchiveError], None]
+
+
 class ExpectedDigest(Protocol):
     """A client's claim about the upload (see ``pacifica_like.httpheaders``)."""
 
@@ -108,6 +113,24 @@ class FileStatus:
     relpath: str
     sha256: bytes | None = None
     state: str | None = None
+
+
+@dataclass(frozen=True)
+class MetricSample:
+    """One value a backend reports at scrape time (see :meth:`Backend.metrics_snapshot`).
+
+    ``name`` is a Prometheus-style name without the service prefix
+    (``tape_mounts``); ``kind`` is ``"counter"`` for a value that only grows
+    (mounts, bytes read; exposed with a ``_total`` suffix) or ``"gauge"``;
+    ``labels`` tell apart the samples of one name (drive, volume). Every sample
+    of one name carries the same ``help``, ``kind`` and label names.
+    """
+
+    name: str
+    value: float
+    help: str
+    kind: str = "gauge"
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 class Reader(abc.ABC):
@@ -224,11 +247,48 @@ class Backend(abc.ABC):
         """Remove a stored file; FileNotInArchive if there is none."""
 
     @abc.abstractmethod
-    def list_ids(self) -> Iterator[int]:
-        """Yield the id of every stored file, in no particular order (for audits)."""
+    def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
+        """Yield the id of every stored file, in no particular order (for audits).
+
+        ``on_error(where, error)`` is called for each part of the storage that
+        cannot be listed (an unreadable directory: ``where`` is its path), and the
+        listing goes on without it; without a handler the error is raised.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release process-wide resources (connections, libraries)."""
+
+    def check_ready(self) -> None:
+        """Raise StorageUnavailable, with the reason, unless the backend can serve requests now.
+
+        Called by ``GET /ready`` (a readiness probe, so it must stay cheap and
+        write nothing). Checks that the archive prefix is a directory this
+        process may write, then repeats :meth:`preflight` (for the tape backend:
+        a fresh catalog connection and query, the stager library, the library
+        directory), so storage that vanished or broke after start is reported.
+        """
+        prefix = self.settings.archive.prefix
+        try:
+            st = os.stat(prefix)
+        except OSError as exc:
+            raise StorageUnavailable(f"archive prefix {prefix}: {exc.strerror or exc}") from exc
+        if not stat.S_ISDIR(st.st_mode):
+            raise StorageUnavailable(f"archive prefix {prefix} is not a directory")
+        if not os.access(prefix, os.W_OK | os.X_OK):
+            raise StorageUnavailable(f"archive prefix {prefix} is not writable by this process")
+        try:
+            type(self).preflight(self.settings)
+        except ConfigError as exc:
+            raise StorageUnavailable(str(exc)) from exc
+
+    def metrics_snapshot(self) -> list[MetricSample]:
+        """Return the backend's own metrics, read now from shared state; none by default.
+
+        Called on every ``GET /metrics`` in whichever process serves it, so the
+        values must come from state every process shares (a catalog database),
+        never from per-process memory.
+        """
+        return []
 
 
 @contextlib.contextmanager

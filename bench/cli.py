@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import disk, largefile, memory, peer, report, servers, smallfiles, tape
+from bench import audit, disk, largefile, memory, peer, report, servers, smallfiles, tape
 from bench.content import SMALL_SIZE
 from pacifica_like.devserver import RunningServer, uwsgi_binary
 
@@ -41,7 +41,7 @@ LARGE_SEED = 20241106
 #: Ids read back from each wrk thread's PUT range after a PUT cell.
 READBACK_SAMPLES = 20
 #: The parts of the benchmark, in the order they run; --only picks one.
-SECTIONS = ("http", "tape")
+SECTIONS = ("http", "tape", "audit")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -57,7 +57,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"smoke run: 1 s cells, 64 MiB large file, {tape.QUICK.files} tape files of "
         f"{tape.QUICK.min_mib}-{tape.QUICK.max_mib} MiB at time_scale {tape.QUICK.time_scale:g}",
     )
-    parser.add_argument("--only", choices=SECTIONS, help="run one section: http (both servers) or tape")
+    parser.add_argument(
+        "--only", choices=SECTIONS, help="run one section: http (both servers), tape or audit"
+    )
     parser.add_argument(
         "--tape-files", type=int, help=f"files through the tape library (default {tape.FULL.files})"
     )
@@ -66,6 +68,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         help=f"the tape library's time_scale (default {tape.FULL.time_scale:g}, "
         f"{tape.QUICK.time_scale:g} with --quick)",
+    )
+    parser.add_argument(
+        "--audit-files",
+        type=int,
+        help=f"inventory rows and files for the audit (default {audit.FULL.files:,}, "
+        f"{audit.QUICK.files:,} with --quick)",
+    )
+    parser.add_argument(
+        "--audit-cold", action="store_true", help="drop the page cache before the audit (root)"
     )
     parser.add_argument("--workdir", type=Path, help="put the scratch dir here (default: bench/)")
     parser.add_argument("--peer-home", type=Path, default=peer.DEFAULT_HOME, help="the peer's virtualenv")
@@ -88,6 +99,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if workload.files < 1 or workload.time_scale < 0:
         parser.error("--tape-files must be positive and --tape-scale not negative")
     args.tape_workload = workload
+    audit_workload = audit.QUICK if args.quick else audit.FULL
+    if args.audit_files is not None:
+        if args.audit_files < 1:
+            parser.error("--audit-files must be positive")
+        audit_workload = dataclasses.replace(audit_workload, files=args.audit_files)
+    args.audit_workload = dataclasses.replace(audit_workload, cold=args.audit_cold)
     return args
 
 
@@ -204,6 +221,8 @@ def run(args: argparse.Namespace, workdir: Path, peer_version: str | None) -> di
         run_http(args, workdir, peer_version, results)
     if "tape" in args.sections:
         results["tape"] = tape.run_tape(workdir / "tape", args.tape_workload, _log)
+    if "audit" in args.sections:
+        results["audit"] = audit.run_audit_bench(workdir / "audit", args.audit_workload, _log)
     # Other work on the machine skews every number; the JSON keeps the evidence.
     results["machine"]["loadavg_end"] = os.getloadavg()
     return results

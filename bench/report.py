@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import tape
+from bench import audit, tape
 from bench.largefile import Transfer
 from bench.servers import OURS, PEER
 from bench.smallfiles import Cell
@@ -87,6 +87,8 @@ def table(results: dict[str, Any]) -> str:
         tables.append(http_table(results))
     if "tape" in results:
         tables.append(tape_table(results["tape"]))
+    if "audit" in results:
+        tables.append(audit.table(results["audit"]))
     return "\n\n".join(tables)
 
 
@@ -186,6 +188,8 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
         found += http_verdicts(results)
     if "tape" in results:
         found += tape_verdicts(results["tape"])
+    if "audit" in results:
+        found += [Verdict(*verdict) for verdict in audit.verdicts(results["audit"])]
     return found
 
 
@@ -239,7 +243,8 @@ def http_verdicts(results: dict[str, Any]) -> list[Verdict]:
 def failures(results: dict[str, Any]) -> int:
     """Return every failure on our side, in every section that ran."""
     total = error_count(results, OURS) if "cells" in results else 0
-    return total + (tape.error_count(results["tape"]) if "tape" in results else 0)
+    total += tape.error_count(results["tape"]) if "tape" in results else 0
+    return total + (audit.error_count(results["audit"]) if "audit" in results else 0)
 
 
 def error_count(results: dict[str, Any], server: str) -> int:

@@ -120,6 +120,7 @@ exec "$PAI_VENV/bin/uwsgi" \
     --need-app \
     --enable-threads \
     --die-on-term \
+    --disable-logging \
     --socket-timeout 60 \
     --chunked-input-limit 16777216 \
     --add-header "Connection: close" \

@@ -5,8 +5,9 @@ for our errors, 500 (logged with its traceback, never sent) for anything else,
 and CherryPy's own errors (unknown paths) through the same JSON shape.
 
 The application is the file API (``pacifica_like.rest.FileAPI``), which serves
-``/`` and ``/<id>``, in front of a CherryPy application that receives every
-other path (today only to answer 404; later the bulk and metrics APIs).
+``/`` and ``/<id>``, in front of a CherryPy application that receives the
+operators' paths (``/metrics``, ``/ready``: ``pacifica_like.probes``), all
+wrapped by ``pacifica_like.observe`` (request ids, access log, metrics).
 """
 
 from __future__ import annotations
@@ -18,11 +19,18 @@ from typing import Any
 import cherrypy
 
 from backends.base import Backend
+from pacifica_like import __version__, logs
 from pacifica_like.config import Settings
 from pacifica_like.errors import ArchiveError
+from pacifica_like.inventory import with_inventory
+from pacifica_like.metrics import Metrics
+from pacifica_like.observe import ObservedApp
+from pacifica_like.probes import ProbesRoot
 from pacifica_like.rest import FileAPI, Response, json_response
 
-log = logging.getLogger("pacifica_like")
+log = logging.getLogger(logs.ERROR_LOGGER)
+#: First path segments served by the CherryPy application (``ProbesRoot``'s handlers).
+PROBE_PATHS = frozenset(("metrics", "ready"))
 
 #: CherryPy config for the mounted fallback app: data, not subclasses.
 CHERRYPY_APP_CONFIG: dict[str, Any] = {
@@ -57,15 +65,29 @@ def render_http_error(status: str, message: str, traceback: str, version: str) -
     return json.dumps({"status": int(status.split()[0]), "message": message})
 
 
-class _Nothing:
-    """The CherryPy root: no handlers yet, so every path it receives is a JSON 404."""
+def build_app(settings: Settings, backend: Backend) -> ObservedApp:
+    """Return the archive as a WSGI application over ``backend``.
 
-
-def build_app(settings: Settings, backend: Backend) -> FileAPI:
-    """Return the archive as a WSGI application over ``backend``."""
+    Also routes the access and error logs to stderr (``pacifica_like.logs``).
+    Build it in the process that serves: uWSGI workers build theirs after the fork.
+    """
+    storage = backend
+    # With the catalog on, every PUT, PATCH and DELETE is recorded in its inventory (for audits).
+    backend = with_inventory(backend, settings.archive.catalog)
+    # Probes ask the storage backend itself: the inventory wrapper only records changes.
+    ready_checks = [("storage", storage.check_ready)]
+    inventory = getattr(backend, "inventory", None)
+    if inventory is not None:
+        ready_checks.append(("catalog", inventory.check_ready))
+    info = {"version": __version__, "backend": storage.name}
+    metrics = Metrics([("backend", storage.metrics_snapshot)], info)
     config = dict(CHERRYPY_APP_CONFIG)
     config["error_page.default"] = render_http_error
-    fallback = cherrypy.Application(_Nothing(), "", {"/": config})
+    fallback = cherrypy.Application(ProbesRoot(metrics, ready_checks, storage.name), "", {"/": config})
+    # Our access log has these requests too; CherryPy's own line would print them twice.
+    fallback.log.access_log.propagate = False
     if settings.cpconfig_file:
         fallback.merge(settings.cpconfig_file)
-    return FileAPI(backend, settings, fallback, error_response)
+    api = FileAPI(backend, settings, fallback, error_response, fallback_names=PROBE_PATHS)
+    logs.install(settings.server.access_log)
+    return ObservedApp(api, metrics, PROBE_PATHS, access_log=settings.server.access_log != "off")

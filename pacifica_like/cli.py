@@ -11,8 +11,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pacifica_like import __version__, tape_cli
-from pacifica_like.config import ConfigError, Settings, load_settings
+from pacifica_like import __version__, audit_cli, tape_cli
+from pacifica_like.config import ConfigError, Settings, load_settings, redact_url
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="load and validate the settings, then print them")
     add_serve_arguments(check, factory.available())
     tape_cli.add_commands(commands, lambda command: add_settings_arguments(command, factory.available()))
+    audit_cli.add_commands(commands, lambda command: add_settings_arguments(command, factory.available()))
     return parser
 
 
@@ -129,6 +130,8 @@ def check_config(settings: Settings) -> int:
     factory.check(settings)
     for section in ("archive", "tape", "server"):
         for key, value in vars(getattr(settings, section)).items():
+            if (section, key) == ("archive", "catalog") and value:
+                value = redact_url(value)  # a database URL may carry a password
             print(f"[{section}] {key} = {value}    ({settings.source_of(section, key)})")
     return 0
 
@@ -148,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_config(settings)
         if args.command in tape_cli.COMMANDS:
             return tape_cli.run(args, settings)
+        if args.command in audit_cli.COMMANDS:
+            return audit_cli.run(args, settings)
         return serve(settings)
     except ConfigError as exc:
         print(f"pacifica-like: configuration error: {exc}", file=sys.stderr)

@@ -108,6 +108,63 @@ def _parse_optional_path(raw: str) -> str | None:
     return os.path.abspath(raw.strip()) if raw.strip() else None
 
 
+#: Database URL schemes the gateway catalog accepts (peewee's playhouse.db_url names).
+CATALOG_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql")
+#: The value of ``[archive] catalog`` that turns the catalog (and the inventory) off.
+CATALOG_OFF = "off"
+#: The catalog's default place, under the prefix: a hidden name, so listings and audits skip it.
+DEFAULT_CATALOG_NAME = ".catalog.sqlite"
+
+
+def _parse_catalog(raw: str) -> str:
+    """Check a catalog database URL; make a SQLite path absolute; ``off`` disables the catalog.
+
+    >>> _parse_catalog("postgresql://gw@db.example:5432/archive")
+    'postgresql://gw@db.example:5432/archive'
+    >>> _parse_catalog("sqlite:////srv/state/catalog.sqlite")
+    'sqlite:////srv/state/catalog.sqlite'
+    >>> _parse_catalog(" Off ")
+    'off'
+    """
+    value = _parse_nonempty(raw)
+    if value.lower() in (CATALOG_OFF, "none", "false", "no"):
+        return CATALOG_OFF
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in CATALOG_SCHEMES:
+        raise ValueError(
+            f"expected a database URL ({', '.join(s + '://...' for s in CATALOG_SCHEMES)}) or off, "
+            f"got {redact_url(value)!r}"
+        )
+    if scheme.lower() == "sqlite":
+        path = rest[1:] if rest.startswith("/") else ""
+        if not path or "?" in path:
+            raise ValueError(f"a SQLite catalog is sqlite:///PATH (a file), got {value!r}")
+        # Relative to the directory the settings were loaded in, like every other path.
+        return "sqlite:///" + os.path.abspath(path)
+    return value
+
+
+def redact_url(url: str) -> str:
+    """Hide the password in a database URL, for printing and logs.
+
+    >>> redact_url("mysql://gw:s3cret@db:3306/archive")
+    'mysql://gw:***@db:3306/archive'
+    >>> redact_url("sqlite:////srv/catalog.sqlite")
+    'sqlite:////srv/catalog.sqlite'
+    """
+    return re.sub(r"^([a-zA-Z0-9+]+://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+ACCESS_LOG_FORMATS = ("json", "text", "off")
+
+
+def _parse_access_log(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ACCESS_LOG_FORMATS:
+        raise ValueError(f"expected one of {', '.join(ACCESS_LOG_FORMATS)}, got {raw!r}")
+    return value
+
+
 def _parse_dirs(raw: str) -> tuple[str, ...]:
     """Split a comma/newline separated list of directories, resolving links."""
     roots = []
@@ -140,6 +197,8 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "write_once": Option(_parse_bool, False, "PAI_WRITE_ONCE"),
         "allow_delete": Option(_parse_bool, False, "PAI_ALLOW_DELETE"),
         "patch_roots": Option(_parse_dirs, (), "PAI_PATCH_ROOTS"),
+        # The gateway's state database (inventory); None: SQLite under the prefix, "off": none.
+        "catalog": Option(_parse_catalog, None, "PAI_CATALOG"),
     },
     "tape": {
         # The emulated library: its directory (volumes + catalog) and its size.
@@ -165,6 +224,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "address": Option(_parse_nonempty, "127.0.0.1", "PAI_ADDRESS"),
         "port": Option(_parse_port, 8080, "PAI_PORT"),
         "threads": Option(_parse_positive, 16, "PAI_THREADS"),
+        # uWSGI only: where worker processes keep their Prometheus counters (none: a fresh temp dir).
+        "metrics_dir": Option(_parse_optional_path, None, "PROMETHEUS_MULTIPROC_DIR"),
+        "access_log": Option(_parse_access_log, "json", "PAI_ACCESS_LOG"),
     },
 }
 
@@ -182,6 +244,8 @@ class ArchiveSettings:
     write_once: bool
     allow_delete: bool
     patch_roots: tuple[str, ...]
+    #: Database URL of the gateway catalog (the inventory), None when it is off.
+    catalog: str | None = None
 
 
 @dataclass(frozen=True)
@@ -209,11 +273,15 @@ class TapeSettings:
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """The ``[server]`` section: where ``pacifica-like serve`` listens."""
+    """The ``[server]`` section: where ``pacifica-like serve`` listens, how it reports."""
 
     address: str
     port: int
     threads: int
+    #: Directory shared by uWSGI workers for Prometheus counters (prometheus_client multiprocess mode).
+    metrics_dir: str | None = None
+    #: Access log format: ``json`` (one object per line), ``text`` or ``off``.
+    access_log: str = "json"
 
 
 @dataclass(frozen=True)
@@ -277,6 +345,11 @@ def load_settings(
 
     archive = {key: values["archive", key] for key in SCHEMA["archive"]}
     archive["prefix"] = os.path.abspath(archive["prefix"])
+    if archive["catalog"] is None:
+        # Beside the data it describes, whatever directory a command runs in (audits run anywhere).
+        archive["catalog"] = "sqlite:///" + os.path.join(archive["prefix"], DEFAULT_CATALOG_NAME)
+    elif archive["catalog"] == CATALOG_OFF:
+        archive["catalog"] = None
     server = {key: values["server", key] for key in SCHEMA["server"]}
     tape = {key: values["tape", key] for key in SCHEMA["tape"]}
     tape["library"] = os.path.abspath(tape["library"])

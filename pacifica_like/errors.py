@@ -27,6 +27,10 @@ class InvalidRequest(ArchiveError):
     http_status = 400
 
 
+class IncompleteUpload(InvalidRequest):
+    """The upload's body ended before its Content-Length, or the client went away mid-upload."""
+
+
 class Forbidden(ArchiveError):
     """The request touches something outside what the archive may touch."""
 

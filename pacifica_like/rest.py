@@ -23,6 +23,7 @@ from backends.base import CHUNK_SIZE, Backend, FileStatus, Reader
 from pacifica_like import httpheaders
 from pacifica_like.config import Settings
 from pacifica_like.errors import (
+    IncompleteUpload,
     InvalidRequest,
     MethodDisabled,
     UnsupportedMediaType,
@@ -45,6 +46,10 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 ErrorRenderer = Callable[[BaseException], Response]
 
 STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
+#: environ key: the exception a request failed with (for metrics: why an upload was rejected).
+ERROR_KEY = "pacifica_like.error"
+#: environ key: request body bytes read so far (for metrics and the access log).
+BYTES_IN_KEY = "pacifica_like.bytes_in"
 
 
 def json_response(code: int, payload: dict[str, Any], headers: Headers | None = None) -> Response:
@@ -119,6 +124,7 @@ class FileAPI:
                     raise InvalidRequest(str(exc)) from None
                 code, headers, body = handler(file_id, environ)
         except Exception as exc:  # every failure becomes a JSON answer, never a traceback
+            environ[ERROR_KEY] = exc
             code, headers, body = self.render_error(exc)
         start_response(STATUS_LINES[code], headers)
         if method == "HEAD":
@@ -161,7 +167,7 @@ class FileAPI:
         with self.backend.open_writer(file_id, mtime, expect) as writer:
             received = copy_body(body_file(environ, length), length, writer.write)
             if length is not None and received < length:
-                raise InvalidRequest(f"upload ended after {received} of {length} bytes; nothing was stored")
+                raise IncompleteUpload(f"upload ended after {received} of {length} bytes; nothing was stored")
             total = writer.commit()
         return json_response(201, {"message": "File added to archive", "total_bytes": total})
 
@@ -319,13 +325,28 @@ class UwsgiChunkedBody:
         return chunk
 
 
-def body_file(environ: dict[str, Any], length: int | None) -> Any:
-    """Return a file-like object with ``read(n)`` over the request body."""
+class CountedBody:
+    """File-like view of a request body that adds every byte read to ``environ[BYTES_IN_KEY]``."""
+
+    def __init__(self, raw: Any, environ: dict[str, Any]) -> None:
+        self._raw = raw
+        self._environ = environ
+        environ.setdefault(BYTES_IN_KEY, 0)
+
+    def read(self, size: int) -> bytes:
+        """Return up to ``size`` bytes of the body, counting them."""
+        chunk = self._raw.read(size)
+        self._environ[BYTES_IN_KEY] += len(chunk)
+        return chunk
+
+
+def body_file(environ: dict[str, Any], length: int | None) -> CountedBody:
+    """Return a file-like object with ``read(n)`` over the request body, counting what it reads."""
     if length is None and "uwsgi.version" in environ:
         import uwsgi  # only importable inside a uWSGI worker
 
-        return UwsgiChunkedBody(uwsgi.chunked_read)
-    return environ["wsgi.input"]
+        return CountedBody(UwsgiChunkedBody(uwsgi.chunked_read), environ)
+    return CountedBody(environ["wsgi.input"], environ)
 
 
 def copy_body(rfile: Any, length: int | None, sink: Callable[[bytes], Any], limit: int | None = None) -> int:
@@ -340,7 +361,7 @@ def copy_body(rfile: Any, length: int | None, sink: Callable[[bytes], Any], limi
         try:
             chunk = rfile.read(want)
         except (OSError, ValueError) as exc:
-            raise InvalidRequest(
+            raise IncompleteUpload(
                 f"upload interrupted after {received} bytes ({exc}); nothing was stored"
             ) from exc
         if not chunk:

@@ -12,7 +12,7 @@ import webtest
 from backends import factory
 from backends.base import Backend
 from pacifica_like.app import build_app
-from pacifica_like.config import Settings, load_settings
+from pacifica_like.config import DEFAULT_CATALOG_NAME, Settings, load_settings
 
 LAST_MODIFIED = "Sun, 06 Nov 1994 08:49:37 GMT"
 LAST_MODIFIED_EPOCH = 784111777.0
@@ -87,5 +87,11 @@ def put(app: webtest.TestApp, file_id: int | str, body: bytes, **headers: str) -
 
 
 def files_under(root: Path) -> list[Path]:
-    """Every regular file below ``root`` (temp files included), sorted."""
-    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+    """Every regular file below ``root`` (temp files included), sorted.
+
+    The gateway catalog's SQLite files (``<prefix>/.catalog.sqlite*``) are not archive files.
+    """
+    if not root.exists():
+        return []
+    catalog = [root / (DEFAULT_CATALOG_NAME + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
+    return sorted(p for p in root.rglob("*") if p.is_file() and p not in catalog)

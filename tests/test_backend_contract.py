@@ -16,7 +16,7 @@ import pytest
 from backends import factory
 from backends.base import Backend, FileStatus
 from pacifica_like.config import load_settings
-from pacifica_like.errors import Conflict, DigestMismatch, FileNotInArchive, Forbidden
+from pacifica_like.errors import Conflict, DigestMismatch, FileNotInArchive, Forbidden, StorageUnavailable
 from pacifica_like.httpheaders import ExpectedDigest
 
 MTIME = 784111777.0
@@ -205,3 +205,24 @@ def test_adopt_refuses_paths_outside_the_roots(make_backend, incoming: Path, tmp
     with pytest.raises(Forbidden):
         backend.adopt(16, str(outside))
     assert outside.exists()
+
+
+def test_check_ready_passes_until_the_prefix_goes(backend: Backend, tmp_path: Path):
+    backend.check_ready()
+    (tmp_path / "archive").rename(tmp_path / "moved")
+    with pytest.raises(StorageUnavailable, match="archive prefix"):
+        backend.check_ready()
+
+
+def test_metrics_snapshot_is_well_formed(backend: Backend):
+    store(backend, 5, b"counted")
+    families: dict[str, tuple[str, str, tuple[str, ...]]] = {}
+    seen = set()
+    for sample in backend.metrics_snapshot():
+        assert sample.name.isidentifier() and not sample.name.endswith("_total")
+        assert sample.kind in ("counter", "gauge") and sample.help
+        assert float(sample.value) >= 0
+        shape = (sample.kind, sample.help, tuple(key for key, _ in sample.labels))
+        assert families.setdefault(sample.name, shape) == shape  # one kind, help and label set per name
+        assert (sample.name, sample.labels) not in seen  # no duplicate series
+        seen.add((sample.name, sample.labels))

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pacifica_like import devserver
+from pacifica_like.catalog import GatewayCatalog
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE_TIMEOUT = 600
@@ -75,6 +76,15 @@ def test_post_deployment_suite_passes_against_uwsgi(tmp_path: Path) -> None:
         f"post-deployment suite failed (exit {result.returncode}):\n{output}\n"
         f"server log (last 5000 characters):\n{server_log[-5000:]}"
     )
-    leftovers = non_directories(data)
+    # The gateway catalog (SQLite under the prefix by default) is the one file that stays.
+    leftovers = [name for name in non_directories(data) if not name.startswith(".catalog.sqlite")]
     assert not leftovers, f"the suite left {len(leftovers)} files in the archive: {leftovers[:20]}"
+    # Every file the suite wrote through 4 workers was deleted again, so the inventory is empty.
+    assert (data / ".catalog.sqlite").is_file(), "the workers recorded nothing in the catalog"
+    catalog = GatewayCatalog("sqlite:///" + str(data / ".catalog.sqlite"))
+    try:
+        assert catalog.count() == 0
+        assert catalog.operations() == []
+    finally:
+        catalog.close()
     assert not non_directories(patch_root), "the PATCH test left files in the patch root"

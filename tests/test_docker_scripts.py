@@ -268,6 +268,19 @@ def test_entrypoint_stores_and_returns_a_file(served: Served) -> None:
 
 
 @pytest.mark.live
+def test_entrypoint_serves_probes_and_logs_each_request_once_as_json(served: Served) -> None:
+    status, body = http("GET", served.server.url + "/ready")
+    assert (status, json.loads(body)["status"]) == (200, "ready")
+    status, body = http("GET", served.server.url + "/metrics")
+    assert status == 200 and b"pacifica_like_http_requests_total" in body
+    http("GET", served.server.url + "/424242")
+    # Our JSON access line, and no uWSGI request line ("GET /424242 => generated ...") beside it.
+    time.sleep(0.2)
+    mentions = [line for line in served.server.log().splitlines() if "/424242" in line]
+    assert len(mentions) == 1 and json.loads(mentions[0])["status"] == 404, mentions
+
+
+@pytest.mark.live
 def test_dockerfile_healthcheck_passes_only_while_the_server_answers(
     installed: Installed, served: Served
 ) -> None:

@@ -187,7 +187,7 @@ def test_paths_given_to_cherrypy_answer_json(make_settings):
     from pacifica_like.app import build_app
 
     settings = make_settings()
-    api = build_app(settings, factory.create(settings))
+    api = build_app(settings, factory.create(settings)).app
     api.fallback_names = frozenset({"api"})
     response = webtest.TestApp(api).get("/api/v1/nothing", expect_errors=True)
     assert_json_error(response, 404)

@@ -8,7 +8,6 @@ inode they opened, so an overwrite during a GET never mixes versions.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from collections.abc import Iterator, Sequence
@@ -20,6 +19,7 @@ from backends.base import (
     ExpectedDigest,
     FileReader,
     FileStatus,
+    ListingErrorHandler,
     Reader,
     Writer,
     fsync_dir,
@@ -32,7 +32,7 @@ from backends.base import (
     translate_os_errors,
 )
 from pacifica_like.config import Settings
-from pacifica_like.errors import Conflict, FileNotInArchive
+from pacifica_like.errors import ArchiveError, Conflict, FileNotInArchive
 from pacifica_like.id2filename import filename2id, id2filename
 
 
@@ -159,26 +159,31 @@ class PosixBackend(Backend):
             os.unlink(path)
             fsync_dir(os.path.dirname(path))
 
-    def list_ids(self) -> Iterator[int]:
-        """Walk the prefix, yielding ids of archive files; temp files are skipped."""
-        stack = [self.prefix]
+    def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
+        """Walk the prefix, yielding ids of archive files; hidden (temp) names are skipped.
+
+        A directory that cannot be read goes to ``on_error`` (the walk goes on),
+        or raises without one. One that vanished meanwhile (ENOENT) held nothing.
+        """
+        # (absolute path, path relative to the prefix): cheaper than os.path.relpath per file.
+        stack = [(self.prefix, "")]
         while stack:
-            directory = stack.pop()
+            directory, relative = stack.pop()
             try:
-                entries = list(os.scandir(directory))
-            except OSError as exc:
-                if exc.errno == errno.ENOENT:
-                    continue
-                with translate_os_errors(f"cannot list {directory}"):
+                entries = _scan(directory)
+            except ArchiveError as exc:
+                if on_error is None:
                     raise
+                on_error(directory, exc)
+                continue
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     if self.sharded:
-                        stack.append(entry.path)
+                        stack.append((entry.path, relative + entry.name + "/"))
                     continue
-                file_id = self._id_of(os.path.relpath(entry.path, self.prefix))
+                file_id = self._id_of(relative + entry.name)
                 if file_id is not None:
                     yield file_id
 
@@ -190,3 +195,12 @@ class PosixBackend(Backend):
             return file_id if str(file_id) == relpath else None
         except ValueError:
             return None
+
+
+def _scan(directory: str) -> list[os.DirEntry[str]]:
+    """Return a directory's entries; none if it vanished, ArchiveError if it cannot be read."""
+    with translate_os_errors(f"cannot list {directory}"):
+        try:
+            return list(os.scandir(directory))
+        except FileNotFoundError:
+            return []

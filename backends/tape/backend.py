@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TypeVar
 
 from backends.base import (
     AtomicFileWriter,
@@ -39,12 +41,28 @@ from backends.base import (
     translate_os_errors,
 )
 from backends.posix.backend import PosixBackend
-from backends.tape.catalog import CopyInfo
+from backends.tape.catalog import CopyInfo, translate_db_errors
 from backends.tape.library import CopyDamaged, MountedDrive, TapeLibrary, owner_alive
 from pacifica_like.config import Settings
-from pacifica_like.errors import Conflict, FileNotInArchive, OfflineOnTape
+from pacifica_like.errors import Conflict, FileNotInArchive, OfflineOnTape, StorageUnavailable
 
 REGULAR, DUAL, OFFLINE, UNMIGRATING = "REGULAR", "DUAL", "OFFLINE", "UNMIGRATING"
+_Result = TypeVar("_Result")
+
+
+class RecallInProgress(StorageUnavailable):
+    """Another process is recalling the file; a caller holding a drive must not wait for it."""
+
+
+def _catalog_errors(method: Callable[..., _Result]) -> Callable[..., _Result]:
+    """Report catalog failures of a contract method as StorageUnavailable (503), not as a 500."""
+
+    @functools.wraps(method)
+    def translated(self: object, file_id: int, *args: object, **kwargs: object) -> _Result:
+        with translate_db_errors(f"file {file_id}"):
+            return method(self, file_id, *args, **kwargs)
+
+    return translated
 
 
 def copy_matches(copy: CopyInfo, size: int, sha256: bytes | None) -> bool:
@@ -67,7 +85,8 @@ class TapeWriter(AtomicFileWriter):
         digest differs from the copies: REGULAR, so nothing trusts them.
         """
         written = super().commit()
-        self._backend.catalog.mark_stale(self._file_id)
+        with translate_db_errors(f"file {self._file_id} was stored, but retiring its old tape copies failed"):
+            self._backend.catalog.mark_stale(self._file_id)
         return written
 
 
@@ -132,6 +151,7 @@ class TapeBackend(PosixBackend):
             state=UNMIGRATING if self.recall_in_flight(file_id) else OFFLINE,
         )
 
+    @_catalog_errors
     def status(self, file_id: int) -> FileStatus:
         """Report disk and tape bytes and the DMF state, answering from the catalog when offline."""
         disk = self._disk_status(file_id)
@@ -145,6 +165,7 @@ class TapeBackend(PosixBackend):
 
     # -- the contract ------------------------------------------------------------
 
+    @_catalog_errors
     def open_reader(self, file_id: int) -> Reader:
         """Open the disk copy; an offline file is recalled first only with ``auto_stage``."""
         try:
@@ -172,20 +193,27 @@ class TapeBackend(PosixBackend):
             raise Conflict(f"file {file_id} already exists (on tape) and the archive is write-once")
         return super()._target(file_id)
 
+    @_catalog_errors
     def open_writer(self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()) -> Writer:
         """Start an atomic upload whose commit makes older tape copies stale."""
         path = self._target(file_id)
         return TapeWriter(self, file_id, path, mtime, expect, replace=not self.write_once)
 
+    @_catalog_errors
     def adopt(self, file_id: int, source_path: str) -> int:
         """Move a server-side file in; older tape copies become stale."""
         size = super().adopt(file_id, source_path)
         self.catalog.mark_stale(file_id)
         return size
 
+    @_catalog_errors
     def delete(self, file_id: int) -> None:
         """Remove the disk copy and retire the tape copies (tape space is reclaimed by repacking)."""
         copies = self.catalog.current_copies(file_id)
+        # Retire the copies before and again after the unlink: a recall publishing
+        # in between sees them retired and takes its file back, and a migration
+        # recording a copy meanwhile finds its file gone and retires that copy.
+        self.catalog.mark_stale(file_id)
         try:
             super().delete(file_id)
         except FileNotInArchive:
@@ -199,31 +227,39 @@ class TapeBackend(PosixBackend):
         for file_id in super().list_ids():
             seen.add(file_id)
             yield file_id
-        for file_id in self.catalog.tape_file_ids():
+        with translate_db_errors("cannot list the files on tape"):
+            on_tape = self.catalog.tape_file_ids()
+        for file_id in on_tape:
             if file_id not in seen:
                 yield file_id
 
+    @_catalog_errors
     def stage(self, file_id: int) -> bool:
         """Recall an offline file, waiting up to ``stage_timeout``; False if it is still running."""
         if self._disk_status(file_id) is not None:
             return True
         if not self.catalog.current_copies(file_id):
             raise FileNotInArchive(f"file {file_id} has no copy on disk or on tape")
+        started = False
         with self._recalls_lock:
             future = self._recalls.get(file_id)
             if future is None:
                 future = self._executor.submit(self.recall, file_id)
                 self._recalls[file_id] = future
-                future.add_done_callback(lambda _: self._forget_recall(file_id))
+                started = True
+        if started:
+            # Outside the lock: on a recall that already finished, the callback runs right here.
+            future.add_done_callback(lambda done: self._forget_recall(file_id, done))
         try:
             future.result(timeout=self.tape.stage_timeout)
         except FutureTimeout:
             return False
         return True
 
-    def _forget_recall(self, file_id: int) -> None:
+    def _forget_recall(self, file_id: int, future: Future[bool]) -> None:
         with self._recalls_lock:
-            self._recalls.pop(file_id, None)
+            if self._recalls.get(file_id) is future:
+                del self._recalls[file_id]
 
     def close(self) -> None:
         """Let running recalls finish (they hold drives), then close the catalog."""
@@ -240,6 +276,8 @@ class TapeBackend(PosixBackend):
         (bulk recalls in tape order). The bytes land in a hidden temp file, are verified by the stager,
         made durable, and only then get the file's name. A failure, or a
         killed process, leaves no visible file and the state OFFLINE.
+        Raises RecallInProgress, rather than wait, when another process recalls
+        the file and the caller holds a ``drive``: that process may need it.
         """
         path = self.path(file_id)
         while True:
@@ -248,6 +286,8 @@ class TapeBackend(PosixBackend):
             copy = copy or self._recall_source(file_id)
             if self._begin_recall(file_id, copy.vsn):
                 break
+            if drive is not None:
+                raise RecallInProgress(f"file {file_id} is being recalled by another process")
             time.sleep(0.05)  # another process is recalling it; its result is ours
         try:
             return self._recall_locked(file_id, copy, path, drive)
@@ -301,31 +341,39 @@ class TapeBackend(PosixBackend):
                     claimed.read_to(copy, temp)
             with translate_os_errors(f"cannot store recalled file {file_id}"):
                 fd = os.open(temp, os.O_RDONLY)
-                try:
+            # Open until the end: while it is, no other file can get this inode's number.
+            try:
+                with translate_os_errors(f"cannot store recalled file {file_id}"):
                     record_sha256(fd, copy.sha256)
                     os.fchmod(fd, 0o444)
                     os.utime(fd, (copy.mtime, copy.mtime))
                     # The stager flushed the data; this flush covers the digest and times.
                     os.fsync(fd)
-                finally:
-                    os.close(fd)
-                try:
-                    # link(), never rename: an upload that landed meanwhile is newer and wins.
-                    publish(temp, path, replace=False)
-                except Conflict:
-                    return False
-            self._undo_if_retired(file_id, copy, path)
+                    try:
+                        # link(), never rename: an upload that landed meanwhile is newer and wins.
+                        publish(temp, path, replace=False)
+                    except Conflict:
+                        return False
+                self._undo_if_retired(file_id, copy, path, os.fstat(fd))
+            finally:
+                os.close(fd)
             return True
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
 
-    def _undo_if_retired(self, file_id: int, copy: CopyInfo, path: str) -> None:
-        """Drop a recalled file whose copy was retired (DELETE, PUT) while we were reading it."""
+    def _undo_if_retired(self, file_id: int, copy: CopyInfo, path: str, recalled: os.stat_result) -> None:
+        """Drop a recalled file whose copy was retired (DELETE) while we were reading it.
+
+        Only the very inode we published (``recalled``, held open by the
+        caller) is dropped: an upload that replaced it, even with the same
+        bytes, is the file's new version.
+        """
         if any(c.id == copy.id for c in self.catalog.current_copies(file_id)):
             return
         with contextlib.suppress(OSError):
-            if read_sha256(path) == copy.sha256 and os.stat(path).st_size == copy.size:
+            now = os.stat(path)
+            if (now.st_ino, now.st_dev) == (recalled.st_ino, recalled.st_dev):
                 os.unlink(path)
                 fsync_dir(os.path.dirname(path))
 
@@ -353,34 +401,41 @@ class TapeBackend(PosixBackend):
                 if copies:
                     raise Conflict(f"file {file_id} is already released (OFFLINE)") from None
                 raise
+            # Open until the end: while it is, no newer upload can get this inode's number.
             try:
-                st = os.fstat(fd)
-                digest = self.disk_digest(fd)
+                return self._release_open(file_id, path, fd, copies)
             finally:
                 os.close(fd)
-            safe = next((c for c in copies if copy_matches(c, st.st_size, digest) and c.safe), None)
-            if safe is None:
-                unverified = any(copy_matches(c, st.st_size, digest) for c in copies)
-                reason = (
-                    "its tape copy is not verified yet (run pacifica-like verify)"
-                    if unverified
-                    else "it has no tape copy of this version (REGULAR); migrate it first"
-                )
-                raise Conflict(f"file {file_id} cannot be released: {reason}")
-            directory, name = os.path.split(path)
-            aside = os.path.join(directory, f".{name}.{os.getpid()}-{time.monotonic_ns()}.release")
-            os.rename(path, aside)
-            moved = os.stat(aside)
-            if (moved.st_ino, moved.st_dev) != (st.st_ino, st.st_dev):
-                # An upload replaced the file between our check and the rename: put it back.
-                # FileExistsError: an even newer upload holds the name; ours is superseded anyway.
-                with contextlib.suppress(FileExistsError):
-                    os.link(aside, path)
-                os.unlink(aside)
-                fsync_dir(directory)
-                raise Conflict(f"file {file_id} changed while being released; it was left on disk")
+
+    def _release_open(self, file_id: int, path: str, fd: int, copies: list[CopyInfo]) -> CopyInfo:
+        st = os.fstat(fd)
+        digest = self.disk_digest(fd)
+        safe = next((c for c in copies if copy_matches(c, st.st_size, digest) and c.safe), None)
+        if safe is None:
+            unverified = any(copy_matches(c, st.st_size, digest) for c in copies)
+            reason = (
+                "its tape copy is not verified yet (run pacifica-like verify)"
+                if unverified
+                else "it has no tape copy of this version (REGULAR); migrate it first"
+            )
+            raise Conflict(f"file {file_id} cannot be released: {reason}")
+        # Read again: a verify run may have found the copy bad (or an upload retired it) while we hashed.
+        if not self.library.copy(safe.id).safe:
+            raise Conflict(f"file {file_id} cannot be released: its tape copy turned bad or stale meanwhile")
+        directory, name = os.path.split(path)
+        aside = os.path.join(directory, f".{name}.{os.getpid()}-{time.monotonic_ns()}.release")
+        os.rename(path, aside)
+        moved = os.stat(aside)
+        if (moved.st_ino, moved.st_dev) != (st.st_ino, st.st_dev):
+            # An upload replaced the file between our check and the rename: put it back.
+            # FileExistsError: an even newer upload holds the name; ours is superseded anyway.
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, path)
             os.unlink(aside)
             fsync_dir(directory)
+            raise Conflict(f"file {file_id} changed while being released; it was left on disk")
+        os.unlink(aside)
+        fsync_dir(directory)
         return safe
 
     def migration_source(self, file_id: int) -> tuple[int, os.stat_result, bytes] | None:
@@ -400,3 +455,63 @@ class TapeBackend(PosixBackend):
             os.close(fd)
             return None
         return fd, st, digest
+
+    def metrics_snapshot(self) -> list:
+        """Report the library from its catalog: drive counters, volumes, recalls in flight, fixity.
+
+        Returns MetricSample values. Read from the catalog every process shares,
+        so whichever worker answers a scrape reports the whole library.
+        """
+        import peewee
+
+        from backends.base import MetricSample
+
+        samples = []
+
+        def add(name: str, value: float, help: str, kind: str = "gauge", **labels: str) -> None:
+            samples.append(MetricSample(name, value, help, kind, tuple(labels.items())))
+
+        drives = self.library.drives()
+        for key, what in (
+            ("mounts", "Cartridges loaded into a drive"),
+            ("unmounts", "Cartridges unloaded from a drive"),
+            ("bytes_located", "Bytes of tape the head travelled over while locating"),
+            ("bytes_read", "Bytes read from tape"),
+            ("bytes_written", "Bytes written to tape"),
+        ):
+            per_drive = {drive.name: getattr(drive, key) for drive in drives}
+            add(f"tape_{key}", sum(per_drive.values()), f"{what}, all drives.", "counter")
+            for name, value in per_drive.items():
+                add(f"tape_drive_{key}", value, f"{what}, per drive.", "counter", drive=name)
+        for drive in drives:
+            loaded = 1 if drive.vsn else 0
+            in_use = 1 if drive.owner and owner_alive(drive.owner) else 0
+            add("tape_drive_loaded", loaded, "1 while a cartridge is in the drive.", drive=drive.name)
+            add("tape_drive_in_use", in_use, "1 while a live process holds the drive.", drive=drive.name)
+
+        volume = self.catalog.Volume
+        for row in volume.select().order_by(volume.vsn):
+            add("tape_volume_used_bytes", row.fill, "End of data on the volume.", vsn=row.vsn)
+            add("tape_volume_capacity_bytes", row.capacity, "Capacity of the volume.", vsn=row.vsn)
+
+        recall = self.catalog.Recall
+        in_flight: dict[str, int] = {}
+        for row in recall.select(recall.vsn, recall.owner):
+            if owner_alive(row.owner):
+                in_flight[row.vsn] = in_flight.get(row.vsn, 0) + 1
+        add("tape_recalls_in_flight", sum(in_flight.values()), "Recalls running now.")
+        for vsn, count in sorted(in_flight.items()):
+            add("tape_volume_recalls_in_flight", count, "Recalls running now, by volume.", vsn=vsn)
+
+        copy = self.catalog.TapeCopy
+        current = copy.stale == False  # noqa: E712 - peewee turns == into SQL
+        by_result = dict.fromkeys(("ok", "mismatch", "unreadable", "never"), 0)
+        query = copy.select(copy.verify_result, peewee.fn.COUNT(copy.id)).where(current)
+        for result, count in query.group_by(copy.verify_result).tuples():
+            by_result[result or "never"] = by_result.get(result or "never", 0) + count
+        for result, count in by_result.items():
+            add("tape_copies", count, "Current tape copies, by their last read-back.", verify_result=result)
+        last = copy.select(peewee.fn.MAX(copy.verified_at)).where(current).scalar()
+        if last is not None:
+            add("tape_last_verify_timestamp_seconds", last, "When a tape copy was last read back.")
+        return samples

@@ -12,11 +12,15 @@ global proxy, so one process can hold several libraries (the tests do).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import peewee
+
+from pacifica_like.errors import StorageUnavailable
 
 #: Bumped when the tables change; a library made by another version is refused.
 SCHEMA_VERSION = 1
@@ -126,6 +130,15 @@ class CopyInfo:
         return not self.stale and not self.bad and self.verified_at is not None and self.verify_result == "ok"
 
 
+@contextlib.contextmanager
+def translate_db_errors(what: str) -> Iterator[None]:
+    """Turn a catalog failure (locked past busy_timeout, unreadable file) into StorageUnavailable."""
+    try:
+        yield
+    except peewee.PeeweeException as exc:
+        raise StorageUnavailable(f"{what}: the tape catalog is unavailable ({exc})") from exc
+
+
 def _bind(database: peewee.Database) -> dict[str, type[peewee.Model]]:
     """Make model classes bound to ``database``, keyed by their short names."""
     bound = {}
@@ -205,6 +218,11 @@ class Catalog:
                 .where((self.TapeCopy.file_id == file_id) & (self.TapeCopy.stale == False))  # noqa: E712
                 .execute()
             )
+
+    def retire(self, copy_id: int) -> None:
+        """Mark one copy stale: it holds a version that was replaced or deleted while being written."""
+        with self.db.atomic():
+            self.TapeCopy.update(stale=True).where(self.TapeCopy.id == copy_id).execute()
 
     def record_verification(self, copy_id: int, result: str, when: float | None = None) -> None:
         """Store the outcome of reading a copy back; a mismatch marks it bad for good."""

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from backends.tape.backend import DUAL, OFFLINE, REGULAR, TapeBackend, copy_matches
+from backends.tape.backend import DUAL, OFFLINE, REGULAR, RecallInProgress, TapeBackend, copy_matches
 from backends.tape.catalog import CopyInfo, to_info
 from backends.tape.library import CopyDamaged, MountedDrive, VolumeFull
 from backends.tape.stager import HEADER_SIZE
@@ -241,15 +241,31 @@ def _migrate_one(backend: TapeBackend, drive: MountedDrive, step: Step) -> CopyI
     try:
         # The stager reads the inode we opened and checked, even if an upload renames over the name.
         copy = drive.append(f"/proc/self/fd/{fd}", step.file_id, st.st_mtime, st.st_ctime)
+        if copy.sha256 != digest:
+            backend.catalog.mark_stale(step.file_id)
+            raise ArchiveError(
+                f"file {step.file_id} on disk no longer matches the sha-256 recorded at ingest; "
+                "its tape copy was retired and the disk file left alone for an operator to inspect"
+            )
+        # A PUT or DELETE that ran before the copy was recorded could not retire it.
+        # Checked after recording, with the fd still open (so its inode number is not reused).
+        if not _still_at(backend.path(step.file_id), st):
+            backend.catalog.retire(copy.id)
+            raise ArchiveError(
+                f"file {step.file_id} was replaced or deleted while being migrated; its new copy was retired"
+            )
     finally:
         os.close(fd)
-    if copy.sha256 != digest:
-        backend.catalog.mark_stale(step.file_id)
-        raise ArchiveError(
-            f"file {step.file_id} on disk no longer matches the sha-256 recorded at ingest; "
-            "its tape copy was retired and the disk file left alone for an operator to inspect"
-        )
     return copy
+
+
+def _still_at(path: str, st: os.stat_result) -> bool:
+    """True when ``path`` still names the inode ``st`` describes."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
 
 
 # -- release ---------------------------------------------------------------------
@@ -339,6 +355,8 @@ def run_recall(
         groups = _by_volume(s for s in steps if s.action == "recall")
 
         def recall_volume(vsn: str) -> None:
+            # Files another process is recalling: waited for once our drive is free, as it may need it.
+            deferred: list[Step] = []
             try:
                 with backend.library.drive(vsn) as drive:
                     for step in groups[vsn]:
@@ -346,11 +364,22 @@ def run_recall(
                             copies = backend.catalog.current_copies(step.file_id)
                             copy = next(c for c in copies if c.vsn == vsn and c.offset == step.offset)
                             backend.recall(step.file_id, copy, drive)
+                        except RecallInProgress:
+                            deferred.append(step)
+                            continue
                         except (ArchiveError, StopIteration) as exc:
                             run.fail(step.file_id, str(exc) or "its tape copy was retired meanwhile")
                             continue
                         run.ok(step)
                         progress(step.size)
+                for step in deferred:
+                    try:
+                        backend.recall(step.file_id)
+                    except ArchiveError as exc:
+                        run.fail(step.file_id, str(exc))
+                        continue
+                    run.ok(step)
+                    progress(step.size)
             except ArchiveError as exc:
                 for step in groups[vsn]:
                     if step not in run.outcome.done:
