@@ -27,10 +27,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
 
+import peewee
+
 from backends.base import (
     AtomicFileWriter,
     ExpectedDigest,
     FileStatus,
+    ListingErrorHandler,
+    MetricSample,
     Reader,
     Writer,
     fsync_dir,
@@ -221,10 +225,10 @@ class TapeBackend(PosixBackend):
                 raise
         self.catalog.mark_stale(file_id)
 
-    def list_ids(self) -> Iterator[int]:
-        """Yield every id on disk, then every id only on tape."""
+    def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
+        """Yield every id on disk, then every id only on tape; unreadable directories go to ``on_error``."""
         seen = set()
-        for file_id in super().list_ids():
+        for file_id in super().list_ids(on_error):
             seen.add(file_id)
             yield file_id
         with translate_db_errors("cannot list the files on tape"):
@@ -456,17 +460,13 @@ class TapeBackend(PosixBackend):
             return None
         return fd, st, digest
 
-    def metrics_snapshot(self) -> list:
+    def metrics_snapshot(self) -> list[MetricSample]:
         """Report the library from its catalog: drive counters, volumes, recalls in flight, fixity.
 
         Returns MetricSample values. Read from the catalog every process shares,
         so whichever worker answers a scrape reports the whole library.
         """
-        import peewee
-
-        from backends.base import MetricSample
-
-        samples = []
+        samples: list[MetricSample] = []
 
         def add(name: str, value: float, help: str, kind: str = "gauge", **labels: str) -> None:
             samples.append(MetricSample(name, value, help, kind, tuple(labels.items())))
