@@ -77,10 +77,12 @@ def build_app(settings: Settings, backend: Backend) -> ObservedApp:
     # Probes ask the storage backend itself: the inventory wrapper only records changes.
     ready_checks = [("storage", storage.check_ready)]
     inventory = getattr(backend, "inventory", None)
+    sources = [("backend", storage.metrics_snapshot)]
     if inventory is not None:
         ready_checks.append(("catalog", inventory.check_ready))
+        sources.append(("catalog", backend.audit_metrics))
     info = {"version": __version__, "backend": storage.name}
-    metrics = Metrics([("backend", storage.metrics_snapshot)], info)
+    metrics = Metrics(sources, info)
     config = dict(CHERRYPY_APP_CONFIG)
     config["error_page.default"] = render_http_error
     fallback = cherrypy.Application(ProbesRoot(metrics, ready_checks, storage.name), "", {"/": config})

@@ -198,6 +198,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         except OSError as exc:
             print(f"pacifica-like audit: cannot write the reports here: {exc}", file=sys.stderr)
             return 2
+        if source.catalog is not None:
+            # For /metrics: the servers read the latest outcome per name from the catalog.
+            judged = report.summary()
+            try:
+                source.catalog.record_audit(
+                    report.name,
+                    report.verdict,
+                    judged["missing"]["count"],
+                    judged["orphan"]["count"],
+                    judged["storage"]["listed"],
+                )
+            except ArchiveError as exc:
+                print(f"pacifica-like audit: the result is not in /metrics: {exc}", file=sys.stderr)
     finally:
         backend.close()
         if source.catalog is not None:

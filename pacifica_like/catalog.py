@@ -77,7 +77,32 @@ class _OperationRow(peewee.Model):
     owner = peewee.CharField(max_length=255)
 
 
-_TABLES = {"inventory": _InventoryRow, "operation": _OperationRow}
+class _AuditRow(peewee.Model):
+    """The outcome of one finished audit run, so /metrics can report the latest per name."""
+
+    id = peewee.BigAutoField()
+    name = peewee.CharField(max_length=128, index=True)
+    finished_at = peewee.DoubleField()
+    verdict = peewee.CharField(max_length=32)
+    #: -1 when not judged (an incomplete listing judges no file missing).
+    missing = peewee.BigIntegerField()
+    orphans = peewee.BigIntegerField()
+    listed = peewee.BigIntegerField()
+
+
+_TABLES = {"inventory": _InventoryRow, "operation": _OperationRow, "audit_run": _AuditRow}
+
+
+@dataclass(frozen=True)
+class AuditRun:
+    """The latest recorded outcome of an audit name."""
+
+    name: str
+    finished_at: float
+    verdict: str
+    missing: int
+    orphans: int
+    listed: int
 
 
 @dataclass(frozen=True)
@@ -183,7 +208,7 @@ class GatewayCatalog:
         else:
             self.db = connect(url, unquote_password=True, unquote_user=True)
         self.is_mysql = isinstance(self.db, peewee.MySQLDatabase)
-        self.Inventory, self.Operation = self._bind()
+        self.Inventory, self.Operation, self.AuditRun = self._bind()
         self._returning = isinstance(self.db, peewee.PostgresqlDatabase)
         self._synced_wal_inode: int | None = None
         self._sql = self._statements()
@@ -191,12 +216,12 @@ class GatewayCatalog:
         self._schema_lock = threading.Lock()
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
 
-    def _bind(self) -> tuple[type[peewee.Model], type[peewee.Model]]:
+    def _bind(self) -> tuple[type[peewee.Model], type[peewee.Model], type[peewee.Model]]:
         bound = {}
         for table, base in _TABLES.items():
             meta = type("Meta", (), {"database": self.db, "table_name": table})
             bound[table] = type(base.__name__[1:], (base,), {"Meta": meta, "__module__": __name__})
-        return bound["inventory"], bound["operation"]
+        return bound["inventory"], bound["operation"], bound["audit_run"]
 
     def __repr__(self) -> str:
         return f"GatewayCatalog({self.display_url!r})"
@@ -273,7 +298,7 @@ class GatewayCatalog:
                 if path != ":memory:":
                     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             try:
-                self.db.create_tables([self.Inventory, self.Operation], safe=True)
+                self.db.create_tables([self.Inventory, self.Operation, self.AuditRun], safe=True)
             except peewee.IntegrityError:
                 # PostgreSQL: another process created them between IF NOT EXISTS and CREATE.
                 with contextlib.suppress(peewee.PeeweeException):
@@ -320,6 +345,30 @@ class GatewayCatalog:
             self._synced_wal_inode = inode
 
     @_translate("cannot reach the database")
+    @_translate("cannot record the audit result")
+    def record_audit(self, name: str, verdict: str, missing: int | None, orphans: int, listed: int) -> None:
+        """Store one finished audit's outcome (``missing`` None: not judged)."""
+        self._ensure_schema()
+        with self._durable():
+            self.AuditRun.create(
+                name=name,
+                finished_at=time.time(),
+                verdict=verdict,
+                missing=-1 if missing is None else missing,
+                orphans=orphans,
+                listed=listed,
+            )
+
+    @_translate("cannot read the audit results")
+    def latest_audits(self) -> list[AuditRun]:
+        """Return the most recent outcome of each audit name, by name."""
+        self._ensure_schema()
+        table = self.AuditRun
+        newest = table.select(table.name, peewee.fn.MAX(table.id).alias("newest")).group_by(table.name)
+        ids = [row.newest for row in newest]
+        rows = table.select().where(table.id.in_(ids)).order_by(table.name) if ids else []
+        return [AuditRun(r.name, r.finished_at, r.verdict, r.missing, r.orphans, r.listed) for r in rows]
+
     def check_ready(self) -> None:
         """Raise StorageUnavailable unless the database answers and the tables exist."""
         self._ensure_schema()

@@ -208,6 +208,21 @@ class InventoryBackend(Backend):
         """Return the real backend's metrics."""
         return self.inner.metrics_snapshot()
 
+    def audit_metrics(self) -> list[MetricSample]:
+        """Return the latest recorded result of each audit name, from the catalog."""
+        samples: list[MetricSample] = []
+        for run in self.inventory.latest_audits():
+
+            def add(name: str, value: float, text: str, run: Any = run) -> None:
+                samples.append(MetricSample(name, value, text, "gauge", (("audit", run.name),)))
+
+            add("audit_last_finished_timestamp_seconds", run.finished_at, "When the audit last finished.")
+            add("audit_last_ok", 1.0 if run.verdict == "ok" else 0.0, "1 if the last audit found no drift.")
+            add("audit_last_missing_files", run.missing, "Missing files in the last audit (-1: not judged).")
+            add("audit_last_orphan_files", run.orphans, "Orphan files in the last audit.")
+            add("audit_last_listed_files", run.listed, "Files the last audit listed in storage.")
+        return samples
+
     def close(self) -> None:
         """Close the real backend and this thread's catalog connection."""
         try:

@@ -380,6 +380,26 @@ def test_the_audit_reports_exactly_the_files_lost_and_planted_behind_the_gateway
     assert not (site.prefix / ".quarantine").exists()
 
 
+def test_the_latest_audit_of_each_name_is_in_the_metrics(make_site: Callable[..., Site]):
+    site = make_site()
+    for file_id in (8001, 8002, 8003):
+        site.put(file_id)
+    assert site.audit("clean", *JUDGE_ALL).status == 0
+    site.path(8002).unlink()
+    site.plant(8100, b"orphan")
+    assert site.audit("nightly", *JUDGE_ALL).status == 1  # drift
+    scrape = site.app.get("/metrics").text
+    lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in scrape.splitlines()
+             if line.startswith("pacifica_like_audit_last")}  # fmt: skip
+    assert lines['pacifica_like_audit_last_ok{audit="clean"}'] == 1.0
+    assert lines['pacifica_like_audit_last_missing_files{audit="clean"}'] == 0.0
+    assert lines['pacifica_like_audit_last_ok{audit="nightly"}'] == 0.0
+    assert lines['pacifica_like_audit_last_missing_files{audit="nightly"}'] == 1.0
+    assert lines['pacifica_like_audit_last_orphan_files{audit="nightly"}'] == 1.0
+    assert lines['pacifica_like_audit_last_listed_files{audit="nightly"}'] == 3.0
+    assert lines['pacifica_like_audit_last_finished_timestamp_seconds{audit="nightly"}'] <= time.time()
+
+
 def test_young_files_are_left_out(make_site: Callable[..., Site]):
     site = make_site()
     for file_id in (6001, 6002, 6003):
