@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -370,6 +371,16 @@ def test_uwsgi_workers_add_up_to_exact_totals(tmp_path: Path, configured: bool):
         count = 400
         answers = fetch_all(f"{server.url}/77", count)
         assert {(a.status_code, a.content == body) for a in answers} == {(200, True)}
+        # A worker counts a request when it closes the response, which can be just after the client
+        # has read the last byte: wait (briefly) until the last one is in, then every scrape must agree.
+        deadline = time.monotonic() + 10
+        while True:
+            seen = value(parse(requests.get(f"{server.url}/metrics", timeout=TIMEOUT).text),
+                         "http_requests_total", endpoint="file", method="GET", status="200")  # fmt: skip
+            assert seen <= count, f"counted {seen} of {count} requests"
+            if seen == count or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         # Every scrape, whichever worker answers it, reports the same totals.
         scrapes = [parse(a.text) for a in fetch_all(f"{server.url}/metrics", 8, workers=4)]
         for samples in scrapes:
