@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Iterator
 
 from pacifica_like import audit
+from pacifica_like.cli_args import add_output_flags, fraction, parse_age, progress_disabled
 from pacifica_like.config import ConfigError, Settings
 from pacifica_like.errors import ArchiveError
 from pacifica_like.tape_cli import human
@@ -37,23 +38,10 @@ def _name(raw: str) -> str:
     return raw
 
 
-def _seconds(raw: str) -> float:
-    from pacifica_like.tape_cli import parse_age
-
-    return parse_age(raw)
-
-
 def _count(raw: str) -> int:
     value = int(raw)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a count >= 0, got {raw}")
-    return value
-
-
-def _fraction(raw: str) -> float:
-    value = float(raw)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {raw}")
     return value
 
 
@@ -72,14 +60,14 @@ def add_commands(commands: argparse._SubParsersAction, settings_arguments: Calla
     )
     command.add_argument(
         "--ignore-age",
-        type=_seconds,
+        type=parse_age,
         default=audit.DEFAULT_IGNORE_AGE,
         metavar="AGE",
         help="leave out files stored or changed less than AGE ago (seconds, or 90m, 12h, 2d; default 86400)",
     )
     command.add_argument(
         "--inflight-timeout",
-        type=_seconds,
+        type=parse_age,
         default=audit.DEFAULT_INFLIGHT_TIMEOUT,
         metavar="AGE",
         help="an operation marker older than this was abandoned (default 86400)",
@@ -93,7 +81,7 @@ def add_commands(commands: argparse._SubParsersAction, settings_arguments: Calla
     )
     command.add_argument(
         "--max-orphan-fraction",
-        type=_fraction,
+        type=fraction,
         default=audit.DEFAULT_MAX_ORPHAN_FRACTION,
         metavar="F",
         help="act on nothing if orphans are more than this share of the files listed "
@@ -116,13 +104,7 @@ def add_commands(commands: argparse._SubParsersAction, settings_arguments: Calla
     command.add_argument(
         "-n", "--dry-run", action="store_true", help="with --fix: print the plan, change nothing"
     )
-    command.add_argument("--json", action="store_true", help="print the summary as JSON")
-    command.add_argument(
-        "--progress",
-        choices=("auto", "always", "never"),
-        default="auto",
-        help="progress bars on stderr (auto: when it is a terminal)",
-    )
+    add_output_flags(command, "print the summary as JSON")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -232,7 +214,7 @@ def _bar(disable: bool | None, label: str, total: int | None) -> Iterator[Callab
 
 
 def _progress_factory(mode: str) -> audit.ProgressFactory:
-    disable = {"auto": None, "always": False, "never": True}[mode]
+    disable = progress_disabled(mode)
     return lambda label, total: _bar(disable, label, total)
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from pacifica_like.cli_args import add_output_flags, fraction, parse_age, progress_disabled
 from pacifica_like.config import ConfigError, Settings
 from pacifica_like.errors import ArchiveError, InvalidRequest
 from pacifica_like.id2filename import parse_id
@@ -28,19 +28,6 @@ if TYPE_CHECKING:
 
 #: The top-level commands this module runs.
 COMMANDS = ("tape", "migrate", "release", "stage", "verify")
-_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_age(raw: str) -> float:
-    """Parse an age such as ``90s``, ``15m``, ``12h``, ``30d`` or ``2w`` into seconds.
-
-    >>> parse_age("12h"), parse_age("30d"), parse_age("45")
-    (43200.0, 2592000.0, 45.0)
-    """
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)\s*", raw)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"expected an age like 90s, 15m, 12h or 30d, got {raw!r}")
-    return float(match.group(1)) * _AGE_UNITS[match.group(2) or "s"]
 
 
 def _file_id(raw: str) -> int:
@@ -48,13 +35,6 @@ def _file_id(raw: str) -> int:
         return parse_id(raw)
     except (ValueError, InvalidRequest) as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _fraction(raw: str) -> float:
-    value = float(raw)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"fraction must be between 0 and 1, got {raw}")
-    return value
 
 
 def human(size: float) -> str:
@@ -101,7 +81,7 @@ def add_commands(commands: argparse._SubParsersAction, settings_arguments: Calla
     )
     settings_arguments(verify)
     verify.add_argument(
-        "--fraction", type=_fraction, default=0.25, help="share of each volume's files (default 0.25)"
+        "--fraction", type=fraction, default=0.25, help="share of each volume's files (default 0.25)"
     )
     verify.add_argument("--seed", help="make the sample reproducible")
     verify.add_argument(
@@ -116,13 +96,7 @@ def add_commands(commands: argparse._SubParsersAction, settings_arguments: Calla
 
 def _add_run_flags(command: argparse.ArgumentParser) -> None:
     command.add_argument("-n", "--dry-run", action="store_true", help="print the plan, change nothing")
-    command.add_argument("--json", action="store_true", help="print the result as JSON")
-    command.add_argument(
-        "--progress",
-        choices=("auto", "always", "never"),
-        default="auto",
-        help="progress bar on stderr (auto: when it is a terminal)",
-    )
+    add_output_flags(command, "print the result as JSON")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -261,7 +235,7 @@ def _select(backend: TapeBackend, args: argparse.Namespace) -> list[int]:
 def _progress_bar(args: argparse.Namespace, total: int, what: str) -> Iterator[Callable[[int], None]]:
     from tqdm import tqdm
 
-    disable = {"auto": None, "always": False, "never": True}[args.progress]
+    disable = progress_disabled(args.progress)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what, disable=disable) as bar:
         yield bar.update
 

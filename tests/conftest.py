@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +35,60 @@ def prepare_backend(tmp_path: Path) -> Callable[[str], dict[str, dict[str, Any]]
     def prepare(name: str) -> dict[str, dict[str, Any]]:
         if factory.ALIASES.get(name, name) != "tape":
             return {}
-        from backends.tape.library import TapeLibrary
-
         tape = {"library": str(tmp_path / "tape-library"), "time_scale": 0.0, "volume_capacity": 64 << 20}
-        library = TapeLibrary(load_settings(flags={"tape": tape}, env={}).tape, require_stager=False)
-        library.initialise()
-        library.catalog.close()
+        init_tape_library(load_settings(flags={"tape": tape}, env={}))
         return {"tape": tape}
 
     return prepare
+
+
+def init_tape_library(settings: Settings) -> Settings:
+    """Create (or extend) the tape library the settings name, as `tape init` does; return them."""
+    from backends.tape.library import TapeLibrary
+
+    library = TapeLibrary(settings.tape, require_stager=False)
+    library.initialise()
+    library.catalog.close()
+    return settings
+
+
+@pytest.fixture
+def tape_settings(tmp_path: Path) -> Callable[..., Settings]:
+    """Build settings for a tape archive in tmp_path (library initialised, delays off).
+
+    Keyword args override [tape] keys; ``archive`` overrides [archive] keys.
+    """
+
+    def build(archive: dict[str, Any] | None = None, **tape: Any) -> Settings:
+        tape = {
+            "library": str(tmp_path / "library"),
+            "time_scale": 0.0,
+            "volume_capacity": 64 << 20,
+            "volumes": 4,
+            **tape,
+        }
+        flags = {"archive": {"backend": "tape", "prefix": str(tmp_path / "cache"), **(archive or {})}}
+        return init_tape_library(load_settings(flags={**flags, "tape": tape}, env={}))
+
+    return build
+
+
+@pytest.fixture
+def make_tape(tape_settings: Callable[..., Settings]) -> Iterator[Callable[..., Backend]]:
+    """Build tape backends over one library and cache in tmp_path (closed at the end of the test)."""
+    from backends.tape.backend import TapeBackend
+
+    built: list[Backend] = []
+
+    def build(archive: dict[str, Any] | None = None, **tape: Any) -> Backend:
+        backend = factory.create(tape_settings(archive, **tape))
+        assert isinstance(backend, TapeBackend)
+        built.append(backend)
+        return backend
+
+    yield build
+    for backend in built:
+        backend.close()
 
 
 @pytest.fixture

@@ -14,9 +14,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
@@ -30,48 +28,10 @@ from backends.tape.library import TapeLibrary
 from backends.tape.stager import HEADER_SIZE
 from pacifica_like import devserver
 from pacifica_like.app import build_app
-from pacifica_like.config import ConfigError, Settings, load_settings
+from pacifica_like.config import ConfigError, load_settings
 from pacifica_like.errors import Conflict, FileNotInArchive, OfflineOnTape
 
 TIMEOUT = 30
-
-
-@pytest.fixture
-def tape_settings(tmp_path: Path) -> Callable[..., Settings]:
-    """Build settings for a tape archive in tmp_path; kwargs override [tape], ``archive`` [archive]."""
-
-    def build(archive: dict[str, Any] | None = None, **tape: Any) -> Settings:
-        tape = {
-            "library": str(tmp_path / "library"),
-            "time_scale": 0.0,
-            "volume_capacity": 64 << 20,
-            "volumes": 4,
-            **tape,
-        }
-        flags = {"archive": {"backend": "tape", "prefix": str(tmp_path / "cache"), **(archive or {})}}
-        settings = load_settings(flags={**flags, "tape": tape}, env={})
-        library = TapeLibrary(settings.tape, require_stager=False)
-        library.initialise()
-        library.catalog.close()
-        return settings
-
-    return build
-
-
-@pytest.fixture
-def make_tape(tape_settings: Callable[..., Settings]) -> Iterator[Callable[..., TapeBackend]]:
-    """Build tape backends (closed at the end of the test)."""
-    built: list[TapeBackend] = []
-
-    def build(archive: dict[str, Any] | None = None, **tape: Any) -> TapeBackend:
-        backend = factory.create(tape_settings(archive, **tape))
-        assert isinstance(backend, TapeBackend)
-        built.append(backend)
-        return backend
-
-    yield build
-    for backend in built:
-        backend.close()
 
 
 def store(backend: TapeBackend, file_id: int, data: bytes, mtime: float = 784111777.0) -> None:

@@ -12,7 +12,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,41 +21,10 @@ import webtest
 from conftest import LAST_MODIFIED
 
 import backends.tape.backend as tape_backend_module
-from backends import factory
 from backends.tape import operations
 from backends.tape.backend import TapeBackend
-from backends.tape.library import TapeLibrary
 from pacifica_like.app import build_app
-from pacifica_like.config import Settings, load_settings
 from pacifica_like.errors import Conflict, FileNotInArchive
-
-
-@pytest.fixture
-def make_tape(tmp_path: Path) -> Iterator[Callable[..., TapeBackend]]:
-    """Build tape backends over one library and cache in tmp_path (closed at the end)."""
-    built: list[TapeBackend] = []
-
-    def build(archive: dict[str, Any] | None = None, **tape: Any) -> TapeBackend:
-        tape = {
-            "library": str(tmp_path / "library"),
-            "time_scale": 0.0,
-            "volume_capacity": 64 << 20,
-            "volumes": 4,
-            **tape,
-        }
-        flags = {"archive": {"backend": "tape", "prefix": str(tmp_path / "cache"), **(archive or {})}}
-        settings: Settings = load_settings(flags={**flags, "tape": tape}, env={})
-        library = TapeLibrary(settings.tape, require_stager=False)
-        library.initialise()
-        library.catalog.close()
-        backend = factory.create(settings)
-        assert isinstance(backend, TapeBackend)
-        built.append(backend)
-        return backend
-
-    yield build
-    for backend in built:
-        backend.close()
 
 
 def store(backend: TapeBackend, file_id: int, data: bytes) -> None:

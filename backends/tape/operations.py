@@ -13,6 +13,7 @@ mounted once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import queue
@@ -22,7 +23,16 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from backends.tape.backend import DUAL, OFFLINE, REGULAR, RecallInProgress, TapeBackend, copy_matches
+from backends.base import FileStatus
+from backends.tape.backend import (
+    DUAL,
+    OFFLINE,
+    REGULAR,
+    UNMIGRATING,
+    RecallInProgress,
+    TapeBackend,
+    copy_matches,
+)
 from backends.tape.catalog import CopyInfo, to_info
 from backends.tape.library import CopyDamaged, MountedDrive, VolumeFull
 from backends.tape.stager import HEADER_SIZE
@@ -95,6 +105,24 @@ class _Run:
         after = self.backend.library.counters()
         self.outcome.counters = {key: after[key] - self._before[key] for key in after}
 
+    def take(self, steps: list[Step], action: str) -> list[Step]:
+        """Record a plan's skips and refusals (refusals fail); return the steps doing ``action``."""
+        self.outcome.skipped.extend(s for s in steps if s.action == "skip")
+        for step in steps:
+            if step.action == "refuse":
+                self.fail(step.file_id, step.reason)
+        return [s for s in steps if s.action == action]
+
+    def attempt(self, step: Step, action: Callable[[], object], progress: Progress) -> None:
+        """Run one file's ``action``: done (with progress) if it returns, failed if it raises ArchiveError."""
+        try:
+            action()
+        except ArchiveError as exc:
+            self.fail(step.file_id, str(exc))
+            return
+        self.ok(step)
+        progress(step.size)
+
     def ok(self, step: Step) -> None:
         with self._lock:
             self.outcome.done.append(step)
@@ -142,6 +170,15 @@ def _parallel(vsns: list[str], workers: int, work: Callable[[str], None]) -> Non
         raise errors[0]
 
 
+def _status_or_note(backend: TapeBackend, file_id: int, steps: list[Step], action: str) -> FileStatus | None:
+    """Return the file's status; for an id not in the archive, add an ``action`` step and return None."""
+    try:
+        return backend.status(file_id)
+    except FileNotInArchive:
+        steps.append(Step(file_id, action, reason="not in the archive"))
+        return None
+
+
 # -- migrate ---------------------------------------------------------------------
 
 
@@ -155,10 +192,8 @@ def plan_migrate(backend: TapeBackend, file_ids: Iterable[int]) -> list[Step]:
     room = [[v.vsn, v.fill, v.capacity] for v in volume.select().where(~volume.full).order_by(volume.vsn)]
     steps = []
     for file_id in file_ids:
-        try:
-            status = backend.status(file_id)
-        except FileNotInArchive:
-            steps.append(Step(file_id, "skip", reason="not in the archive"))
+        status = _status_or_note(backend, file_id, steps, "skip")
+        if status is None:
             continue
         if status.state != REGULAR:
             reason = "already on tape (DUAL)" if status.state == DUAL else f"not on disk ({status.state})"
@@ -180,22 +215,15 @@ def run_migrate(backend: TapeBackend, steps: list[Step], progress: Progress = _n
     first) is planned again against the catalog as it is now.
     """
     with _Run(backend) as run:
-        todo = [s for s in steps if s.action == "migrate"]
-        run.outcome.skipped = [s for s in steps if s.action == "skip"]
-        for step in steps:
-            if step.action == "refuse":
-                run.fail(step.file_id, step.reason)
+        todo = run.take(steps, "migrate")
         for _ in range(len(todo) + 1):
             if not todo:
                 break
             retry: list[int] = []
             for vsn, group in _by_volume(todo).items():
                 _migrate_volume(backend, run, vsn, group, retry, progress)
-            replanned = plan_migrate(backend, retry)
-            todo = [s for s in replanned if s.action == "migrate"]
-            for step in replanned:
-                if step.action == "refuse":
-                    run.fail(step.file_id, step.reason)
+            replanned = [s for s in plan_migrate(backend, retry) if s.action != "skip"]
+            todo = run.take(replanned, "migrate")
     return run.outcome
 
 
@@ -275,12 +303,10 @@ def plan_release(backend: TapeBackend, file_ids: Iterable[int]) -> list[Step]:
     """Decide which files can drop their disk copy, naming the tape copy that keeps each safe."""
     steps = []
     for file_id in file_ids:
-        try:
-            status = backend.status(file_id)
-        except FileNotInArchive:
-            steps.append(Step(file_id, "refuse", reason="not in the archive"))
+        status = _status_or_note(backend, file_id, steps, "refuse")
+        if status is None:
             continue
-        if status.state in (OFFLINE, "UNMIGRATING"):
+        if status.state in (OFFLINE, UNMIGRATING):
             steps.append(Step(file_id, "skip", status.size, reason=f"already released ({status.state})"))
             continue
         copies = backend.catalog.current_copies(file_id)
@@ -305,18 +331,8 @@ def plan_release(backend: TapeBackend, file_ids: Iterable[int]) -> list[Step]:
 def run_release(backend: TapeBackend, steps: list[Step], progress: Progress = _no_progress) -> Outcome:
     """Release the planned files; refusals from the plan count as failures."""
     with _Run(backend) as run:
-        run.outcome.skipped = [s for s in steps if s.action == "skip"]
-        for step in steps:
-            if step.action == "refuse":
-                run.fail(step.file_id, step.reason)
-            elif step.action == "release":
-                try:
-                    backend.release(step.file_id)
-                except ArchiveError as exc:
-                    run.fail(step.file_id, str(exc))
-                    continue
-                run.ok(step)
-                progress(step.size)
+        for step in run.take(steps, "release"):
+            run.attempt(step, functools.partial(backend.release, step.file_id), progress)
     return run.outcome
 
 
@@ -327,12 +343,10 @@ def plan_recall(backend: TapeBackend, file_ids: Iterable[int]) -> list[Step]:
     """Find the tape copy each offline file would be read from."""
     steps = []
     for file_id in file_ids:
-        try:
-            status = backend.status(file_id)
-        except FileNotInArchive:
-            steps.append(Step(file_id, "refuse", reason="not in the archive"))
+        status = _status_or_note(backend, file_id, steps, "refuse")
+        if status is None:
             continue
-        if status.state not in (OFFLINE, "UNMIGRATING"):
+        if status.state not in (OFFLINE, UNMIGRATING):
             steps.append(Step(file_id, "skip", status.size, reason=f"already on disk ({status.state})"))
             continue
         usable = [c for c in backend.catalog.current_copies(file_id) if not c.bad]
@@ -348,11 +362,7 @@ def run_recall(
 ) -> Outcome:
     """Recall the planned files, one worker per drive, each volume read in position order."""
     with _Run(backend) as run:
-        run.outcome.skipped = [s for s in steps if s.action == "skip"]
-        for step in steps:
-            if step.action == "refuse":
-                run.fail(step.file_id, step.reason)
-        groups = _by_volume(s for s in steps if s.action == "recall")
+        groups = _by_volume(run.take(steps, "recall"))
 
         def recall_volume(vsn: str) -> None:
             # Files another process is recalling: waited for once our drive is free, as it may need it.
@@ -373,13 +383,7 @@ def run_recall(
                         run.ok(step)
                         progress(step.size)
                 for step in deferred:
-                    try:
-                        backend.recall(step.file_id)
-                    except ArchiveError as exc:
-                        run.fail(step.file_id, str(exc))
-                        continue
-                    run.ok(step)
-                    progress(step.size)
+                    run.attempt(step, functools.partial(backend.recall, step.file_id), progress)
             except ArchiveError as exc:
                 for step in groups[vsn]:
                     if step not in run.outcome.done:
