@@ -7,7 +7,9 @@ Plugin API (what a backend implements and the web layer calls):
 * :class:`Reader` - an open, seekable view of one stored file and its status;
 * :class:`Writer` - a pending upload that becomes visible only on ``commit()``;
 * :class:`FileStatus` - what HEAD reports, as a frozen value;
-* :class:`MetricSample` - one value a backend reports when ``/metrics`` is scraped.
+* :class:`MetricSample` - one value a backend reports when ``/metrics`` is scraped;
+* :class:`TapePosition` - where a file that is only on tape would be recalled from
+  (backends with tape behind the disk; the bulk-staging scheduler orders by it).
 
 Helpers (not part of the API, shared so every backend commits the same way):
 :class:`AtomicFileWriter`, :class:`FileReader`, :func:`translate_os_errors`,
@@ -131,6 +133,20 @@ class MetricSample:
     help: str
     kind: str = "gauge"
     labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, order=True)
+class TapePosition:
+    """Where the recall of a file that is only on tape reads from.
+
+    Ordered by (``vsn``, ``position``): the order a drive reads a volume in one
+    pass. ``position`` is a byte offset on the volume, ``size`` the file's bytes.
+    """
+
+    vsn: str
+    position: int
+    file_id: int
+    size: int
 
 
 class Reader(abc.ABC):
@@ -280,6 +296,14 @@ class Backend(abc.ABC):
             type(self).preflight(self.settings)
         except ConfigError as exc:
             raise StorageUnavailable(str(exc)) from exc
+
+    def tape_positions(self, file_ids: Iterable[int]) -> dict[int, TapePosition]:
+        """Return where each of ``file_ids`` that is only on tape would be recalled from.
+
+        Ids on disk, unknown ids and ids whose every tape copy is damaged are
+        left out. Backends without tape have nothing to recall: the default is empty.
+        """
+        return {}
 
     def metrics_snapshot(self) -> list[MetricSample]:
         """Return the backend's own metrics, read now from shared state; none by default.

@@ -12,7 +12,11 @@ import sys
 from collections.abc import Sequence
 
 from pacifica_like import __version__, audit_cli, tape_cli
-from pacifica_like.config import ConfigError, Settings, load_settings, redact_url
+from pacifica_like.config import SCHEMA, ConfigError, Settings, load_settings, redact_url
+
+#: Modules adding maintenance sub-commands: each has ``COMMANDS``, ``add_commands(commands,
+#: add_settings)`` and ``run(args, settings) -> exit status``.
+COMMAND_MODULES = (tape_cli, audit_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve, factory.available())
     check = commands.add_parser("check-config", help="load and validate the settings, then print them")
     add_serve_arguments(check, factory.available())
-    tape_cli.add_commands(commands, lambda command: add_settings_arguments(command, factory.available()))
-    audit_cli.add_commands(commands, lambda command: add_settings_arguments(command, factory.available()))
+    for module in COMMAND_MODULES:
+        module.add_commands(commands, lambda command: add_settings_arguments(command, factory.available()))
     return parser
 
 
@@ -128,9 +132,9 @@ def check_config(settings: Settings) -> int:
     from backends import factory
 
     factory.check(settings)
-    for section in ("archive", "tape", "server"):
+    for section in SCHEMA:
         for key, value in vars(getattr(settings, section)).items():
-            if (section, key) == ("archive", "catalog") and value:
+            if (section, key) in (("archive", "catalog"), ("sideband", "database")) and value:
                 value = redact_url(value)  # a database URL may carry a password
             print(f"[{section}] {key} = {value}    ({settings.source_of(section, key)})")
     return 0
@@ -149,10 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from_args(args)
         if args.command == "check-config":
             return check_config(settings)
-        if args.command in tape_cli.COMMANDS:
-            return tape_cli.run(args, settings)
-        if args.command in audit_cli.COMMANDS:
-            return audit_cli.run(args, settings)
+        for module in COMMAND_MODULES:
+            if args.command in module.COMMANDS:
+                return module.run(args, settings)
         return serve(settings)
     except ConfigError as exc:
         print(f"pacifica-like: configuration error: {exc}", file=sys.stderr)

@@ -155,6 +155,48 @@ def redact_url(url: str) -> str:
     return re.sub(r"^([a-zA-Z0-9+]+://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
+#: URL schemes a sideband database may have (Oracle HSM's is MySQL; SQLite is the embedded default).
+SIDEBAND_SCHEMES = ("sqlite", "mysql")
+#: The sideband database's default file, under ``sam_qfs_prefix``: hidden, so listings skip it.
+DEFAULT_SIDEBAND_NAME = ".sideband.sqlite"
+#: Who keeps the sideband database true: our tape library emulator, or a real HSM outside the gateway.
+SIDEBAND_HSM_MODES = ("emulator", "external")
+#: Where the bulk-staging scheduler runs: inside ``pacifica-like serve``, or only in ``pacifica-like worker``.
+BULK_SCHEDULER_MODES = ("in-process", "off")
+
+
+def _parse_sideband_url(raw: str) -> str:
+    """Check a sideband database URL; make a SQLite path absolute.
+
+    >>> _parse_sideband_url("mysql://samdb:pw@db.example:3306/samqfs")
+    'mysql://samdb:pw@db.example:3306/samqfs'
+    """
+    value = _parse_catalog(raw)
+    scheme = value.partition("://")[0].lower()
+    if value == CATALOG_OFF or scheme not in SIDEBAND_SCHEMES:
+        raise ValueError(
+            f"expected sqlite:///PATH or mysql://user:password@host:port/schema, got {redact_url(value)!r}"
+        )
+    return value
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _parse_count(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError(f"expected an integer >= 0, got {raw!r}")
+    return value
+
+
 ACCESS_LOG_FORMATS = ("json", "text", "off")
 
 
@@ -220,6 +262,46 @@ SCHEMA: dict[str, dict[str, Option]] = {
         # The compiled C stager; empty means the one built with the package.
         "stager": Option(_parse_optional_path, None, "PAI_TAPE_STAGER"),
     },
+    "sideband": {
+        # Database URL; empty: sqlite:///<sam_qfs_prefix>/.sideband.sqlite when backend = sideband,
+        # and no sideband upkeep by the tape backend.
+        "database": Option(_parse_sideband_url, None, "PAI_SIDEBAND_DATABASE"),
+        # The mounted SAM-QFS filesystem holding the files; empty: [archive] prefix.
+        "sam_qfs_prefix": Option(_parse_optional_path, None, "PAI_SAM_QFS_PREFIX"),
+        # emulator: our tape library is the HSM and keeps the tables true; external: a real HSM does.
+        "hsm": Option(_one_of(SIDEBAND_HSM_MODES), "emulator", "PAI_SIDEBAND_HSM"),
+        # Seconds to wait for the database to connect or answer before a request gets a 503.
+        "connect_timeout": Option(_parse_rate, 5.0),
+        # Pooled connections per process (one per request thread at most).
+        "max_connections": Option(_parse_positive, 32),
+    },
+    "bulk": {
+        # What /.well-known/wlcg-tape-rest-api calls this endpoint.
+        "site_name": Option(_parse_nonempty, "pacifica_like"),
+        "max_files_per_request": Option(_parse_positive, 100_000),
+        # Files a client may have waiting (not terminal) across its requests.
+        "max_in_flight_per_client": Option(_parse_positive, 1_000_000),
+        # Advertised: clients should not poll a request more often than this.
+        "min_poll_seconds": Option(_parse_seconds, 1.0),
+        "scheduler": Option(_one_of(BULK_SCHEDULER_MODES), "in-process", "PAI_BULK_SCHEDULER"),
+        # Drives the scheduler may hold at once (0: every drive of the library).
+        "drives": Option(_parse_count, 0),
+        # Files being recalled at once, over every volume.
+        "max_recalls_in_flight": Option(_parse_positive, 64),
+        # A volume is mounted once its queue holds this many files or bytes, or its oldest
+        # file has waited max_wait_seconds (so small queues never starve).
+        "mount_min_files": Option(_parse_positive, 32),
+        "mount_min_bytes": Option(parse_size, 50 * 10**9),
+        "max_wait_seconds": Option(_parse_seconds, 300.0),
+        # A recall running longer than this is failed by the watchdog (or retried, up to max_attempts).
+        "recall_timeout": Option(_parse_seconds, 3600.0),
+        "max_attempts": Option(_parse_positive, 3),
+        # Pin lifetime when a request gives no diskLifetime, and the longest one granted.
+        "default_pin_seconds": Option(_parse_seconds, 3600.0),
+        "max_pin_seconds": Option(_parse_seconds, 7 * 86400.0),
+        # Seconds between scheduler passes when there is nothing to do.
+        "poll_seconds": Option(_parse_rate, 1.0),
+    },
     "server": {
         "address": Option(_parse_nonempty, "127.0.0.1", "PAI_ADDRESS"),
         "port": Option(_parse_port, 8080, "PAI_PORT"),
@@ -272,6 +354,46 @@ class TapeSettings:
 
 
 @dataclass(frozen=True)
+class SidebandSettings:
+    """The ``[sideband]`` section: an Oracle-HSM-style sideband database beside a SAM-QFS mount.
+
+    ``database`` None: not configured (the sideband backend then uses
+    ``DEFAULT_SIDEBAND_NAME`` under ``sam_qfs_prefix``; see :meth:`database_url`);
+    ``sam_qfs_prefix`` None: the archive prefix.
+    """
+
+    database: str | None = None
+    sam_qfs_prefix: str | None = None
+    hsm: str = "emulator"
+    connect_timeout: float = 5.0
+    max_connections: int = 32
+
+
+@dataclass(frozen=True)
+class BulkSettings:
+    """The ``[bulk]`` section: the bulk-staging API's limits and its recall scheduler's policy.
+
+    Times are seconds, sizes bytes; ``drives`` 0 means every drive of the library.
+    """
+
+    site_name: str = "pacifica_like"
+    max_files_per_request: int = 100_000
+    max_in_flight_per_client: int = 1_000_000
+    min_poll_seconds: float = 1.0
+    scheduler: str = "in-process"
+    drives: int = 0
+    max_recalls_in_flight: int = 64
+    mount_min_files: int = 32
+    mount_min_bytes: int = 50 * 10**9
+    max_wait_seconds: float = 300.0
+    recall_timeout: float = 3600.0
+    max_attempts: int = 3
+    default_pin_seconds: float = 3600.0
+    max_pin_seconds: float = 7 * 86400.0
+    poll_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     """The ``[server]`` section: where ``pacifica-like serve`` listens, how it reports."""
 
@@ -291,6 +413,8 @@ class Settings:
     archive: ArchiveSettings
     server: ServerSettings
     tape: TapeSettings = field(default_factory=TapeSettings)
+    sideband: SidebandSettings = field(default_factory=SidebandSettings)
+    bulk: BulkSettings = field(default_factory=BulkSettings)
     config_file: str | None = None
     cpconfig_file: str | None = None
     sources: Mapping[tuple[str, str], str] = field(default_factory=dict)
@@ -298,6 +422,17 @@ class Settings:
     def source_of(self, section: str, key: str) -> str:
         """Name where a value came from, for error messages."""
         return self.sources.get((section, key), f"default [{section}] {key}")
+
+    @property
+    def sam_qfs_prefix(self) -> str:
+        """The directory holding the sideband backend's files (``[archive] prefix`` unless set)."""
+        return self.sideband.sam_qfs_prefix or self.archive.prefix
+
+    def sideband_url(self) -> str:
+        """The sideband database URL, with the embedded SQLite default under ``sam_qfs_prefix``."""
+        return self.sideband.database or "sqlite:///" + os.path.join(
+            self.sam_qfs_prefix, DEFAULT_SIDEBAND_NAME
+        )
 
 
 def load_settings(
@@ -353,10 +488,14 @@ def load_settings(
     server = {key: values["server", key] for key in SCHEMA["server"]}
     tape = {key: values["tape", key] for key in SCHEMA["tape"]}
     tape["library"] = os.path.abspath(tape["library"])
+    sideband = {key: values["sideband", key] for key in SCHEMA["sideband"]}
+    bulk = {key: values["bulk", key] for key in SCHEMA["bulk"]}
     return Settings(
         archive=ArchiveSettings(**archive),
         server=ServerSettings(**server),
         tape=TapeSettings(**tape),
+        sideband=SidebandSettings(**sideband),
+        bulk=BulkSettings(**bulk),
         config_file=config_file,
         cpconfig_file=cpconfig_file,
         sources=sources,

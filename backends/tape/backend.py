@@ -22,7 +22,7 @@ import glob
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
@@ -36,6 +36,7 @@ from backends.base import (
     ListingErrorHandler,
     MetricSample,
     Reader,
+    TapePosition,
     Writer,
     fsync_dir,
     hash_file,
@@ -51,6 +52,8 @@ from pacifica_like.config import Settings
 from pacifica_like.errors import Conflict, FileNotInArchive, OfflineOnTape, StorageUnavailable
 
 REGULAR, DUAL, OFFLINE, UNMIGRATING = "REGULAR", "DUAL", "OFFLINE", "UNMIGRATING"
+#: Ids per catalog query when looking up tape positions (below SQLite's bound-parameter limit).
+POSITION_BATCH = 900
 _Result = TypeVar("_Result")
 
 
@@ -380,6 +383,21 @@ class TapeBackend(PosixBackend):
             if (now.st_ino, now.st_dev) == (recalled.st_ino, recalled.st_dev):
                 os.unlink(path)
                 fsync_dir(os.path.dirname(path))
+
+    def tape_positions(self, file_ids: Iterable[int]) -> dict[int, TapePosition]:
+        """Return the volume and byte offset each offline file would be recalled from.
+
+        The newest current, undamaged copy of each id (the one :meth:`recall`
+        reads), looked up in batches; files with a disk copy are left out.
+        """
+        offline = [file_id for file_id in file_ids if not os.path.lexists(self.path(file_id))]
+        found: dict[int, TapePosition] = {}
+        with translate_db_errors("cannot look up tape positions"):
+            for start in range(0, len(offline), POSITION_BATCH):
+                for copy in self.catalog.usable_copies(offline[start : start + POSITION_BATCH]):
+                    if copy.file_id not in found:
+                        found[copy.file_id] = TapePosition(copy.vsn, copy.offset, copy.file_id, copy.size)
+        return found
 
     # -- migrate and release (the maintenance CLI drives these) -------------------
 

@@ -210,6 +210,19 @@ class Catalog:
         """Return the copies of the file's current version (not stale), newest first."""
         return [c for c in self.copies(file_id) if not c.stale]
 
+    def usable_copies(self, file_ids: list[int]) -> list[CopyInfo]:
+        """Return the current, undamaged copies of ``file_ids``, each file's newest first."""
+        query = (
+            self.TapeCopy.select()
+            .where(
+                self.TapeCopy.file_id.in_(file_ids)
+                & (self.TapeCopy.stale == False)  # noqa: E712 - peewee turns == into SQL
+                & (self.TapeCopy.bad == False)  # noqa: E712
+            )
+            .order_by(self.TapeCopy.file_id, self.TapeCopy.written_at.desc(), self.TapeCopy.id.desc())
+        )
+        return [to_info(row) for row in query]
+
     def mark_stale(self, file_id: int) -> int:
         """Mark every copy of ``file_id`` stale (a newer version exists); return how many."""
         with self.db.atomic():
