@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import webtest
 from conftest import LAST_MODIFIED, LAST_MODIFIED_EPOCH
+from dbservers import scratch_database
 
 from backends import factory
 from backends.base import read_sha256
@@ -44,9 +45,6 @@ REPO = Path(__file__).resolve().parents[1]
 DAY = 86400.0
 #: Audit flags for tests that want every file judged now, whatever its age or share.
 JUDGE_ALL = ("--ignore-age", "0", "--max-orphan-fraction", "1")
-#: The servers .ci/run provides; a developer may point elsewhere with these variables.
-POSTGRES_URL = os.environ.get("PL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-MYSQL_URL = os.environ.get("PL_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test")
 
 
 def payload(file_id: int) -> bytes:
@@ -817,44 +815,11 @@ def test_check_config_hides_the_catalog_password(tmp_path: Path, capsys: Any):
 # -- real database servers ----------------------------------------------------------
 
 
-def require_server(url: str, driver: str) -> None:
-    """Skip when the server is unreachable, unless CI promised it (PL_TEST_REQUIRE_DATABASES=1)."""
-    required = os.environ.get("PL_TEST_REQUIRE_DATABASES") == "1"
-    try:
-        __import__(driver)
-        probe = GatewayCatalog(url)
-        probe.db.connect()
-        probe.close()
-    except Exception as exc:  # any failure to reach it: driver missing, refused, bad credentials
-        if required:
-            raise
-        pytest.skip(f"{url} is not reachable here ({exc}); .ci/run provides it")
-
-
 @pytest.fixture
 def server_catalog(request: pytest.FixtureRequest) -> Iterator[str]:
     """A catalog URL on a real server, in a schema/database of this test's own, dropped afterwards."""
-    kind = request.param
-    name = f"pl_audit_{uuid.uuid4().hex[:12]}"
-    if kind == "postgresql":
-        require_server(POSTGRES_URL, "psycopg2")
-        admin = GatewayCatalog(POSTGRES_URL)
-        admin.db.execute_sql(f"CREATE SCHEMA {name}")
-        separator = "&" if "?" in POSTGRES_URL else "?"
-        url = f"{POSTGRES_URL}{separator}options=-csearch_path%3D{name}"
-        drop = f"DROP SCHEMA {name} CASCADE"
-    else:
-        require_server(MYSQL_URL, "pymysql")
-        admin = GatewayCatalog(MYSQL_URL)
-        admin.db.execute_sql(f"CREATE DATABASE {name}")
-        base, _, query = MYSQL_URL.partition("?")
-        url = base.rsplit("/", 1)[0] + f"/{name}" + (f"?{query}" if query else "")
-        drop = f"DROP DATABASE {name}"
-    try:
+    with scratch_database(request.param, "pl_audit") as url:
         yield url
-    finally:
-        admin.db.execute_sql(drop)
-        admin.close()
 
 
 @pytest.mark.parametrize("server_catalog", ["mysql", "postgresql"], indirect=True)
