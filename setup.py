@@ -45,7 +45,14 @@ setup(
         )
     ],
     cmdclass={"build_ext": BuildExt},
-    install_requires=["CherryPy>=18.8", "peewee>=3.17", "prometheus_client>=0.20", "tqdm>=4.66"],
+    install_requires=[
+        "CherryPy>=18.8",
+        "peewee>=3.17",
+        "prometheus_client>=0.20",
+        # The Python client (pacifica_like.client, `pacifica-like client`).
+        "requests>=2.31",
+        "tqdm>=4.66",
+    ],
     extras_require={
         # The database drivers: the catalog tests run the inventory on MariaDB and PostgreSQL.
         "test": [

@@ -9,7 +9,9 @@ Plugin API (what a backend implements and the web layer calls):
 * :class:`FileStatus` - what HEAD reports, as a frozen value;
 * :class:`MetricSample` - one value a backend reports when ``/metrics`` is scraped;
 * :class:`TapePosition` - where a file that is only on tape would be recalled from
-  (backends with tape behind the disk; the bulk-staging scheduler orders by it).
+  (backends with tape behind the disk; the bulk-staging scheduler orders by it);
+* :class:`VolumeSession` - a drive held with one volume mounted, for recalls in
+  tape order (:meth:`Backend.open_volume`).
 
 Helpers (not part of the API, shared so every backend commits the same way):
 :class:`AtomicFileWriter`, :class:`FileReader`, :func:`translate_os_errors`,
@@ -96,6 +98,15 @@ class ExpectedDigest(Protocol):
 
 
 @dataclass(frozen=True)
+class ArchiveCopy:
+    """One tape copy of a file's current version, as HEAD lists it (``copy:vsn:position``)."""
+
+    copy: int
+    vsn: str
+    position: int
+
+
+@dataclass(frozen=True)
 class FileStatus:
     """What the archive knows about one stored file, as HEAD reports it.
 
@@ -104,7 +115,8 @@ class FileStatus:
     archive prefix, never an absolute server path; ``sha256`` is the digest
     recorded at ingest (None when the storage could not record one); ``state``
     is the HSM state (``REGULAR``, ``DUAL``, ``OFFLINE``, ``UNMIGRATING``) on
-    backends with tape behind the disk, None elsewhere.
+    backends with tape behind the disk, None elsewhere; ``copies`` lists the
+    archive copies of this version where the backend knows them (sideband), else None.
     """
 
     size: int
@@ -115,6 +127,7 @@ class FileStatus:
     relpath: str
     sha256: bytes | None = None
     state: str | None = None
+    copies: tuple[ArchiveCopy, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +160,35 @@ class TapePosition:
     position: int
     file_id: int
     size: int
+
+
+#: What archiveinfo reports per file (the WLCG Tape REST API's localities).
+LOCALITIES = ("DISK", "TAPE", "DISK_AND_TAPE", "LOST", "NONE", "UNAVAILABLE")
+
+
+class VolumeSession(abc.ABC):
+    """A drive held with one volume mounted (see :meth:`Backend.open_volume`); one thread uses it."""
+
+    @abc.abstractmethod
+    def recall(self, file_id: int) -> bool | None:
+        """Copy ``file_id`` from this volume to disk.
+
+        Returns True when it was recalled now, False when it was on disk
+        already, and None when another process is recalling it (try again
+        later: waiting here could need the drive this session holds). Raises
+        ArchiveError when the recall failed.
+        """
+
+
+class StagingSession(VolumeSession):
+    """The session of a backend without drives to hold: each file is staged on its own."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def recall(self, file_id: int) -> bool | None:
+        """Stage the file; None while the backend reports it still under way."""
+        return None if not self.backend.stage(file_id) else True
 
 
 class Reader(abc.ABC):
@@ -304,6 +346,38 @@ class Backend(abc.ABC):
         left out. Backends without tape have nothing to recall: the default is empty.
         """
         return {}
+
+    def localities(self, file_ids: Iterable[int]) -> dict[int, str]:
+        """Return where each file's bytes are: one of :data:`LOCALITIES` per id.
+
+        DISK, TAPE or DISK_AND_TAPE; LOST when the archive knows the file but
+        cannot produce its bytes (every tape copy damaged); NONE when there is
+        no such file; UNAVAILABLE when the storage cannot tell now. The default
+        asks :meth:`status` per id; backends answer in batches where they can.
+        """
+        found: dict[int, str] = {}
+        for file_id in file_ids:
+            try:
+                status = self.status(file_id)
+            except FileNotInArchive:
+                found[file_id] = "NONE"
+            except ArchiveError:
+                found[file_id] = "UNAVAILABLE"
+            else:
+                on_disk, on_tape = status.media == "disk", sum(status.bytes_per_level[1:]) > 0
+                found[file_id] = "DISK_AND_TAPE" if on_disk and on_tape else "DISK" if on_disk else "TAPE"
+        return found
+
+    @contextlib.contextmanager
+    def open_volume(self, vsn: str) -> Iterator[VolumeSession]:
+        """Hold a drive with volume ``vsn`` mounted while the caller recalls files from it.
+
+        The bulk-staging scheduler recalls a volume's files in position order
+        inside one session, so the cartridge is mounted once. Raises
+        StorageUnavailable when the volume cannot be mounted. The default,
+        for backends without drives to hold, stages each file on its own.
+        """
+        yield StagingSession(self)
 
     def metrics_snapshot(self) -> list[MetricSample]:
         """Return the backend's own metrics, read now from shared state; none by default.

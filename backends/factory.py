@@ -17,8 +17,9 @@ from pacifica_like.config import ConfigError, Settings
 REGISTRY: dict[str, str] = {
     "posix": "backends.posix.backend:PosixBackend",
     "tape": "backends.tape.backend:TapeBackend",
+    "sideband": "backends.sideband.backend:SidebandBackend",
 }
-ALIASES: dict[str, str] = {"hpss": "tape"}
+ALIASES: dict[str, str] = {"hpss": "tape", "hsm_sideband": "sideband"}
 
 
 def available() -> list[str]:
@@ -36,22 +37,33 @@ def resolve(name: str) -> type[Backend]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
+def backend_class(settings: Settings) -> type[Backend]:
+    """Return the class ``settings.archive.backend`` names; ConfigError if the name is unknown.
+
+    A registered class may pick a variant from the settings with a
+    ``for_settings(settings)`` classmethod (sideband: emulated or external HSM).
+    """
+    name = settings.archive.backend
+    try:
+        chosen = resolve(name)
+    except KeyError:
+        where = settings.source_of("archive", "backend")
+        raise ConfigError(
+            f"{where}: unknown backend {name!r} (available: {', '.join(available())})"
+        ) from None
+    variant = getattr(chosen, "for_settings", None)
+    return variant(settings) if variant is not None else chosen
+
+
 def check(settings: Settings) -> type[Backend]:
     """Return the class ``settings.archive.backend`` names, after its preflight check.
 
     Raises ConfigError if the name is unknown or the backend's environment
     (a library, a directory) is not usable.
     """
-    name = settings.archive.backend
-    try:
-        backend_class = resolve(name)
-    except KeyError:
-        where = settings.source_of("archive", "backend")
-        raise ConfigError(
-            f"{where}: unknown backend {name!r} (available: {', '.join(available())})"
-        ) from None
-    backend_class.preflight(settings)
-    return backend_class
+    chosen = backend_class(settings)
+    chosen.preflight(settings)
+    return chosen
 
 
 def create(settings: Settings) -> Backend:

@@ -25,7 +25,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import audit, disk, largefile, memory, peer, report, servers, smallfiles, tape
+from bench import (
+    audit,
+    bulkapi,
+    disk,
+    largefile,
+    memory,
+    peer,
+    recall,
+    report,
+    servers,
+    sideband,
+    smallfiles,
+    tape,
+)
 from bench.content import SMALL_SIZE
 from pacifica_like.devserver import RunningServer, uwsgi_binary
 
@@ -41,7 +54,7 @@ LARGE_SEED = 20241106
 #: Ids read back from each wrk thread's PUT range after a PUT cell.
 READBACK_SAMPLES = 20
 #: The parts of the benchmark, in the order they run; --only picks one.
-SECTIONS = ("http", "tape", "audit")
+SECTIONS = ("http", "tape", "audit", "bulkapi", "sideband", "recall")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -58,7 +71,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         f"{tape.QUICK.min_mib}-{tape.QUICK.max_mib} MiB at time_scale {tape.QUICK.time_scale:g}",
     )
     parser.add_argument(
-        "--only", choices=SECTIONS, help="run one section: http (both servers), tape or audit"
+        "--only",
+        choices=SECTIONS,
+        help="run one section: http (both servers), tape, audit, bulkapi, sideband or recall",
     )
     parser.add_argument(
         "--tape-files", type=int, help=f"files through the tape library (default {tape.FULL.files})"
@@ -223,6 +238,16 @@ def run(args: argparse.Namespace, workdir: Path, peer_version: str | None) -> di
         results["tape"] = tape.run_tape(workdir / "tape", args.tape_workload, _log)
     if "audit" in args.sections:
         results["audit"] = audit.run_audit_bench(workdir / "audit", args.audit_workload, _log)
+    if "bulkapi" in args.sections:
+        results["bulkapi"] = bulkapi.run_bulkapi(workdir / "bulkapi", _log)
+    if "sideband" in args.sections:
+        files = 2_000 if args.quick else sideband.FILES
+        results["sideband"] = sideband.run_sideband(
+            workdir / "sideband", _log, files, args.processes, args.duration, 1 if args.quick else 3
+        )
+    if "recall" in args.sections:
+        workload = recall.QUICK if args.quick else recall.FULL
+        results["recall"] = recall.run_recall(workdir / "recall", workload, _log)
     # Other work on the machine skews every number; the JSON keeps the evidence.
     results["machine"]["loadavg_end"] = os.getloadavg()
     return results
@@ -253,6 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         peer.setup_peer(args.peer_home)
         return 0
     peer_version = None
+    if "sideband" in args.sections and shutil.which("wrk") is None:
+        print("bench: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
     if "http" in args.sections:
         if shutil.which("wrk") is None:
             print("bench: wrk is not installed (apt-get install wrk)", file=sys.stderr)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import audit, tape
+from bench import audit, bulkapi, recall, tape
 from bench.largefile import Transfer
 from bench.servers import OURS, PEER
 from bench.smallfiles import Cell
@@ -89,6 +89,10 @@ def table(results: dict[str, Any]) -> str:
         tables.append(tape_table(results["tape"]))
     if "audit" in results:
         tables.append(audit.table(results["audit"]))
+    if "bulkapi" in results:
+        tables.append(bulkapi.table(results["bulkapi"]))
+    if "recall" in results:
+        tables.append(recall.table(results["recall"]))
     return "\n\n".join(tables)
 
 
@@ -190,6 +194,10 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
         found += tape_verdicts(results["tape"])
     if "audit" in results:
         found += [Verdict(*verdict) for verdict in audit.verdicts(results["audit"])]
+    if "bulkapi" in results:
+        found += [Verdict(*verdict) for verdict in bulkapi.verdicts(results["bulkapi"])]
+    if "recall" in results:
+        found += [Verdict(*verdict) for verdict in recall.verdicts(results["recall"])]
     return found
 
 
@@ -244,6 +252,8 @@ def failures(results: dict[str, Any]) -> int:
     """Return every failure on our side, in every section that ran."""
     total = error_count(results, OURS) if "cells" in results else 0
     total += tape.error_count(results["tape"]) if "tape" in results else 0
+    total += bulkapi.error_count(results["bulkapi"]) if "bulkapi" in results else 0
+    total += recall.error_count(results["recall"]) if "recall" in results else 0
     return total + (audit.error_count(results["audit"]) if "audit" in results else 0)
 
 

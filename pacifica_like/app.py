@@ -6,7 +6,8 @@ and CherryPy's own errors (unknown paths) through the same JSON shape.
 
 The application is the file API (``pacifica_like.rest.FileAPI``), which serves
 ``/`` and ``/<id>``, in front of a CherryPy application that receives the
-operators' paths (``/metrics``, ``/ready``: ``pacifica_like.probes``), all
+operators' paths (``/metrics``, ``/ready``: ``pacifica_like.probes``) and the
+bulk-staging API (``/.well-known``, ``/api``: ``pacifica_like.bulk.api``), all
 wrapped by ``pacifica_like.observe`` (request ids, access log, metrics).
 """
 
@@ -20,6 +21,7 @@ import cherrypy
 
 from backends.base import Backend
 from pacifica_like import __version__, logs
+from pacifica_like.bulk import api as bulk_api
 from pacifica_like.config import Settings
 from pacifica_like.errors import ArchiveError
 from pacifica_like.inventory import with_inventory
@@ -85,11 +87,16 @@ def build_app(settings: Settings, backend: Backend) -> ObservedApp:
     metrics = Metrics(sources, info)
     config = dict(CHERRYPY_APP_CONFIG)
     config["error_page.default"] = render_http_error
-    fallback = cherrypy.Application(ProbesRoot(metrics, ready_checks, storage.name), "", {"/": config})
+    root = ProbesRoot(metrics, ready_checks, storage.name)
+    app_config: dict[str, dict[str, Any]] = {"/": config}
+    # The bulk-staging API (its store is the catalog database); it resolves files on the storage itself.
+    bulk_api.mount(root, app_config, settings, storage)
+    fallback = cherrypy.Application(root, "", app_config)
     # Our access log has these requests too; CherryPy's own line would print them twice.
     fallback.log.access_log.propagate = False
     if settings.cpconfig_file:
         fallback.merge(settings.cpconfig_file)
-    api = FileAPI(backend, settings, fallback, error_response, fallback_names=PROBE_PATHS)
+    fallback_names = PROBE_PATHS | bulk_api.PATHS
+    api = FileAPI(backend, settings, fallback, error_response, fallback_names=fallback_names)
     logs.install(settings.server.access_log)
-    return ObservedApp(api, metrics, PROBE_PATHS, access_log=settings.server.access_log != "off")
+    return ObservedApp(api, metrics, fallback_names, access_log=settings.server.access_log != "off")

@@ -11,12 +11,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pacifica_like import __version__, audit_cli, tape_cli
+from pacifica_like import __version__, audit_cli, client_cli, sideband_cli, tape_cli
+from pacifica_like.bulk import cli as bulk_cli
 from pacifica_like.config import SCHEMA, ConfigError, Settings, load_settings, redact_url
 
 #: Modules adding maintenance sub-commands: each has ``COMMANDS``, ``add_commands(commands,
 #: add_settings)`` and ``run(args, settings) -> exit status``.
-COMMAND_MODULES = (tape_cli, audit_cli)
+COMMAND_MODULES = (tape_cli, audit_cli, client_cli, sideband_cli, bulk_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +115,10 @@ def serve(settings: Settings) -> int:
     # CherryPy prints its engine log itself; passing it on to the root logger would print it twice.
     logging.getLogger("cherrypy").propagate = False
     cherrypy.tree.graft(app, "")
+    # [bulk] scheduler = in-process: recalls for bulk requests run in this process, with the engine.
+    from pacifica_like.bulk.scheduler import run_in_engine
+
+    run_in_engine(settings, backend)
     host, port = cherrypy.config["server.socket_host"], cherrypy.config["server.socket_port"]
     print(
         f"pacifica-like {__version__}: {settings.archive.backend} archive at {settings.archive.prefix}, "

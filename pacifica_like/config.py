@@ -293,7 +293,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "mount_min_files": Option(_parse_positive, 32),
         "mount_min_bytes": Option(parse_size, 50 * 10**9),
         "max_wait_seconds": Option(_parse_seconds, 300.0),
-        # A recall running longer than this is failed by the watchdog (or retried, up to max_attempts).
+        # A recall running longer than this is failed by the watchdog, with that reason.
         "recall_timeout": Option(_parse_seconds, 3600.0),
         "max_attempts": Option(_parse_positive, 3),
         # Pin lifetime when a request gives no diskLifetime, and the longest one granted.

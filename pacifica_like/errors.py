@@ -87,6 +87,14 @@ class StorageUnavailable(ArchiveError):
     http_status = 503
 
 
+class StatusMismatch(StorageUnavailable):
+    """The HSM's status database and the filesystem disagree about a file, so its status is unknown.
+
+    A file on disk the database does not list, or a database row whose file is
+    not on disk (an updater running behind, or one that missed an event).
+    """
+
+
 class OfflineOnTape(StorageUnavailable):
     """The file exists only on tape; the client must stage it first."""
 

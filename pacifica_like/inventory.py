@@ -21,11 +21,21 @@ A failed or abandoned upload ends its marker and records nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from backends.base import Backend, ExpectedDigest, FileStatus, MetricSample, Reader, Writer
+from backends.base import (
+    Backend,
+    ExpectedDigest,
+    FileStatus,
+    MetricSample,
+    Reader,
+    TapePosition,
+    VolumeSession,
+    Writer,
+)
 from pacifica_like.catalog import GatewayCatalog
 from pacifica_like.errors import ArchiveError, StorageUnavailable
 
@@ -145,6 +155,20 @@ class InventoryBackend(Backend):
     def list_ids(self, *args: Any, **kwargs: Any) -> Iterator[int]:
         """List through the real backend."""
         return self.inner.list_ids(*args, **kwargs)
+
+    # The contract's optional methods have defaults in Backend, so __getattr__ would never
+    # reach the real backend's versions: pass them on explicitly.
+    def tape_positions(self, file_ids: Iterable[int]) -> dict[int, TapePosition]:
+        """Look up tape positions through the real backend."""
+        return self.inner.tape_positions(file_ids)
+
+    def localities(self, file_ids: Iterable[int]) -> dict[int, str]:
+        """Report localities through the real backend."""
+        return self.inner.localities(file_ids)
+
+    def open_volume(self, vsn: str) -> contextlib.AbstractContextManager[VolumeSession]:
+        """Hold a volume through the real backend."""
+        return self.inner.open_volume(vsn)
 
     def open_writer(self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()) -> Writer:
         """Open the real writer (which may refuse: write-once), then mark the upload as in flight.

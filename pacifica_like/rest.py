@@ -239,6 +239,10 @@ def status_headers(status: FileStatus) -> Headers:
         headers.append(("Repr-Digest", httpheaders.format_repr_digest(status.sha256)))
     if status.state is not None:
         headers.append(("X-Pacifica-File-State", status.state))
+    if status.copies is not None:
+        # copy:vsn:position of each archive copy; empty when there is none (REGULAR).
+        copies = ", ".join(f"{c.copy}:{c.vsn}:{c.position}" for c in status.copies)
+        headers.append(("X-Pacifica-Archive-Copies", copies))
     return headers
 
 

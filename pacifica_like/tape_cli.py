@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -123,12 +124,15 @@ def _require_tape(settings: Settings) -> None:
     from backends.tape.backend import TapeBackend
 
     try:
-        backend_class = factory.resolve(settings.archive.backend)
-    except KeyError:
+        backend_class = factory.backend_class(settings)
+    except ConfigError:
         backend_class = None
     if backend_class is None or not issubclass(backend_class, TapeBackend):
         where = settings.source_of("archive", "backend")
-        raise ConfigError(f"{where}: tape commands need backend = tape, not {settings.archive.backend!r}")
+        raise ConfigError(
+            f"{where}: tape commands need backend = tape (or sideband with the emulated HSM), "
+            f"not {settings.archive.backend!r}"
+        )
 
 
 def _open_backend(settings: Settings) -> TapeBackend:
@@ -137,7 +141,10 @@ def _open_backend(settings: Settings) -> TapeBackend:
 
     _require_tape(settings)
     factory.check(settings)
-    return TapeBackend(settings)
+    # The configured backend (tape, or sideband whose tables follow every change), not a bare TapeBackend.
+    backend = factory.create(settings)
+    assert isinstance(backend, TapeBackend)
+    return backend
 
 
 def tape_init(settings: Settings) -> int:
@@ -253,7 +260,9 @@ def move(backend: TapeBackend, args: argparse.Namespace) -> int:
         "release": operations.plan_release,
         "stage": operations.plan_recall,
     }[args.command]
-    steps = planner(backend, ids)
+    # Files pinned by bulk stage requests stay on disk: release skips them, naming the pin.
+    pinned = _pin_lookup(backend.settings) if args.command == "release" else None
+    steps = operations.plan_release(backend, ids, pinned) if pinned else planner(backend, ids)
     if args.all:
         # Files the action does not apply to are not news when nobody named them.
         steps = [s for s in steps if s.action != "skip"]
@@ -266,10 +275,20 @@ def move(backend: TapeBackend, args: argparse.Namespace) -> int:
         if args.command == "migrate":
             outcome = operations.run_migrate(backend, steps, progress)
         elif args.command == "release":
-            outcome = operations.run_release(backend, steps, progress)
+            outcome = operations.run_release(backend, steps, progress, pinned)
         else:
             outcome = operations.run_recall(backend, steps, args.drives, progress)
     return _print_outcome(outcome, action, args.json)
+
+
+def _pin_lookup(settings: Settings) -> Callable[[list[int]], dict[int, float]] | None:
+    """Return the bulk-staging pin lookup of the gateway catalog (None when the catalog is off)."""
+    from pacifica_like.bulk.store import BulkStore
+
+    url = settings.archive.catalog
+    if not url or (url.startswith("sqlite:///") and not os.path.exists(url[len("sqlite:///") :])):
+        return None  # no catalog yet, so no bulk request has pinned anything
+    return BulkStore.open(url).pins
 
 
 def _describe(step: Step, action: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,22 +25,43 @@ def prefix(tmp_path: Path) -> Path:
     return tmp_path / "archive"
 
 
+#: Backend cases beyond the registry's names: ``name@variant`` runs backend ``name`` on a variant
+#: of its environment (``sideband@mysql``: the sideband database on MariaDB instead of SQLite).
+BACKEND_VARIANTS = ("sideband@mysql",)
+
+
+def backend_cases() -> list[str]:
+    """Every registered backend, plus its variants: what the contract suite runs over."""
+    return sorted([*factory.REGISTRY, *BACKEND_VARIANTS])
+
+
 @pytest.fixture
-def prepare_backend(tmp_path: Path) -> Callable[[str], dict[str, dict[str, Any]]]:
-    """Return the extra setting flags a backend needs, creating what it needs on disk.
+def prepare_backend(tmp_path: Path) -> Iterator[Callable[[str], dict[str, dict[str, Any]]]]:
+    """Return the extra setting flags a backend case needs, creating what it needs on disk.
 
-    tape: an initialised library in the test directory with every delay off,
-    so tests check behaviour and counters, never clocks.
+    tape and sideband: an initialised library in the test directory with every
+    delay off, so tests check behaviour and counters, never clocks.
+    ``sideband@mysql``: also a scratch MariaDB database (skipped, saying why,
+    where no server is reachable), dropped after the test.
     """
+    with contextlib.ExitStack() as cleanup:
 
-    def prepare(name: str) -> dict[str, dict[str, Any]]:
-        if factory.ALIASES.get(name, name) != "tape":
-            return {}
-        tape = {"library": str(tmp_path / "tape-library"), "time_scale": 0.0, "volume_capacity": 64 << 20}
-        init_tape_library(load_settings(flags={"tape": tape}, env={}))
-        return {"tape": tape}
+        def prepare(case: str) -> dict[str, dict[str, Any]]:
+            name, _, variant = case.partition("@")
+            name = factory.ALIASES.get(name, name)
+            if name not in ("tape", "sideband"):
+                return {}
+            tape = {"library": str(tmp_path / "tape-library"), "time_scale": 0.0, "volume_capacity": 64 << 20}
+            init_tape_library(load_settings(flags={"tape": tape}, env={}))
+            flags: dict[str, dict[str, Any]] = {"tape": tape}
+            if variant == "mysql":
+                from dbservers import scratch_database
 
-    return prepare
+                url = cleanup.enter_context(scratch_database("mysql", "pl_sideband"))
+                flags["sideband"] = {"database": url}
+            return flags
+
+        yield prepare
 
 
 def init_tape_library(settings: Settings) -> Settings:

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import backend_cases
 
 from backends import factory
 from backends.base import Backend, FileStatus
@@ -22,13 +23,14 @@ from pacifica_like.httpheaders import ExpectedDigest
 MTIME = 784111777.0
 
 
-@pytest.fixture(params=sorted(factory.REGISTRY))
+@pytest.fixture(params=backend_cases())
 def make_backend(request, tmp_path: Path, prepare_backend):
     """Build the parametrised backend over a fresh prefix (and whatever else it needs)."""
     built = []
 
     def build(**archive) -> Backend:
-        archive = {"backend": request.param, "prefix": str(tmp_path / "archive"), **archive}
+        name = request.param.partition("@")[0]
+        archive = {"backend": name, "prefix": str(tmp_path / "archive"), **archive}
         settings = load_settings(flags={"archive": archive, **prepare_backend(request.param)}, env={})
         built.append(factory.create(settings))
         return built[-1]

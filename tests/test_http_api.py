@@ -188,8 +188,9 @@ def test_paths_given_to_cherrypy_answer_json(make_settings):
 
     settings = make_settings()
     api = build_app(settings, factory.create(settings)).app
-    api.fallback_names = frozenset({"api"})
-    response = webtest.TestApp(api).get("/api/v1/nothing", expect_errors=True)
+    # Not a mounted API (/api is the bulk API, whose errors are problem+json): CherryPy's own 404.
+    api.fallback_names = frozenset({"extra"})
+    response = webtest.TestApp(api).get("/extra/v1/nothing", expect_errors=True)
     assert_json_error(response, 404)
     assert isinstance(api.fallback, cherrypy.Application)
 

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import peewee
 
@@ -37,6 +37,7 @@ from backends.base import (
     MetricSample,
     Reader,
     TapePosition,
+    VolumeSession,
     Writer,
     fsync_dir,
     hash_file,
@@ -55,6 +56,23 @@ REGULAR, DUAL, OFFLINE, UNMIGRATING = "REGULAR", "DUAL", "OFFLINE", "UNMIGRATING
 #: Ids per catalog query when looking up tape positions (below SQLite's bound-parameter limit).
 POSITION_BATCH = 900
 _Result = TypeVar("_Result")
+
+
+class SidebandHook(Protocol):
+    """Told after each change the backend made durable (``backends.sideband.updater``)."""
+
+    def changed(self, file_id: int, event: str) -> None:
+        """Bring the sideband rows of ``file_id`` up to date; never raises."""
+
+
+class _NoUpkeep:
+    """No sideband database configured: nothing to keep."""
+
+    def changed(self, file_id: int, event: str) -> None:
+        """Do nothing."""
+
+
+_NO_UPKEEP = _NoUpkeep()
 
 
 class RecallInProgress(StorageUnavailable):
@@ -94,7 +112,37 @@ class TapeWriter(AtomicFileWriter):
         written = super().commit()
         with translate_db_errors(f"file {self._file_id} was stored, but retiring its old tape copies failed"):
             self._backend.catalog.mark_stale(self._file_id)
+        self._backend.sideband_upkeep.changed(self._file_id, "stored")
         return written
+
+
+class _TapeVolumeSession(VolumeSession):
+    """Recalls from the volume mounted in a drive this process holds."""
+
+    def __init__(self, backend: TapeBackend, drive: MountedDrive) -> None:
+        self.backend = backend
+        self.drive = drive
+
+    def recall(self, file_id: int) -> bool | None:
+        """Recall the file from its newest undamaged copy on this volume (True), or see it on disk (False).
+
+        None when another process is recalling it. StorageUnavailable when this
+        volume holds no usable copy of it (a newer version, or the copy turned bad).
+        """
+        with translate_db_errors(f"file {file_id}"):
+            copies = self.backend.catalog.current_copies(file_id)
+        copy = next((c for c in copies if c.vsn == self.drive.vsn and not c.bad), None)
+        if copy is None:
+            if os.path.lexists(self.backend.path(file_id)):
+                return False
+            if not copies:
+                raise FileNotInArchive(f"file {file_id} has no copy on disk or on tape")
+            raise StorageUnavailable(f"volume {self.drive.vsn} holds no undamaged copy of file {file_id}")
+        try:
+            with translate_db_errors(f"file {file_id}"):
+                return self.backend.recall(file_id, copy, self.drive)
+        except RecallInProgress:
+            return None
 
 
 class TapeBackend(PosixBackend):
@@ -121,6 +169,16 @@ class TapeBackend(PosixBackend):
         self._recalls_lock = threading.Lock()
         # Background recalls for POST: bounded, since each one holds a drive while it runs.
         self._executor = ThreadPoolExecutor(max_workers=max(2, 2 * settings.tape.drives))
+        # Keeps a sideband database's rows true after each change (a no-op unless one is configured).
+        self.sideband_upkeep = self._sideband_upkeep(settings)
+
+    def _sideband_upkeep(self, settings: Settings) -> SidebandHook:
+        """Return the hook told about every change: a no-op unless ``[sideband] database`` is set."""
+        if settings.sideband.database is None:
+            return _NO_UPKEEP
+        from backends.sideband.backend import upkeep_for
+
+        return upkeep_for(self, settings.sideband_url())
 
     # -- state -------------------------------------------------------------------
 
@@ -211,6 +269,7 @@ class TapeBackend(PosixBackend):
         """Move a server-side file in; older tape copies become stale."""
         size = super().adopt(file_id, source_path)
         self.catalog.mark_stale(file_id)
+        self.sideband_upkeep.changed(file_id, "stored")
         return size
 
     @_catalog_errors
@@ -227,6 +286,7 @@ class TapeBackend(PosixBackend):
             if not copies:
                 raise
         self.catalog.mark_stale(file_id)
+        self.sideband_upkeep.changed(file_id, "deleted")
 
     def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
         """Yield every id on disk, then every id only on tape; unreadable directories go to ``on_error``."""
@@ -364,6 +424,7 @@ class TapeBackend(PosixBackend):
                 self._undo_if_retired(file_id, copy, path, os.fstat(fd))
             finally:
                 os.close(fd)
+            self.sideband_upkeep.changed(file_id, "recalled")
             return True
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -394,10 +455,57 @@ class TapeBackend(PosixBackend):
         found: dict[int, TapePosition] = {}
         with translate_db_errors("cannot look up tape positions"):
             for start in range(0, len(offline), POSITION_BATCH):
-                for copy in self.catalog.usable_copies(offline[start : start + POSITION_BATCH]):
-                    if copy.file_id not in found:
-                        found[copy.file_id] = TapePosition(copy.vsn, copy.offset, copy.file_id, copy.size)
+                batch = offline[start : start + POSITION_BATCH]
+                # Plain SQL, newest copy first per file (as usable_copies orders them): a bulk
+                # request looks up 100,000 ids, and peewee's query and row objects cost seconds.
+                sql = (
+                    'SELECT file_id, vsn, "offset", size FROM tapecopy WHERE stale = 0 AND bad = 0 '
+                    f"AND file_id IN ({', '.join('?' * len(batch))}) "
+                    "ORDER BY file_id, written_at DESC, id DESC"
+                )
+                for file_id, vsn, offset, size in self.catalog.db.execute_sql(sql, batch):
+                    if file_id not in found:
+                        found[file_id] = TapePosition(vsn, offset, file_id, size)
         return found
+
+    def localities(self, file_ids: Iterable[int]) -> dict[int, str]:
+        """Return DISK, TAPE, DISK_AND_TAPE, LOST or NONE per id (disk cache, batched catalog reads).
+
+        LOST: only on tape, and every current copy failed its checksum.
+        UNAVAILABLE for every id when the catalog cannot be read.
+        """
+        ids = list(file_ids)
+        on_disk = {file_id for file_id in ids if os.path.lexists(self.path(file_id))}
+        good: set[int] = set()
+        bad: set[int] = set()
+        try:
+            with translate_db_errors("cannot look up tape copies"):
+                for start in range(0, len(ids), POSITION_BATCH):
+                    batch = ids[start : start + POSITION_BATCH]
+                    # Plain SQL: building 100,000-id IN lists through peewee costs seconds of CPU.
+                    sql = (
+                        "SELECT file_id, bad FROM tapecopy WHERE stale = 0 "
+                        f"AND file_id IN ({', '.join('?' * len(batch))})"
+                    )
+                    for file_id, damaged in self.catalog.db.execute_sql(sql, batch):
+                        (bad if damaged else good).add(file_id)
+        except StorageUnavailable:
+            return dict.fromkeys(ids, "UNAVAILABLE")
+        found = {}
+        for file_id in ids:
+            if file_id in on_disk:
+                found[file_id] = "DISK_AND_TAPE" if file_id in good else "DISK"
+            elif file_id in good:
+                found[file_id] = "TAPE"
+            else:
+                found[file_id] = "LOST" if file_id in bad else "NONE"
+        return found
+
+    @contextlib.contextmanager
+    def open_volume(self, vsn: str) -> Iterator[VolumeSession]:
+        """Claim a drive, mount ``vsn``, and recall from it in the caller's order until the block ends."""
+        with translate_db_errors(f"cannot use volume {vsn}"), self.library.drive(vsn) as drive:
+            yield _TapeVolumeSession(self, drive)
 
     # -- migrate and release (the maintenance CLI drives these) -------------------
 
@@ -425,9 +533,11 @@ class TapeBackend(PosixBackend):
                 raise
             # Open until the end: while it is, no newer upload can get this inode's number.
             try:
-                return self._release_open(file_id, path, fd, copies)
+                released = self._release_open(file_id, path, fd, copies)
             finally:
                 os.close(fd)
+        self.sideband_upkeep.changed(file_id, "released")
+        return released
 
     def _release_open(self, file_id: int, path: str, fd: int, copies: list[CopyInfo]) -> CopyInfo:
         st = os.fstat(fd)

@@ -284,6 +284,7 @@ def _migrate_one(backend: TapeBackend, drive: MountedDrive, step: Step) -> CopyI
             )
     finally:
         os.close(fd)
+    backend.sideband_upkeep.changed(step.file_id, "migrated")
     return copy
 
 
@@ -299,8 +300,25 @@ def _still_at(path: str, st: os.stat_result) -> bool:
 # -- release ---------------------------------------------------------------------
 
 
-def plan_release(backend: TapeBackend, file_ids: Iterable[int]) -> list[Step]:
-    """Decide which files can drop their disk copy, naming the tape copy that keeps each safe."""
+#: Returns, for the ids held on disk by a pin (bulk staging), when the last pin expires (epoch seconds).
+PinLookup = Callable[[list[int]], dict[int, float]]
+
+
+def _pinned_reason(until: float) -> str:
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until))
+    return f"pinned on disk by a bulk stage request until {when} (release the request's pins first)"
+
+
+def plan_release(
+    backend: TapeBackend, file_ids: Iterable[int], pinned: PinLookup | None = None
+) -> list[Step]:
+    """Decide which files can drop their disk copy, naming the tape copy that keeps each safe.
+
+    ``pinned`` looks up pins (bulk staging keeps files on disk while a pin holds
+    them): a pinned file is skipped, with the pin's expiry as the reason.
+    """
+    file_ids = list(file_ids)
+    pins = pinned(file_ids) if pinned is not None and file_ids else {}
     steps = []
     for file_id in file_ids:
         status = _status_or_note(backend, file_id, steps, "refuse")
@@ -308,6 +326,9 @@ def plan_release(backend: TapeBackend, file_ids: Iterable[int]) -> list[Step]:
             continue
         if status.state in (OFFLINE, UNMIGRATING):
             steps.append(Step(file_id, "skip", status.size, reason=f"already released ({status.state})"))
+            continue
+        if file_id in pins:
+            steps.append(Step(file_id, "skip", status.size, reason=_pinned_reason(pins[file_id])))
             continue
         copies = backend.catalog.current_copies(file_id)
         matching = [c for c in copies if copy_matches(c, status.size, status.sha256)]
@@ -328,10 +349,25 @@ def plan_release(backend: TapeBackend, file_ids: Iterable[int]) -> list[Step]:
     return steps
 
 
-def run_release(backend: TapeBackend, steps: list[Step], progress: Progress = _no_progress) -> Outcome:
-    """Release the planned files; refusals from the plan count as failures."""
+def run_release(
+    backend: TapeBackend,
+    steps: list[Step],
+    progress: Progress = _no_progress,
+    pinned: PinLookup | None = None,
+) -> Outcome:
+    """Release the planned files; refusals from the plan count as failures.
+
+    With ``pinned``, each file's pins are looked up again just before its
+    release, so a stage request that pinned it after the plan keeps it on disk.
+    """
     with _Run(backend) as run:
         for step in run.take(steps, "release"):
+            pins = pinned([step.file_id]) if pinned is not None else {}
+            if step.file_id in pins:
+                run.outcome.skipped.append(
+                    Step(step.file_id, "skip", step.size, reason=_pinned_reason(pins[step.file_id]))
+                )
+                continue
             run.attempt(step, functools.partial(backend.release, step.file_id), progress)
     return run.outcome
 

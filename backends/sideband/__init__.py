@@ -1,0 +1,1 @@
+"""The sideband backend: HSM status from an Oracle-HSM-style sideband database."""

@@ -1,0 +1,586 @@
+"""The bulk-staging HTTP API: a WLCG Tape REST API v1 superset, as CherryPy handlers.
+
+Mounted on the CherryPy application behind the file API (``app.build_app``):
+``/.well-known/wlcg-tape-rest-api`` and ``/api/v1/{stage,release,archiveinfo,queues}``.
+Handlers parse and check the request, resolve files through the backend
+contract (``localities``, ``tape_positions``) and read or write
+:class:`~pacifica_like.bulk.store.BulkStore`; the scheduler does the recalls.
+Every error, ours and CherryPy's (unknown path, wrong verb), is
+``application/problem+json`` (RFC 9457) without a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+
+import cherrypy
+
+from backends.base import Backend
+from pacifica_like.bulk.durations import parse_duration
+from pacifica_like.bulk.store import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    FILE_STATES,
+    MAX_PATH,
+    OPEN_STATES,
+    SUBMITTED,
+    BulkStore,
+    NewFile,
+)
+from pacifica_like.config import Settings
+from pacifica_like.errors import ArchiveError, InvalidRequest
+from pacifica_like.id2filename import parse_id
+
+log = logging.getLogger("pacifica_like.error")
+
+PROBLEM_TYPE = "application/problem+json"
+#: Bytes a request body may carry per file it names (a path, a lifetime, JSON punctuation).
+BODY_BYTES_PER_FILE = 256
+#: Extra body bytes allowed beyond that, whatever the file count.
+BODY_SLACK = 1 << 20
+#: Most files a poll returns in one page when the client asks for a limit.
+MAX_PAGE = 100_000
+
+
+class PayloadTooLarge(ArchiveError):
+    """The request names more files (or bytes) than the server accepts in one request."""
+
+    http_status = 413
+
+
+class TooManyRequests(ArchiveError):
+    """The client has more files in flight than its share."""
+
+    http_status = 429
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class BulkNotConfigured(ArchiveError):
+    """Bulk staging needs the gateway catalog, which this deployment turned off."""
+
+    http_status = 501
+
+
+class RequestNotFound(ArchiveError):
+    """No request with this id (never made, or deleted)."""
+
+    http_status = 404
+
+
+def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> bytes:
+    """Set the status and headers of the current response and return its problem+json body."""
+    response = cherrypy.serving.response
+    response.status = status
+    response.headers["Content-Type"] = PROBLEM_TYPE
+    response.headers["Cache-Control"] = "no-store"
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    title = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    document = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    return json.dumps(document).encode("utf-8")
+
+
+def render_problem(status: str, message: str, traceback: str, version: str) -> bytes:
+    """Render CherryPy's own errors (unknown path, wrong verb) under the bulk paths as problem+json."""
+    return problem(int(status.split()[0]), message)
+
+
+def _json(payload: Any, status: int = 200) -> bytes:
+    response = cherrypy.serving.response
+    response.status = status
+    response.headers["Content-Type"] = "application/json"
+    response.headers["Cache-Control"] = "no-store"
+    return json.dumps(payload, separators=(",", ":")).encode("utf-8")
+
+
+def _handler(method: Callable[..., bytes]) -> Callable[..., bytes]:
+    """Expose a handler whose ArchiveErrors become problem+json; anything else is a logged 500."""
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> bytes:
+        try:
+            return method(self, *args, **kwargs)
+        except ArchiveError as exc:
+            if exc.http_status >= 500:
+                log.error("%s: %s", type(exc).__name__, exc.message, exc_info=exc)
+            return problem(exc.http_status, exc.message, dict(exc.headers))
+        except cherrypy.HTTPError:
+            raise
+        except Exception as exc:  # a bug: the log gets the traceback, the client never does
+            log.error("unhandled error in the bulk API", exc_info=exc)
+            return problem(500, "internal server error; the server log has the details")
+
+    run.exposed = True  # type: ignore[attr-defined]
+    return run
+
+
+def _epoch(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def _read_json(max_bytes: int) -> Any:
+    """Read and parse the request body; 413 past ``max_bytes``, 400 when it is not JSON."""
+    request = cherrypy.serving.request
+    length = request.headers.get("Content-Length")
+    if length is not None and not length.strip().isdigit():
+        raise InvalidRequest(f"Content-Length {length!r} is not a number")
+    if length is not None and int(length) > max_bytes:
+        raise PayloadTooLarge(f"the request body ({length} bytes) is larger than the {max_bytes} accepted")
+    # Without a Content-Length (chunked), read to the end of the body, but never past the limit.
+    want = int(length) if length is not None else max_bytes + 1
+    chunks, got = [], 0
+    while got < want:
+        chunk = request.rfile.read(min(want - got, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    if got > max_bytes:
+        raise PayloadTooLarge(f"the request body is larger than the {max_bytes} bytes accepted")
+    data = b"".join(chunks)
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"the request body is not JSON: {exc}") from None
+
+
+def _paths_of(body: Any, limit: int) -> list[str]:
+    """Return the ``paths`` list of a cancel, release or archiveinfo body."""
+    if not isinstance(body, dict) or not isinstance(body.get("paths"), list):
+        raise InvalidRequest('the body must be a JSON object with a "paths" list')
+    paths = body["paths"]
+    if not paths:
+        raise InvalidRequest('"paths" is empty')
+    if len(paths) > limit:
+        raise PayloadTooLarge(f'"paths" names {len(paths)} files; at most {limit} are accepted')
+    bad = next((i for i, p in enumerate(paths) if not isinstance(p, str)), None)
+    if bad is not None:
+        raise InvalidRequest(f'"paths"[{bad}] is not a string')
+    return paths
+
+
+def file_id_of(path: str) -> int | None:
+    """Return the file id a ``/<id>`` path names, or None when it is not such a path."""
+    if not path.startswith("/"):
+        return None
+    try:
+        return parse_id(path[1:])
+    except (InvalidRequest, ValueError):
+        return None
+
+
+def _name(paths: list[str], most: int = 10) -> str:
+    shown = ", ".join(json.dumps(p) for p in paths[:most])
+    return shown + (f" and {len(paths) - most} more" if len(paths) > most else "")
+
+
+class BulkAPI:
+    """The state every bulk handler shares: settings, the storage backend and the store."""
+
+    def __init__(self, settings: Settings, backend: Backend, store: BulkStore | None) -> None:
+        self.settings = settings
+        self.policy = settings.bulk
+        self.backend = backend
+        self._store = store
+        self.max_body = self.policy.max_files_per_request * BODY_BYTES_PER_FILE + BODY_SLACK
+
+    @property
+    def store(self) -> BulkStore:
+        """The store; BulkNotConfigured (501) when the catalog is off."""
+        if self._store is None:
+            raise BulkNotConfigured(
+                "bulk staging keeps its requests in the gateway catalog, which is off here "
+                "([archive] catalog = off); ask the operator to configure one"
+            )
+        return self._store
+
+    def client(self) -> str:
+        """Who the per-client caps count against: X-Client-Id, else the remote address."""
+        request = cherrypy.serving.request
+        return request.headers.get("X-Client-Id") or request.remote.ip or "unknown"
+
+    # -- submit ------------------------------------------------------------------
+
+    def submit(self) -> bytes:
+        """Check, resolve and durably store a stage request; 201 with its id."""
+        store = self.store
+        body = _read_json(self.max_body)
+        if not isinstance(body, dict) or "files" not in body:
+            raise InvalidRequest('the body must be a JSON object with a "files" list')
+        files = body["files"]
+        if not isinstance(files, list):
+            raise InvalidRequest('"files" must be a list')
+        if not files:
+            raise InvalidRequest('"files" is empty: name at least one file')
+        limit = self.policy.max_files_per_request
+        if len(files) > limit:
+            raise PayloadTooLarge(f"the request names {len(files)} files; at most {limit} are accepted")
+        entries = self._entries(files)
+        client = self.client()
+        cap = self.policy.max_in_flight_per_client
+        in_flight = store.in_flight(client)
+        if in_flight + len(entries) > cap:
+            raise TooManyRequests(
+                f"client {client!r} has {in_flight} files in flight; {len(entries)} more would pass its "
+                f"cap of {cap}; wait for earlier requests to finish",
+                retry_after=max(1, int(self.policy.min_poll_seconds * 10)),
+            )
+        request_id = store.create_request(client, self._resolve(entries))
+        cherrypy.serving.response.headers["Location"] = f"/api/v1/stage/{request_id}"
+        return _json({"requestId": request_id}, 201)
+
+    def _entries(self, files: list[Any]) -> list[tuple[str, float]]:
+        """Return (path, pin seconds) per file; InvalidRequest naming the first bad entry."""
+        seen: set[str] = set()
+        duplicates: list[str] = []
+        entries = []
+        default, longest = self.policy.default_pin_seconds, self.policy.max_pin_seconds
+        for index, entry in enumerate(files):
+            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+                raise InvalidRequest(f'"files"[{index}] must be an object with a string "path"')
+            path = entry["path"]
+            if len(path) > MAX_PATH:
+                raise InvalidRequest(f'"files"[{index}].path is longer than {MAX_PATH} characters')
+            if path in seen:
+                duplicates.append(path)
+                continue
+            seen.add(path)
+            lifetime = entry.get("diskLifetime")
+            pin = default
+            if lifetime is not None:
+                try:
+                    pin = min(parse_duration(lifetime), longest)
+                except ValueError as exc:
+                    raise InvalidRequest(f'"files"[{index}].diskLifetime: {exc}') from None
+            entries.append((path, pin))
+        if duplicates:
+            raise InvalidRequest(f"the request names these paths more than once: {_name(duplicates)}")
+        return entries
+
+    def _resolve(self, entries: list[tuple[str, float]]) -> list[NewFile]:
+        """Decide each file's first state: on disk (COMPLETED), queued at a tape position, or FAILED."""
+        ids = {path: file_id_of(path) for path, _ in entries}
+        wanted = sorted({i for i in ids.values() if i is not None})
+        # Positions first: in a bulk request most files are offline, and need no other look-up.
+        positions = self.backend.tape_positions(wanted)
+        where = self.backend.localities([i for i in wanted if i not in positions])
+        resolved = []
+        for path, pin in entries:
+            file_id = ids[path]
+            if file_id is None:
+                resolved.append(
+                    NewFile(path, FAILED, error="not a file path: expected /<id> with a decimal file id")
+                )
+                continue
+            locality = where.get(file_id, "NONE")
+            position = positions.get(file_id)
+            if locality in ("DISK", "DISK_AND_TAPE"):
+                resolved.append(NewFile(path, COMPLETED, file_id, on_disk=True, pin_seconds=pin))
+            elif position is not None:
+                resolved.append(
+                    NewFile(
+                        path,
+                        SUBMITTED,
+                        file_id,
+                        position.size,
+                        position.vsn,
+                        position.position,
+                        pin_seconds=pin,
+                    )
+                )
+            else:
+                resolved.append(
+                    NewFile(path, FAILED, file_id, error=_unrecallable(locality), pin_seconds=pin)
+                )
+        return resolved
+
+    # -- poll --------------------------------------------------------------------
+
+    def poll(
+        self, request_id: str, limit: str | None, cursor: str | None, state: str | list[str] | None
+    ) -> bytes:
+        """Return a request's state: its files (one page) and the summary."""
+        store = self.store
+        page = _positive(limit, "limit", MAX_PAGE) if limit is not None else None
+        after = _cursor(cursor)
+        states = _states(state)
+        info = store.request(request_id)
+        if info is None:
+            raise RequestNotFound(f"no stage request {request_id!r} (never made, or deleted)")
+        files, next_row = store.files(request_id, page, after, states)
+        summary = store.summary(request_id)
+        open_files = sum(summary.states[s] for s in OPEN_STATES)
+        document = {
+            "id": info.id,
+            "createdAt": _epoch(info.created_at),
+            "startedAt": _epoch(info.started_at),
+            "completedAt": _epoch(info.completed_at),
+            "files": [_file_document(f) for f in files],
+            "summary": {
+                "files": info.files,
+                "states": summary.states,
+                "bytesTotal": summary.bytes_total,
+                "bytesDone": summary.bytes_done,
+                "volumesTotal": summary.volumes_total,
+                "volumesDone": summary.volumes_done,
+                "etaSeconds": _eta(info.started_at, summary.bytes_total, summary.bytes_done, open_files),
+            },
+            "nextCursor": None if next_row is None else str(next_row),
+        }
+        return _json(document)
+
+    # -- cancel, delete, release -------------------------------------------------
+
+    def cancel(self, request_id: str) -> bytes:
+        """Cancel the named files of a request (all or nothing)."""
+        paths = _paths_of(_read_json(self.max_body), self.policy.max_files_per_request)
+        unknown = self.store.cancel(request_id, paths)
+        if unknown is None:
+            raise RequestNotFound(f"no stage request {request_id!r} (never made, or deleted)")
+        if unknown:
+            raise InvalidRequest(
+                f"request {request_id} does not hold these paths, so nothing was cancelled: {_name(unknown)}"
+            )
+        return _json({"requestId": request_id})
+
+    def delete(self, request_id: str) -> bytes:
+        """Cancel what is still open, drop the request's pins and forget it."""
+        if not self.store.delete(request_id):
+            raise RequestNotFound(f"no stage request {request_id!r} (never made, or deleted)")
+        return _json({"requestId": request_id})
+
+    def release(self, request_id: str) -> bytes:
+        """Drop the request's pins on the named files; disk space may then be reclaimed."""
+        paths = _paths_of(_read_json(self.max_body), self.policy.max_files_per_request)
+        unknown = self.store.release(request_id, paths)
+        if unknown is None:
+            raise RequestNotFound(f"no stage request {request_id!r} (never made, or deleted)")
+        if unknown:
+            raise InvalidRequest(
+                f"request {request_id} does not hold these paths, so no pin was released: {_name(unknown)}"
+            )
+        return _json({"requestId": request_id})
+
+    # -- archiveinfo and queues ------------------------------------------------
+
+    def archiveinfo(self) -> bytes:
+        """Report each path's locality (or why it has none)."""
+        paths = _paths_of(_read_json(self.max_body), self.policy.max_files_per_request)
+        ids = {path: file_id_of(path) for path in paths}
+        where = self.backend.localities(sorted({i for i in ids.values() if i is not None}))
+        answers = []
+        for path in paths:
+            file_id = ids[path]
+            if file_id is None:
+                answers.append(
+                    {"path": path, "error": "not a file path: expected /<id> with a decimal file id"}
+                )
+                continue
+            locality = where.get(file_id, "NONE")
+            if locality == "NONE" and self._inventory_lost(file_id):
+                locality = "LOST"
+            answers.append({"path": path, "locality": locality})
+        return _json(answers)
+
+    def _inventory_lost(self, file_id: int) -> bool:
+        """True when the catalog's inventory marked the file LOST (an audit found it gone)."""
+        if self._store is None:
+            return False
+        try:
+            entry = self._store.catalog.entry(file_id)
+        except ArchiveError:
+            return False
+        return entry is not None and entry.state == "LOST"
+
+    def queues(self) -> bytes:
+        """Report the recall queue of each volume."""
+        now = time.time()
+        lease = self.policy.recall_timeout + 60.0
+        volumes = [
+            {
+                "vsn": q.vsn,
+                "files": q.files,
+                "bytes": q.bytes,
+                "oldestAgeSeconds": max(0, int(now - q.oldest_queued_at)),
+                "mounted": q.mounted,
+            }
+            for q in self.store.queues(lease, now)
+        ]
+        return _json({"volumes": volumes})
+
+    def well_known(self) -> bytes:
+        """Describe the endpoint and its limits."""
+        base = cherrypy.serving.request.base
+        endpoint = {
+            "uri": f"{base}/api/v1",
+            "version": "v1",
+            "metadata": {
+                "maxFilesPerRequest": self.policy.max_files_per_request,
+                "maxInFlightPerClient": self.policy.max_in_flight_per_client,
+                "minPollSeconds": self.policy.min_poll_seconds,
+            },
+        }
+        document = {
+            "sitename": self.policy.site_name,
+            "description": "pacifica_like archive gateway: WLCG Tape REST API v1, recalls in tape order",
+            "endpoints": [endpoint],
+        }
+        return _json(document)
+
+
+def _unrecallable(locality: str) -> str:
+    if locality == "LOST":
+        return "every tape copy of the file failed its checksum; it cannot be recalled"
+    if locality == "UNAVAILABLE":
+        return "the storage could not say where the file is (unavailable); submit it again later"
+    if locality == "TAPE":
+        return "the file has no undamaged tape copy to recall from"
+    return "no such file in the archive"
+
+
+def _positive(raw: str, name: str, most: int) -> int:
+    if not raw.isdigit() or not 1 <= int(raw) <= most:
+        raise InvalidRequest(f"{name} must be an integer from 1 to {most}, got {raw!r}")
+    return int(raw)
+
+
+def _cursor(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return 0
+    if not raw.isdigit() or len(raw) > 19:
+        raise InvalidRequest(f"cursor {raw!r} is not one this server handed out (use nextCursor)")
+    return int(raw)
+
+
+def _states(raw: str | list[str] | None) -> list[str]:
+    if raw is None:
+        return []
+    values = raw if isinstance(raw, list) else [raw]
+    states = [s.strip().upper() for value in values for s in value.split(",") if s.strip()]
+    unknown = [s for s in states if s not in FILE_STATES]
+    if unknown:
+        raise InvalidRequest(f"unknown state {unknown[0]!r}; expected one of {', '.join(FILE_STATES)}")
+    return states
+
+
+def _file_document(f: Any) -> dict[str, Any]:
+    document: dict[str, Any] = {"path": f.path, "state": f.state, "onDisk": bool(f.on_disk)}
+    if f.error is not None and f.state in (FAILED, CANCELLED):
+        document["error"] = f.error
+    document["startedAt"] = _epoch(f.started_at)
+    document["finishedAt"] = _epoch(f.finished_at)
+    return document
+
+
+def _eta(started_at: float | None, total: int, done: int, open_files: int) -> int | None:
+    """Seconds left at the rate bytes arrived so far; None until there is a rate to go by."""
+    if open_files == 0:
+        return 0
+    if started_at is None or done <= 0:
+        return None
+    elapsed = max(time.time() - started_at, 1e-3)
+    return int((total - done) / (done / elapsed)) + 1
+
+
+# -- the CherryPy tree ---------------------------------------------------------------
+
+
+class WellKnownRoot:
+    """``/.well-known/``: CherryPy turns ``-`` and ``.`` in path segments into ``_``."""
+
+    def __init__(self, api: BulkAPI) -> None:
+        self._api = api
+
+    @_handler
+    def wlcg_tape_rest_api(self) -> bytes:
+        """The discovery document."""
+        _allow(cherrypy.serving.request.method, "GET", "HEAD")
+        return self._api.well_known()
+
+
+class ApiV1:
+    """``/api/v1/``: stage, release, archiveinfo, queues."""
+
+    def __init__(self, api: BulkAPI) -> None:
+        self._api = api
+
+    @_handler
+    def stage(
+        self, request_id: str | None = None, action: str | None = None, *rest: str, **params: Any
+    ) -> bytes:
+        """POST (submit), GET (poll), DELETE, and POST .../cancel."""
+        method = cherrypy.serving.request.method
+        if rest or (action is not None and action != "cancel"):
+            raise cherrypy.NotFound()
+        if request_id is None:
+            _allow(method, "POST")
+            return self._api.submit()
+        if action == "cancel":
+            _allow(method, "POST")
+            return self._api.cancel(request_id)
+        _allow(method, "GET", "HEAD", "DELETE")
+        if method == "DELETE":
+            return self._api.delete(request_id)
+        return self._api.poll(request_id, params.get("limit"), params.get("cursor"), params.get("state"))
+
+    @_handler
+    def release(self, request_id: str | None = None, *rest: str) -> bytes:
+        """POST /api/v1/release/<id>."""
+        if request_id is None or rest:
+            raise cherrypy.NotFound()
+        _allow(cherrypy.serving.request.method, "POST")
+        return self._api.release(request_id)
+
+    @_handler
+    def archiveinfo(self) -> bytes:
+        """POST /api/v1/archiveinfo."""
+        _allow(cherrypy.serving.request.method, "POST")
+        return self._api.archiveinfo()
+
+    @_handler
+    def queues(self) -> bytes:
+        """GET /api/v1/queues."""
+        _allow(cherrypy.serving.request.method, "GET", "HEAD")
+        return self._api.queues()
+
+
+class ApiRoot:
+    """``/api/``."""
+
+    def __init__(self, api: BulkAPI) -> None:
+        self.v1 = ApiV1(api)
+
+
+def _allow(method: str, *allowed: str) -> None:
+    if method not in allowed:
+        cherrypy.serving.response.headers["Allow"] = ", ".join(allowed)
+        raise cherrypy.HTTPError(405, f"{method} is not supported here; use {' or '.join(allowed)}")
+
+
+#: First path segments the bulk API serves (``FileAPI.fallback_names``).
+PATHS = frozenset((".well-known", "api"))
+
+
+def mount(root: object, config: dict[str, dict[str, Any]], settings: Settings, backend: Backend) -> BulkAPI:
+    """Attach the bulk API under ``root`` (the CherryPy root object) and its error rendering to ``config``.
+
+    ``backend`` is the storage backend itself. The store uses the catalog
+    database of ``[archive] catalog``; with the catalog off every bulk call answers 501.
+    """
+    store = BulkStore.open(settings.archive.catalog) if settings.archive.catalog else None
+    api = BulkAPI(settings, backend, store)
+    root._well_known = WellKnownRoot(api)  # type: ignore[attr-defined]
+    root.api = ApiRoot(api)  # type: ignore[attr-defined]
+    for path in ("/.well-known", "/api"):
+        config[path] = {"error_page.default": render_problem}
+    return api

@@ -1,0 +1,137 @@
+"""Shared set-up for the bulk-staging tests: offline files on a tape-backed archive, and the API."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import webtest
+
+from backends import factory
+from backends.base import Backend
+from backends.tape import operations
+from backends.tape.backend import TapeBackend
+from backends.tape.stager import HEADER_SIZE
+from pacifica_like.app import build_app
+from pacifica_like.bulk.scheduler import Scheduler
+from pacifica_like.bulk.store import BulkStore
+from pacifica_like.config import Settings, load_settings
+
+MTIME = 784111777.0
+#: [bulk] settings for tests: every queue is worth a mount, passes come quickly.
+BULK = {"mount_min_files": 1, "poll_seconds": 0.05, "max_wait_seconds": 0.0}
+
+
+def tape_backed_names() -> list[str]:
+    """The registry names whose backend keeps files on tape (the bulk API's real targets)."""
+    return sorted(name for name in factory.REGISTRY if issubclass(factory.resolve(name), TapeBackend))
+
+
+def make_settings(
+    tmp_path: Path,
+    name: str,
+    prepare: Callable[[str], dict[str, dict[str, Any]]],
+    bulk: dict[str, Any] | None = None,
+    **sections: dict[str, Any],
+) -> Settings:
+    """Settings for a ``name`` archive in ``tmp_path``: library ready, delays off, eager scheduler."""
+    flags: dict[str, dict[str, Any]] = {"archive": {"backend": name, "prefix": str(tmp_path / "archive")}}
+    for section, values in prepare(name).items():
+        flags.setdefault(section, {}).update(values)
+    for section, values in sections.items():
+        flags.setdefault(section, {}).update(values)
+    flags["bulk"] = {**BULK, **(bulk or {})}
+    return load_settings(flags=flags, env={})
+
+
+def content(file_id: int, size: int) -> bytes:
+    """The bytes file ``file_id`` holds (seeded by its id)."""
+    return random.Random(file_id).randbytes(size)
+
+
+def store_offline(backend: Backend, sizes: dict[int, int], spread: int = 1) -> None:
+    """Store each file, migrate it to tape and release it from disk.
+
+    ``spread``: migrate the files in this many groups, each to the next volume
+    with room, so they land on several volumes.
+    """
+    assert isinstance(backend, TapeBackend)
+    ids = sorted(sizes)
+    for file_id in ids:
+        with backend.open_writer(file_id, MTIME) as writer:
+            writer.write(content(file_id, sizes[file_id]))
+            writer.commit()
+    for group in range(spread):
+        chosen = ids[group::spread]
+        steps = operations.plan_migrate(backend, chosen)
+        outcome = operations.run_migrate(backend, steps)
+        assert not outcome.failed, outcome.failed
+        # The next group goes to a fresh volume: mark this one full.
+        vsns = {s.vsn for s in steps if s.action == "migrate"}
+        volume = backend.catalog.Volume
+        with backend.catalog.db.atomic():
+            volume.update(full=True).where(volume.vsn.in_(vsns)).execute()
+    outcome = operations.run_release(backend, operations.plan_release(backend, ids))
+    assert not outcome.failed, outcome.failed
+
+
+def on_disk(backend: Backend, file_id: int) -> bytes | None:
+    """The bytes of ``file_id`` in the disk cache, or None."""
+    path = backend.path(file_id)  # type: ignore[attr-defined]
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def corrupt(backend: TapeBackend, file_id: int) -> None:
+    """Flip one byte in the middle of the file's record on its volume."""
+    copy = backend.catalog.current_copies(file_id)[0]
+    with open(backend.library.volume_path(copy.vsn), "r+b") as volume:
+        volume.seek(copy.offset + HEADER_SIZE + copy.size // 2)
+        byte = volume.read(1)
+        volume.seek(-1, os.SEEK_CUR)
+        volume.write(bytes([byte[0] ^ 0x01]))
+
+
+def http(settings: Settings, backend: Backend) -> webtest.TestApp:
+    """The real app over ``backend`` through WebTest."""
+    return webtest.TestApp(build_app(settings, backend))
+
+
+def scheduler(settings: Settings, backend: Backend) -> Scheduler:
+    """A scheduler over the settings' catalog."""
+    return Scheduler.from_settings(settings, backend)
+
+
+def bulk_store(settings: Settings) -> BulkStore:
+    """The bulk store of the settings' catalog."""
+    assert settings.archive.catalog
+    return BulkStore.open(settings.archive.catalog)
+
+
+def submit(app: webtest.TestApp, paths: Iterable[str], status: int = 201, **headers: str) -> Any:
+    """POST a stage request for ``paths``; return the parsed answer."""
+    body = {"files": [{"path": p} for p in paths]}
+    answer = app.post_json("/api/v1/stage", body, status=status, headers=headers)
+    return answer
+
+
+def poll(app: webtest.TestApp, request_id: str, status: int = 200, **params: Any) -> Any:
+    """GET a stage request; return the parsed answer."""
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    return app.get(f"/api/v1/stage/{request_id}" + (f"?{query}" if query else ""), status=status).json
+
+
+def states(document: dict[str, Any]) -> dict[str, str]:
+    """Path -> state of a poll's files."""
+    return {f["path"]: f["state"] for f in document["files"]}
+
+
+def sha(data: bytes | None) -> str | None:
+    """sha-256 hex of ``data`` (None stays None)."""
+    return None if data is None else hashlib.sha256(data).hexdigest()

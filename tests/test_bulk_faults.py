@@ -1,0 +1,341 @@
+"""Bulk staging under faults: watchdog, failed mounts, pins against release, claims across
+processes, a server killed mid-recall, and several workers on one database (SQLite, PostgreSQL, MariaDB).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bulk_helpers import (
+    content,
+    http,
+    make_settings,
+    on_disk,
+    poll,
+    scheduler,
+    states,
+    store_offline,
+    submit,
+)
+from dbservers import scratch_database
+
+from backends import factory
+from backends.tape import operations
+from pacifica_like.bulk.store import BulkStore, make_owner
+from pacifica_like.config import load_settings
+from pacifica_like.devserver import cli_server, uwsgi_binary, uwsgi_server
+
+TIMEOUT = 60
+
+
+@pytest.fixture
+def archive(tmp_path: Path, prepare_backend):
+    """Build (settings, backend) for the tape backend; closed at the end."""
+    built = []
+
+    def build(bulk: dict | None = None, **sections: dict):
+        settings = make_settings(tmp_path, "tape", prepare_backend, bulk, **sections)
+        backend = factory.create(settings)
+        built.append(backend)
+        return settings, backend
+
+    yield build
+    for backend in built:
+        backend.close()
+
+
+def wait_for(check, timeout: float = TIMEOUT, pause: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(pause)
+    raise AssertionError(f"timed out after {timeout} s")
+
+
+# -- watchdog, retries, policy ---------------------------------------------------------
+
+
+def test_the_watchdog_fails_a_recall_that_runs_past_recall_timeout(archive):
+    settings, backend = archive(
+        bulk={"recall_timeout": 0.3, "max_attempts": 1},
+        tape={
+            "time_scale": 1.0,
+            "mount_seconds": 0,
+            "unmount_seconds": 0,
+            "locate_seconds": 0,
+            "read_mib_s": 1.0,
+        },
+    )
+    store_offline(backend, {1: 1 << 20})
+    app = http(settings, backend)
+    request_id = submit(app, ["/1"]).json["requestId"]
+    running = scheduler(settings, backend)
+    running.start()
+    try:
+        document = wait_for(lambda: (d := poll(app, request_id))["completedAt"] and d)
+    finally:
+        running.stop()
+    (entry,) = document["files"]
+    assert entry["state"] == "FAILED" and "recall_timeout" in entry["error"], entry
+
+
+def test_a_volume_that_cannot_be_mounted_fails_its_files_after_max_attempts(archive):
+    settings, backend = archive(bulk={"max_attempts": 2, "poll_seconds": 0.01})
+    store_offline(backend, {1: 100, 2: 100})
+    vsn = backend.catalog.current_copies(1)[0].vsn
+    backend.library.unload_idle()  # the cartridge left in a drive by the migration
+    os.rename(backend.library.volume_path(vsn), backend.library.volume_path(vsn) + ".gone")
+    app = http(settings, backend)
+    request_id = submit(app, ["/1", "/2"]).json["requestId"]
+    assert scheduler(settings, backend).run_until_idle(timeout=TIMEOUT)
+    document = poll(app, request_id)
+    assert set(states(document).values()) == {"FAILED"}
+    assert all("could not be mounted" in f["error"] and vsn in f["error"] for f in document["files"])
+
+
+def test_aged_queues_are_mounted_first_and_small_fresh_ones_wait(archive):
+    settings, backend = archive(bulk={"mount_min_files": 3, "max_wait_seconds": 100})
+    running = scheduler(settings, backend)
+    from pacifica_like.bulk.store import VolumeQueue
+
+    now = 1000.0
+    waiting = [
+        VolumeQueue("FRESH", 1, 10, now - 1, False),
+        VolumeQueue("BIG", 5, 10, now - 5, False),
+        VolumeQueue("OLD", 1, 10, now - 500, False),
+        VolumeQueue("OLDER", 1, 10, now - 900, False),
+    ]
+    assert [q.vsn for q in running.pick(waiting, now)] == ["OLDER", "OLD", "BIG"]
+
+
+def test_volume_claims_respect_the_drive_cap_across_owners(archive):
+    settings, _ = archive()
+    store = BulkStore.open(settings.archive.catalog)
+    first, second = make_owner(), make_owner()
+    assert store.claim_volume("A", first, cap=1)
+    assert not store.claim_volume("B", second, cap=1)  # one drive for all schedulers
+    assert not store.claim_volume("A", second, cap=2)  # a volume has one holder
+    assert store.claim_volume("B", second, cap=2)
+    store.release_volume("A", first)
+    assert store.claim_volume("A", second, cap=2)
+
+
+# -- pins --------------------------------------------------------------------------------
+
+
+def test_a_staged_file_stays_pinned_until_released_and_release_skips_it(archive):
+    settings, backend = archive()
+    store_offline(backend, {1: 500, 2: 500})
+    app = http(settings, backend)
+    body = {"files": [{"path": "/1", "diskLifetime": "P1D"}, {"path": "/2", "diskLifetime": "PT0S"}]}
+    request_id = app.post_json("/api/v1/stage", body, status=201).json["requestId"]
+    assert scheduler(settings, backend).run_until_idle(timeout=TIMEOUT)
+    assert states(poll(app, request_id)) == {"/1": "COMPLETED", "/2": "COMPLETED"}
+    pins = BulkStore.open(settings.archive.catalog).pins
+    steps = {s.file_id: s for s in operations.plan_release(backend, [1, 2], pins)}
+    assert steps[1].action == "skip" and "pinned" in steps[1].reason
+    assert steps[2].action == "release"  # its zero-second pin has expired
+    outcome = operations.run_release(backend, list(steps.values()), pinned=pins)
+    assert on_disk(backend, 1) == content(1, 500) and on_disk(backend, 2) is None
+    assert [s.file_id for s in outcome.skipped] == [1]
+
+    foreign = app.post_json(f"/api/v1/release/{request_id}", {"paths": ["/9"]}, expect_errors=True)
+    assert foreign.status_int == 400 and '"/9"' in foreign.json["detail"]
+    app.post_json(f"/api/v1/release/{request_id}", {"paths": ["/1"]}, status=200)
+    assert operations.plan_release(backend, [1], pins)[0].action == "release"
+
+
+def test_the_release_command_names_the_pin(archive, tmp_path: Path):
+    settings, backend = archive()
+    store_offline(backend, {1: 500})
+    app = http(settings, backend)
+    submit(app, ["/1"])
+    assert scheduler(settings, backend).run_until_idle(timeout=TIMEOUT)
+    ini = write_ini(tmp_path / "archive.ini", settings.archive.prefix, settings.tape.library, None)
+
+    def release(*flags: str) -> dict:
+        command = [
+            sys.executable,
+            "-m",
+            "pacifica_like",
+            "release",
+            "--config",
+            str(ini),
+            "--json",
+            *flags,
+            "1",
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    (step,) = release("--dry-run")["files"]
+    assert step["action"] == "skip" and "pinned on disk by a bulk stage request" in step["reason"]
+    summary = release()
+    assert summary["files"] == 0 and summary["skipped"] == 1
+    assert on_disk(backend, 1) == content(1, 500)
+
+
+# -- several processes -------------------------------------------------------------------
+
+
+def write_ini(path: Path, prefix: str, library: str, catalog: str | None, **tape: Any) -> Path:
+    """Write an archive.ini for a tape archive shared by the test and the processes it starts."""
+    tape_lines = "\n".join(f"{key} = {value}" for key, value in {"time_scale": 0, **tape}.items())
+    path.write_text(
+        f"[archive]\nbackend = tape\nprefix = {prefix}\n"
+        + (f"catalog = {catalog}\n" if catalog else "")
+        + f"[tape]\nlibrary = {library}\nvolume_capacity = 64MiB\n{tape_lines}\n"
+        "[bulk]\nmount_min_files = 1\nmax_wait_seconds = 0\npoll_seconds = 0.05\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+@contextlib.contextmanager
+def database(kind: str, tmp_path: Path) -> Iterator[str]:
+    """A catalog URL of ``kind``: a SQLite file, or a scratch schema on the real server."""
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'shared-catalog.sqlite'}"
+        return
+    with scratch_database(kind) as url:
+        yield url
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mysql"])
+def test_two_workers_on_one_database_recall_each_file_once(kind, tmp_path: Path, prepare_backend):
+    with database(kind, tmp_path) as url:
+        tape = prepare_backend("tape")["tape"]
+        ini = write_ini(
+            tmp_path / "archive.ini", str(tmp_path / "archive"), tape["library"], url,
+            time_scale=0.02, mount_seconds=1, unmount_seconds=1, locate_seconds=0,
+        )  # fmt: skip
+        settings = load_settings(config_file=str(ini), flags={"tape": {"time_scale": 0.0}}, env={})
+        backend = factory.create(settings)
+        try:
+            sizes = {i: 2000 + i for i in range(1, 41)}
+            store_offline(backend, sizes, spread=4)
+            app = http(settings, backend)
+            request_id = submit(app, [f"/{i}" for i in sizes]).json["requestId"]
+            before = backend.library.counters()
+            command = [sys.executable, "-m", "pacifica_like", "worker", "--config", str(ini), "--until-idle"]
+            workers = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+            for worker in workers:
+                _, err = worker.communicate(timeout=TIMEOUT * 2)
+                assert worker.returncode == 0, err
+            document = poll(app, request_id)
+            assert set(states(document).values()) == {"COMPLETED"}, document["summary"]
+            after = backend.library.counters()
+            # Every byte read exactly once: no file was recalled twice, whichever worker took it.
+            assert after["bytes_read"] - before["bytes_read"] == sum(sizes.values())
+            assert after["mounts"] - before["mounts"] <= 4  # no volume mounted twice
+            for file_id, size in sizes.items():
+                assert on_disk(backend, file_id) == content(file_id, size)
+            BulkStore.open(url).drop_tables()
+        finally:
+            backend.close()
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return json.loads(answer.read())
+
+
+def _post(url: str, body: dict) -> dict:
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.loads(answer.read())
+
+
+def test_a_server_killed_mid_recall_finishes_every_file_after_restart(tmp_path: Path, prepare_backend):
+    tape = prepare_backend("tape")["tape"]
+    ini = write_ini(
+        tmp_path / "archive.ini", str(tmp_path / "archive"), tape["library"], None,
+        time_scale=1, mount_seconds=0, unmount_seconds=0, locate_seconds=0, read_mib_s=4,
+    )  # fmt: skip
+    settings = load_settings(config_file=str(ini), flags={"tape": {"time_scale": 0.0}}, env={})
+    backend = factory.create(settings)
+    try:
+        sizes = {i: (1 << 20) + i for i in range(1, 9)}
+        store_offline(backend, sizes, spread=2)
+        args = ["--config", str(ini)]
+        with cli_server(args) as server:
+            request_id = _post(server.url + "/api/v1/stage", {"files": [{"path": f"/{i}"} for i in sizes]})[
+                "requestId"
+            ]
+            poll_url = f"{server.url}/api/v1/stage/{request_id}"
+            # Kill it while one file is done and others are still being read.
+            wait_for(lambda: _get(poll_url)["summary"]["states"]["COMPLETED"] >= 1)
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait(timeout=10)
+        unfinished = BulkStore.open(settings.archive.catalog).summary(request_id)
+        assert unfinished.states["COMPLETED"] < len(sizes)
+        with cli_server(args) as server:
+            poll_url = f"{server.url}/api/v1/stage/{request_id}"
+            document = wait_for(lambda: (d := _get(poll_url))["completedAt"] and d)
+        assert set(states(document).values()) == {"COMPLETED"}, document
+        for file_id, size in sizes.items():
+            assert on_disk(backend, file_id) == content(file_id, size)
+        leftovers = [p for p in Path(settings.archive.prefix).rglob("*.recall")]
+        assert leftovers == []
+    finally:
+        backend.close()
+
+
+def test_uwsgi_serves_the_api_and_a_worker_beside_it_recalls(tmp_path: Path, prepare_backend):
+    try:
+        uwsgi_binary()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    tape = prepare_backend("tape")["tape"]
+    ini = write_ini(tmp_path / "archive.ini", str(tmp_path / "archive"), tape["library"], None)
+    settings = load_settings(config_file=str(ini), env={})
+    backend = factory.create(settings)
+    try:
+        sizes = {i: 3000 + i for i in range(1, 6)}
+        store_offline(backend, sizes, spread=2)
+    finally:
+        backend.close()
+    worker = f"cmd={sys.executable} -m pacifica_like worker,stopsignal=15"
+    with uwsgi_server({"PAI_CONFIG": str(ini)}, processes=2, extra=["--attach-daemon2", worker]) as server:
+        body = {"files": [{"path": f"/{i}"} for i in sizes]}
+        request_id = _post(server.url + "/api/v1/stage", body)["requestId"]
+        poll_url = f"{server.url}/api/v1/stage/{request_id}"
+        document = wait_for(lambda: (d := _get(poll_url))["completedAt"] and d)
+    assert set(states(document).values()) == {"COMPLETED"}, document
+    for file_id, size in sizes.items():
+        assert on_disk(backend, file_id) == content(file_id, size)
+
+
+def test_claims_left_by_a_stopped_volume_thread_are_queued_again(archive):
+    settings, backend = archive()
+    store_offline(backend, {1: 100, 2: 100})
+    app = http(settings, backend)
+    request_id = submit(app, ["/1", "/2"]).json["requestId"]
+    store = BulkStore.open(settings.archive.catalog)
+    me = make_owner()
+    vsn = backend.catalog.current_copies(1)[0].vsn
+    assert store.claim_volume(vsn, me, cap=2)
+    jobs = store.claim_jobs(vsn, me, 0, 10)
+    assert [j.file_id for j in jobs] == [1, 2]
+    assert store.start_job(1, me) == 1
+    assert states(poll(app, request_id)) == {"/1": "STARTED", "/2": "SUBMITTED"}
+    assert store.requeue_orphans(me, active=[vsn]) == 0  # a live thread still works on it
+    assert store.requeue_orphans(me, active=[]) == 2
+    assert states(poll(app, request_id)) == {"/1": "SUBMITTED", "/2": "SUBMITTED"}
+    assert scheduler(settings, backend).run_until_idle(timeout=TIMEOUT)
+    assert states(poll(app, request_id)) == {"/1": "COMPLETED", "/2": "COMPLETED"}
