@@ -396,7 +396,9 @@ class BulkStore:
         head = f"{verb} INTO {left}{model._meta.table_name}{right} ({columns}) VALUES "
         tail = " ON CONFLICT DO NOTHING" if ignore_duplicates and not self.catalog.is_mysql else ""
         for chunk in _chunks(rows, INSERT_CHUNK):
-            values = [field.db_value(v) for row in chunk for field, v in zip(fields, row, strict=True)]
+            # Every column is a plain int, float, str, bool or None that each driver takes as it is:
+            # peewee's per-value db_value() conversion cost most of a 100,000-file submit's CPU.
+            values = [value for row in chunk for value in row]
             self.db.execute_sql(head + ", ".join([one] * len(chunk)) + tail, values)
 
     @_transaction("cannot count the client's files in flight")
