@@ -15,6 +15,19 @@ from backends.base import Backend
 from pacifica_like.app import build_app
 from pacifica_like.config import DEFAULT_CATALOG_NAME, Settings, load_settings
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say plainly which database-server halves of the suite did not run, and why."""
+    from dbservers import UNREACHABLE
+
+    for label, reason in sorted(UNREACHABLE.items()):
+        terminalreporter.write_line(
+            f"NOTE: the {label} half of the tests was SKIPPED: {reason}. "
+            "`.ci/run` installs and starts the server; or set PL_TEST_MYSQL_URL / PL_TEST_POSTGRES_URL.",
+            yellow=True,
+            bold=True,
+        )
+
+
 LAST_MODIFIED = "Sun, 06 Nov 1994 08:49:37 GMT"
 LAST_MODIFIED_EPOCH = 784111777.0
 

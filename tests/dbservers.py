@@ -21,6 +21,9 @@ from pacifica_like.catalog import GatewayCatalog
 POSTGRES_URL = os.environ.get("PL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MYSQL_URL = os.environ.get("PL_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test")
 KINDS = ("mysql", "postgresql")
+#: Servers found unreachable in this run (label -> reason), for the summary at the end of the run.
+UNREACHABLE: dict[str, str] = {}
+_LABELS = {"pymysql": "MariaDB/MySQL", "psycopg2": "PostgreSQL"}
 
 
 def require_server(url: str, driver: str) -> None:
@@ -34,7 +37,9 @@ def require_server(url: str, driver: str) -> None:
     except Exception as exc:  # any failure to reach it: driver missing, refused, bad credentials
         if required:
             raise
-        pytest.skip(f"{url} is not reachable here ({exc}); .ci/run provides it")
+        label = _LABELS.get(driver, driver)
+        UNREACHABLE.setdefault(label, f"{url}: {exc}")
+        pytest.skip(f"{label} at {url} is not reachable here ({exc}); .ci/run provides it")
 
 
 @contextlib.contextmanager
