@@ -15,6 +15,7 @@ from backends.base import Backend
 from pacifica_like.app import build_app
 from pacifica_like.config import DEFAULT_CATALOG_NAME, Settings, load_settings
 
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Say plainly which database-server halves of the suite did not run, and why."""
     from dbservers import UNREACHABLE
