@@ -66,16 +66,28 @@ backend = settings.archive.backend if "backend" in named else IMAGE_DEFAULTS["ba
 prefix = settings.archive.prefix if "prefix" in named else IMAGE_DEFAULTS["prefix"][1]
 print(f"BACKEND={backend}")
 print(f"DATA_DIR={prefix}")
+# uWSGI workers serve the bulk API but run no recall scheduler: a tape-backed archive gets
+# one `pacifica-like worker` beside them, unless [bulk] scheduler = off or there is no catalog.
+from backends import factory
+from backends.tape.backend import TapeBackend
+try:
+    tape_backed = issubclass(factory.resolve(backend), TapeBackend)
+except KeyError:
+    tape_backed = False
+wanted = tape_backed and settings.bulk.scheduler == "in-process" and settings.archive.catalog is not None
+print(f"SCHEDULER={1 if wanted else 0}")
 '
 }
 resolved=$(resolve_settings)
 backend=""
 data_dir=""
+scheduler=0
 while IFS='=' read -r name value; do
     case "$name" in
         PAI_BACKEND_TYPE | PAI_PREFIX) export "$name=$value" ;;
         BACKEND) backend=$value ;;
         DATA_DIR) data_dir=$value ;;
+        SCHEDULER) scheduler=$value ;;
         *) die "unexpected settings line: $name=$value" ;;
     esac
 done <<<"$resolved"
@@ -111,6 +123,12 @@ probe=$(mktemp -p "$data_dir" .entrypoint-probe.XXXXXX 2>/dev/null) \
         "(chown it, or mount the volume read-write)"
 rm -f -- "$probe"
 
+# The bulk-staging recall scheduler, as a daemon uWSGI starts, restarts if it dies, and stops.
+daemon=()
+if [[ "$scheduler" == 1 ]]; then
+    daemon=(--attach-daemon2 "cmd=$PAI_VENV/bin/pacifica-like worker,stopsignal=15")
+fi
+
 echo "entrypoint: $backend archive at $data_dir, uWSGI on ${PAI_LISTEN:-:8080}" >&2
 exec "$PAI_VENV/bin/uwsgi" \
     --http-socket "${PAI_LISTEN:-:8080}" \
@@ -124,4 +142,5 @@ exec "$PAI_VENV/bin/uwsgi" \
     --socket-timeout 60 \
     --chunked-input-limit 16777216 \
     --add-header "Connection: close" \
+    "${daemon[@]}" \
     "$@"

@@ -8,6 +8,7 @@ statically so it cannot drift away from the scripts.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -379,3 +380,56 @@ def test_entrypoint_stops_on_a_bad_archive_ini(installed: Installed, tmp_path: P
     result = installed.run_entrypoint(cwd=tmp_path, PAI_CONFIG=str(ini))
     assert result.returncode != 0
     assert f"{ini} [archive] no_such_key: unknown key" in result.stderr
+
+
+def workers_under(pid: int) -> list[str]:
+    """Return the command lines of `pacifica-like worker` processes descending from ``pid``."""
+    children: dict[int, list[int]] = {}
+    commands: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                commands[int(entry)] = handle.read().decode(errors="replace").split("\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            argv = commands.get(child, [])
+            if any(a.endswith("/pacifica-like") and b == "worker" for a, b in itertools.pairwise(argv)):
+                found.append(" ".join(argv))
+    return found
+
+
+@pytest.mark.live
+def test_entrypoint_runs_the_recall_scheduler_beside_uwsgi_only_for_tape(
+    installed: Installed, served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert workers_under(served.server.process.pid) == []  # posix: nothing to recall
+    library = tmp_path / "library"
+    env = {
+        "PAI_BACKEND_TYPE": "tape",
+        "PAI_PREFIX": str(tmp_path / "data"),
+        "PAI_TAPE_LIBRARY": str(library),
+        "PAI_TAPE_TIME_SCALE": "0",
+    }
+    initialised = installed.run_entrypoint("tape", "init", cwd=tmp_path, **env)
+    assert initialised.returncode == 0, initialised.stderr
+    for key in [key for key in os.environ if key.startswith("PAI_")]:
+        monkeypatch.delenv(key)
+    port = free_port()
+    env |= {"PAI_LISTEN": f"127.0.0.1:{port}", "PAI_PROCESSES": "2"}
+    command = [str(installed.entrypoint)]
+    with run_server(command, port, env, log_path=str(tmp_path / "server.log"), timeout=60) as server:
+        deadline = time.monotonic() + 30
+        while not (workers := workers_under(server.process.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(workers) == 1, server.log()[-3000:]
+        status, body = http("GET", f"{server.url}/.well-known/wlcg-tape-rest-api")
+        assert status == 200 and json.loads(body)["endpoints"][0]["version"] == "v1"
