@@ -76,7 +76,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         url = redact_url(settings.sideband_url())
         disable = progress_disabled(args.progress)
         with tqdm(desc="scan", unit=" files", disable=disable) as bar:
-            plan = plan_load(updater, bar.update)
+            plan = plan_load(updater, bar.update, create=not args.dry_run)
         document: dict[str, object] = {"database": url, "dry_run": args.dry_run, **plan.summary()}
         if args.dry_run:
             document["files"] = {"add": plan.add, "update": plan.update, "remove": plan.remove}

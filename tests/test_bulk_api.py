@@ -316,3 +316,32 @@ def test_without_a_catalog_the_bulk_api_says_so(archive):
     answer = problem(app.post_json("/api/v1/stage", {"files": [{"path": "/1"}]}, expect_errors=True), 501)
     assert "catalog" in answer["detail"]
     assert app.get("/.well-known/wlcg-tape-rest-api").status_int == 200
+
+
+def test_odd_query_parameters_paths_and_ids_are_400_or_404_never_500(archive):
+    settings, backend = archive()
+    store_offline(backend, {1: 10})
+    app = http(settings, backend)
+    request_id = submit(app, ["/1"]).json["requestId"]
+    url = f"/api/v1/stage/{request_id}"
+    for query in (
+        "limit=1&limit=2",  # a repeated parameter arrives as a list
+        "cursor=1&cursor=2",
+        "limit=%C2%B2",  # "²" passes str.isdigit() but not int()
+        "cursor=%C2%B2",
+        "cursor=9999999999999999999",  # 19 digits, past 2**63-1
+        "limit=-1",
+        "state=DONE",
+    ):
+        assert problem(app.get(f"{url}?{query}", expect_errors=True), 400)["detail"], query
+    # Paths no database can hold (PostgreSQL refuses NUL; no driver encodes a lone surrogate).
+    for raw in (b'{"files":[{"path":"/\\ud800"}]}', b'{"files":[{"path":"/1\\u0000"}]}'):
+        answer = app.post("/api/v1/stage", raw, content_type="application/json", expect_errors=True)
+        assert '"files"[0].path' in problem(answer, 400)["detail"]
+    cancel = app.post(f"{url}/cancel", b'{"paths":["/\\ud800"]}', content_type="application/json", status="*")
+    assert '"paths"[0]' in problem(cancel, 400)["detail"]
+    # Ids that are not of the form the server hands out are unknown, whatever they hold.
+    for bad in ("%00", "a" * 5000, "%C3%A9t%C3%A9"):
+        problem(app.get(f"/api/v1/stage/{bad}", expect_errors=True), 404)
+        problem(app.delete(f"/api/v1/stage/{bad}", expect_errors=True), 404)
+    assert poll(app, request_id, limit=1)["files"][0]["path"] == "/1"

@@ -133,6 +133,21 @@ def test_volume_claims_respect_the_drive_cap_across_owners(archive):
     assert store.claim_volume("A", second, cap=2)
 
 
+def test_fewer_recalls_in_flight_than_drives_holds_fewer_drives(archive):
+    # Mounts take a moment, so both volume threads would still be running after one pass.
+    slow_mounts = {"time_scale": 1.0, "mount_seconds": 0.5, "unmount_seconds": 0, "locate_seconds": 0}
+    settings, backend = archive(bulk={"max_recalls_in_flight": 1}, tape=slow_mounts)
+    store_offline(backend, {1: 100, 2: 100}, spread=2)
+    assert len({backend.catalog.current_copies(i)[0].vsn for i in (1, 2)}) == 2
+    app = http(settings, backend)
+    request_id = submit(app, ["/1", "/2"]).json["requestId"]
+    running = scheduler(settings, backend)
+    running.run_pass()
+    assert len(running.active_volumes()) == 1  # two drives, but one recall in flight at most
+    assert running.run_until_idle(timeout=TIMEOUT)
+    assert set(states(poll(app, request_id)).values()) == {"COMPLETED"}
+
+
 # -- pins --------------------------------------------------------------------------------
 
 
@@ -339,3 +354,82 @@ def test_claims_left_by_a_stopped_volume_thread_are_queued_again(archive):
     assert states(poll(app, request_id)) == {"/1": "SUBMITTED", "/2": "SUBMITTED"}
     assert scheduler(settings, backend).run_until_idle(timeout=TIMEOUT)
     assert states(poll(app, request_id)) == {"/1": "COMPLETED", "/2": "COMPLETED"}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mysql"])
+def test_a_request_stored_while_its_shared_recall_ends_is_still_served(kind, archive, tmp_path: Path):
+    """Request B shares file 1's running job while that recall ends: B's file must still finish.
+
+    B's insert of the shared job (ON CONFLICT DO NOTHING / INSERT IGNORE) and the
+    end of the recall (job deleted, open rows completed) run in two transactions
+    that cross; on PostgreSQL the insert locks nothing, so B's row was left
+    SUBMITTED with no job, forever.
+    """
+    import threading
+
+    from pacifica_like.bulk.store import SUBMITTED, NewFile
+
+    with database(kind, tmp_path) as url:
+        settings, backend = archive(archive={"catalog": url})
+        store_offline(backend, {1: 5000})
+        app = http(settings, backend)
+        first = submit(app, ["/1"]).json["requestId"]
+        position = backend.tape_positions([1])[1]
+        store = BulkStore.open(url)
+        other = BulkStore.open(url)
+        store.held_volumes()  # tables ensured now: CREATE INDEX IF NOT EXISTS would wait for B
+        inserted, proceed = threading.Event(), threading.Event()
+        insert_rows = other._insert_rows
+
+        def insert_then_pause(model, fields, rows, ignore_duplicates=False):
+            insert_rows(model, fields, rows, ignore_duplicates)
+            if model is other.Job:  # B's shared job is "inserted"; its transaction is still open
+                inserted.set()
+                proceed.wait(TIMEOUT)
+
+        other._insert_rows = insert_then_pause  # type: ignore[method-assign]
+        created: list[str] = []
+        entry = NewFile("/1", SUBMITTED, 1, position.size, position.vsn, position.position, pin_seconds=60)
+        storing = threading.Thread(target=lambda: created.append(other.create_request("b", [entry])))
+        storing.start()
+        assert inserted.wait(TIMEOUT)
+        assert backend.recall(1)  # the running recall's bytes land, and it records its end
+        ending = threading.Thread(target=store.finish_job, args=(1, "someone", "COMPLETED"))
+        ending.start()
+        time.sleep(0.5)  # the end goes first where the database lets it
+        proceed.set()
+        storing.join(TIMEOUT)
+        ending.join(TIMEOUT)
+        other.close()
+        (second,) = created
+        assert scheduler(settings, backend).run_until_idle(timeout=TIMEOUT)
+        for request_id in (first, second):
+            assert set(states(poll(app, request_id)).values()) == {"COMPLETED"}, (kind, request_id)
+        store.drop_tables()
+        store.close()
+
+
+def test_a_file_pinned_while_the_release_command_drops_it_is_back_on_disk(archive):
+    """A stage request that finds the file on disk and pins it between release's pin check and
+    the release itself queues no recall: the release must not leave that pinned file offline."""
+    settings, backend = archive()
+    store_offline(backend, {1: 700})
+    app = http(settings, backend)
+    assert backend.recall(1) and on_disk(backend, 1) == content(1, 700)  # DUAL: releasable
+    pins = BulkStore.open(settings.archive.catalog).pins
+    steps = operations.plan_release(backend, [1], pins)
+    assert [s.action for s in steps] == ["release"]
+    requests: list[str] = []
+
+    def pins_then_a_request_pins_it(ids: list[int]) -> dict[int, float]:
+        found = pins(ids)
+        if not requests:  # the check just before the release: then a request comes in
+            requests.append(submit(app, ["/1"]).json["requestId"])
+        return found
+
+    outcome = operations.run_release(backend, steps, pinned=pins_then_a_request_pins_it)
+    (request_id,) = requests
+    document = poll(app, request_id)
+    assert states(document) == {"/1": "COMPLETED"} and document["files"][0]["onDisk"] is True
+    assert on_disk(backend, 1) == content(1, 700)
+    assert [s.file_id for s in outcome.skipped] == [1] and not outcome.done and not outcome.failed

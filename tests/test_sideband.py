@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,11 @@ from backends.sideband.backend import ExternalSidebandBackend, SidebandBackend
 from backends.sideband.identity import generation, name_hash
 from backends.tape import operations
 from backends.tape.backend import TapeBackend
+from backends.tape.stager import HEADER_SIZE
 from pacifica_like.app import build_app
 from pacifica_like.cli import main
 from pacifica_like.config import load_settings
+from pacifica_like.errors import StorageUnavailable
 
 TIMEOUT = 10
 
@@ -50,7 +53,7 @@ def make_sideband(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     """Build sideband backends over one library and SAM-QFS directory in tmp_path (closed at the end)."""
     built: list[Any] = []
 
-    def build(url: str, hsm: str = "emulator", **archive: Any) -> Any:
+    def build(url: str, hsm: str = "emulator", sideband: dict[str, Any] | None = None, **archive: Any) -> Any:
         tape = {"library": str(tmp_path / "library"), "time_scale": 0.0, "volume_capacity": 64 << 20}
         flags = {
             "archive": {
@@ -60,7 +63,12 @@ def make_sideband(tmp_path: Path) -> Iterator[Callable[..., Any]]:
                 **archive,
             },
             "tape": tape,
-            "sideband": {"database": url, "sam_qfs_prefix": str(tmp_path / "qfs"), "hsm": hsm},
+            "sideband": {
+                "database": url,
+                "sam_qfs_prefix": str(tmp_path / "qfs"),
+                "hsm": hsm,
+                **(sideband or {}),
+            },
         }
         settings = init_tape_library(load_settings(flags=flags, env={}))
         built.append(factory.create(settings))
@@ -272,6 +280,32 @@ def test_tape_backend_with_a_sideband_database_keeps_it_too(make_tape, tmp_path:
 # -- HEAD: clear errors when the database and the disk disagree ---------------------------------
 
 
+def test_a_copy_found_bad_leaves_the_archive_rows_and_the_tape_positions(make_sideband, db: str):
+    backend = make_sideband(db)
+    store(backend, 60, b"verified, then damaged on tape")
+    store(backend, 61, b"damaged on tape, found by a recall")
+    migrate(backend, 60, 61)
+    release(backend, 60, 61)
+    for file_id in (60, 61):
+        copy = backend.catalog.current_copies(file_id)[0]
+        with open(backend.library.volume_path(copy.vsn), "r+b") as volume:
+            volume.seek(copy.offset + HEADER_SIZE + 3)
+            volume.write(b"\xff")
+    assert set(backend.tape_positions([60, 61])) == {60, 61}
+    damaged = backend.catalog.current_copies(60)[0]
+    checks, _ = operations.run_verify(backend, {damaged.vsn: [damaged]})
+    assert [c.mismatches for c in checks] == [[60]]
+    with pytest.raises(StorageUnavailable):
+        backend.recall(61)
+    assert backend.tape_positions([60, 61]) == {}
+    assert [r for r in tables(db)["sam_archive"] if not r[-2]] == []  # no live copy row is left
+    assert app_head_copies(backend, 60) == app_head_copies(backend, 61) == ""
+
+
+def app_head_copies(backend: Any, file_id: int) -> str:
+    return http(backend).head(f"/{file_id}").headers["X-Pacifica-Archive-Copies"]
+
+
 def test_head_names_files_out_of_step_with_the_database(make_sideband, db: str):
     backend = make_sideband(db)
     app = http(backend)
@@ -388,6 +422,8 @@ def test_external_hsm_reads_status_and_never_writes_the_tables(make_sideband, db
     store(emulated, 50, b"online file")
     store(emulated, 51, b"offline file")
     migrate(emulated, 50, 51)
+    # The HSM numbers its own schema: the gateway reads its tables whatever sam_version says.
+    execute(db, "UPDATE sam_version SET version = 5")
     external = make_sideband(db, hsm="external")
     assert isinstance(external, ExternalSidebandBackend)
     # The real HSM released 51: its inode stays on disk with online = 0.
@@ -417,6 +453,7 @@ class Proxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.up = True
+        self.hanging = False
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -427,6 +464,9 @@ class Proxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.hanging:
+                self._sockets.append(client)  # a network that drops every packet: no answer, ever
+                continue
             if not self.up:
                 client.close()  # the "server" is gone: the handshake fails at once
                 continue
@@ -440,11 +480,11 @@ class Proxy:
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                sink.sendall(data)
+                if not self.hanging:
+                    sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
 
@@ -457,8 +497,13 @@ class Proxy:
                 sock.close()
             self._sockets.clear()
 
+    def hang(self) -> None:
+        """Keep every connection open but forward nothing (a cable cut, not a server stop)."""
+        self.hanging = True
+
     def restore(self) -> None:
         self.up = True
+        self.hanging = False
 
     def close(self) -> None:
         self.cut()
@@ -497,6 +542,29 @@ def test_database_outage_gives_503_keeps_get_working_and_recovers_by_itself(make
             proxy.close()
 
 
+def test_a_silent_network_costs_a_head_no_more_than_the_timeout_and_recovers(make_sideband):
+    """Packets dropped, not refused: each HEAD waits at most about connect_timeout, never twice that."""
+    with scratch_database("mysql", "pl_sideband") as url:
+        host_port = url.rpartition("/")[0].rsplit("@", 1)[-1]
+        proxy = Proxy((host_port.split(":")[0], int(host_port.split(":")[1])))
+        try:
+            backend = make_sideband(
+                url.replace(host_port, f"127.0.0.1:{proxy.port}"), sideband={"connect_timeout": 1}
+            )
+            app = http(backend)
+            store(backend, 61, b"online data")
+            assert app.head("/61").status_int == 204
+            proxy.hang()
+            for _ in range(2):  # the pooled connection times out; then a fresh one cannot connect
+                started = time.monotonic()
+                assert app.request("/61", method="HEAD", expect_errors=True).status_int == 503
+                assert time.monotonic() - started < 1.8
+            proxy.restore()
+            assert app.head("/61").status_int == 204
+        finally:
+            proxy.close()
+
+
 def test_a_password_in_the_url_never_reaches_the_client(make_sideband, tmp_path: Path):
     # Nothing listens on this port: every query fails, and the message names the database.
     with socket.create_server(("127.0.0.1", 0)) as placeholder:
@@ -505,3 +573,108 @@ def test_a_password_in_the_url_never_reaches_the_client(make_sideband, tmp_path:
     answer = http(backend).get("/ready", expect_errors=True)
     assert answer.status_int == 503
     assert "mysql://samdb:***@127.0.0.1" in answer.json["reason"] and "s3cret" not in answer.text
+
+
+# -- the pool: threads come and go, connections stay bounded -----------------------------------
+
+
+def in_thread(call: Callable[[], Any]) -> Any:
+    """Run ``call`` in a new thread (which then ends); return its result or raise its exception."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except Exception as exc:
+            outcome.append((False, exc))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(TIMEOUT)
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def test_connections_of_finished_threads_go_back_to_the_pool(make_sideband, db: str):
+    """Each thread keeps its pooled connection; one that ended must not hold it for good."""
+    backend = make_sideband(db, sideband={"connect_timeout": 0.5, "max_connections": 2})
+    app = http(backend)
+    store(backend, 70, b"pooled")
+    # More threads, one after the other, than the pool has connections.
+    answers = [in_thread(lambda: app.head("/70", expect_errors=True).status_int) for _ in range(5)]
+    assert answers == [204] * 5
+
+
+def test_a_pool_exhausted_by_live_threads_is_a_503_naming_the_setting(make_sideband, db: str):
+    backend = make_sideband(db, sideband={"connect_timeout": 0.2, "max_connections": 1})
+    app = http(backend)
+    store(backend, 71, b"pooled")  # this thread, still alive, now holds the only connection
+    assert in_thread(lambda: app.get("/71", expect_errors=True)).body == b"pooled"  # GET reads the disk
+    assert in_thread(lambda: app.request("/71", method="HEAD", expect_errors=True)).status_int == 503
+    with pytest.raises(StorageUnavailable, match=r"all 1 pooled connections .*max_connections"):
+        in_thread(lambda: backend.status(71))
+    assert backend.status(71).size == len(b"pooled")  # the holder still answers
+
+
+# -- a database of another schema version ------------------------------------------------------
+
+
+def test_a_database_of_another_schema_version_is_refused_and_left_alone(make_sideband, db: str):
+    execute(db, "CREATE TABLE sam_version (id INTEGER PRIMARY KEY, version INTEGER)")
+    execute(db, "INSERT INTO sam_version VALUES (1, 7)")
+    backend = make_sideband(db)
+    app = http(backend)
+    assert app.put("/80", b"kept on disk", headers={"Last-Modified": LAST_MODIFIED}).status_int == 201
+    ready = app.get("/ready", expect_errors=True)
+    assert ready.status_int == 503
+    assert "schema version 7, but this gateway reads and writes version 1" in ready.json["reason"]
+    assert app.request("/80", method="HEAD", expect_errors=True).status_int == 503
+    with pytest.raises(StorageUnavailable, match="schema version 7"):
+        backend.status(80)
+    assert app.get("/80").body == b"kept on disk"
+    database = connect(db)
+    try:
+        assert database.get_tables() == ["sam_version"]  # nothing created in someone else's database
+    finally:
+        database.close()
+
+
+def test_an_external_database_without_the_sideband_tables_is_refused_and_left_alone(make_sideband, db: str):
+    execute(db, "CREATE TABLE sam_version (id INTEGER PRIMARY KEY, version INTEGER)")
+    execute(db, "INSERT INTO sam_version VALUES (1, 7)")
+    backend = make_sideband(db, hsm="external")
+    app = http(backend)
+    assert app.put("/81", b"kept on disk", headers={"Last-Modified": LAST_MODIFIED}).status_int == 201
+    ready = app.get("/ready", expect_errors=True)
+    assert ready.status_int == 503
+    assert "has no sam_inode, sam_path, sam_archive table" in ready.json["reason"]
+    assert app.request("/81", method="HEAD", expect_errors=True).status_int == 503
+    assert app.get("/81").body == b"kept on disk"
+    database = connect(db)
+    try:
+        assert database.get_tables() == ["sam_version"]  # nothing created in the HSM's database
+    finally:
+        database.close()
+
+
+def test_a_dry_run_load_creates_no_database_and_no_tables(
+    make_sideband, db: str, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    backend = make_sideband(f"sqlite:///{tmp_path / 'unused.sqlite'}")
+    store(backend, 1, b"one")
+    store(backend, 2, b"two")
+    migrate(backend, 2)
+    release(backend, 2)
+    fresh = tmp_path / "sub" / "fresh.sqlite"
+    for url in (db, f"sqlite:///{fresh}"):
+        ini = write_ini(tmp_path, backend, url)
+        plan = load(ini, capsys, "--dry-run")
+        assert (plan["add"], plan["files"]["add"], plan["unchanged"]) == (2, [1, 2], 0)
+    assert not fresh.exists() and not fresh.parent.exists()
+    database = connect(db)
+    try:
+        assert database.get_tables() == []
+    finally:
+        database.close()

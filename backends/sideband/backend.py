@@ -26,6 +26,7 @@ import errno
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -80,14 +81,24 @@ class SidebandIndex:
         self.prepare: Callable[[], None] = lambda: None
 
     def query(self, what: str, run: Callable[[], _T]) -> _T:
-        """Run ``run()`` on a pooled connection, retrying once on a fresh one; StorageUnavailable if down."""
+        """Run ``run()`` on a pooled connection, retrying once on a fresh one; StorageUnavailable if down.
+
+        Only a connection kept from an earlier request that failed at once is
+        retried (the server restarted and dropped it). A fresh connection that
+        failed, or one that timed out, is not: the second try would only fail
+        the same way and double the time the request waits.
+        """
+        started = time.monotonic()
+        reused = not self.db.is_closed()
         try:
             with models.translate_errors(self.db, what):
                 self.prepare()
             with models.translate_errors(self.db, what), models.connected(self.db):
                 return run()
         except StorageUnavailable as first:
-            if not isinstance(first.__cause__, peewee.InterfaceError | peewee.OperationalError):
+            quick = time.monotonic() - started < self.db.connect_timeout / 2  # type: ignore[attr-defined]
+            broken = isinstance(first.__cause__, peewee.InterfaceError | peewee.OperationalError)
+            if not (reused and quick and broken):
                 raise
         with models.translate_errors(self.db, what), models.connected(self.db):
             return run()
@@ -291,7 +302,9 @@ class ExternalSidebandBackend(PosixBackend):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(_on_cache(settings))
-        self.index = SidebandIndex(_open(settings, settings.sideband_url()), offline_on_disk=True)
+        db = _open(settings, settings.sideband_url())
+        self.index = SidebandIndex(db, offline_on_disk=True)
+        self.index.prepare = lambda: models.check_tables(db)
         self._stager = ThreadPoolExecutor(max_workers=4)
         self._staging: set[int] = set()
         self._staging_lock = threading.Lock()

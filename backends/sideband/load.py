@@ -11,11 +11,15 @@ rows the live upkeep writes.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import peewee
+
 from backends.sideband.identity import ParentCache, read_disk_file
-from backends.sideband.models import connected, translate_errors
+from backends.sideband.models import check_schema, connected, translate_errors
 from backends.sideband.updater import SidebandUpdater, desired_rows
 from backends.tape.catalog import CopyInfo, to_info
 from backends.tape.catalog import translate_db_errors as translate_catalog_errors
@@ -65,14 +69,38 @@ def _all_copies(updater: SidebandUpdater) -> dict[int, list[CopyInfo]]:
     return copies
 
 
-def plan_load(updater: SidebandUpdater, progress: Callable[[int], None] = lambda n: None) -> LoadPlan:
-    """Compare the database with the disk cache and the tape catalog; change nothing."""
+def _tables_exist(db: peewee.Database) -> bool:
+    """True when the sideband tables are there; asks without creating a SQLite file that is not."""
+    if isinstance(db, peewee.SqliteDatabase) and not os.path.exists(db.database):
+        return False
+    with translate_errors(db, "cannot read the sideband tables"), connected(db):
+        if not db.table_exists("sam_version"):
+            return False
+    with translate_errors(db, "cannot read the sideband tables"):
+        check_schema(db)
+    return True
+
+
+def plan_load(
+    updater: SidebandUpdater, progress: Callable[[int], None] = lambda n: None, create: bool = True
+) -> LoadPlan:
+    """Compare the database with the disk cache and the tape catalog; change nothing but, with
+    ``create``, the tables (made where missing). Without ``create`` (a dry run) a database
+    without the tables, or a SQLite file that does not exist, counts as empty and is left so.
+    """
     backend = updater.backend
     db = updater.db
-    with translate_errors(db, "cannot create the sideband tables"):
-        updater.prepare()
-    with translate_errors(db, "cannot read the sideband tables"), connected(db):
-        held_paths = {row[0]: (int(row[1]), int(row[2])) for row in db.execute_sql(_paths_sql(db)).fetchall()}
+    if create:
+        with translate_errors(db, "cannot create the sideband tables"):
+            updater.prepare()
+        exists = True
+    else:
+        exists = _tables_exist(db)
+    held_paths: dict[str, tuple[int, int]] = {}
+    if exists:
+        with translate_errors(db, "cannot read the sideband tables"), connected(db):
+            rows = db.execute_sql(_paths_sql(db)).fetchall()
+            held_paths = {row[0]: (int(row[1]), int(row[2])) for row in rows}
     copies = _all_copies(updater)
     ids = set(backend.list_ids()) | set(copies)
     by_path = {backend.relpath(file_id): file_id for file_id in ids}
@@ -85,11 +113,18 @@ def plan_load(updater: SidebandUpdater, progress: Callable[[int], None] = lambda
             else:
                 plan.remove.append(file_id)
     parents = ParentCache()
-    with translate_errors(db, "cannot read the sideband tables"), connected(db):
+    with translate_errors(db, "cannot read the sideband tables"), contextlib.ExitStack() as stack:
+        if exists:
+            stack.enter_context(connected(db))
         for relpath, file_id in sorted(by_path.items(), key=lambda item: item[1]):
             existing = held_paths.get(relpath)
             disk = read_disk_file(backend.path(file_id), parents)
             file_copies = copies.get(file_id, [])
+            if not exists:
+                if disk is not None or any(not c.stale for c in file_copies):
+                    plan.add.append(file_id)
+                progress(1)
+                continue
             wanted = desired_rows(relpath, file_id, disk, file_copies, updater.identity_for(disk, existing))
             held = updater.stored_rows(existing) if existing is not None else None
             if (

@@ -26,12 +26,13 @@ import contextlib
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import peewee
-from playhouse.pool import PooledMySQLDatabase, PooledSqliteDatabase
+from playhouse.pool import MaxConnectionsExceeded, PooledMySQLDatabase, PooledSqliteDatabase
 
 from pacifica_like.config import redact_url
 from pacifica_like.errors import StorageUnavailable
@@ -137,7 +138,54 @@ class SamVersion(_SamModel):
 MODELS = (SamVersion, SamInode, SamFile, SamPath, SamArchive)
 
 
-class _MySQLPool(PooledMySQLDatabase):
+class _ThreadBoundPool:
+    """A pool whose connections stay with the thread that took them, until that thread ends.
+
+    :func:`connected` never checks a connection back in (see there), so a
+    thread that ended would hold its connection for good and, after
+    ``max_connections`` such threads, every new one would wait and fail. When
+    the pool is full, connections of threads that have ended are closed and
+    their places freed.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        #: Connection key -> the thread that took it.
+        self._owners: dict[int, weakref.ref[threading.Thread]] = {}
+        super().__init__(*args, **kwargs)
+
+    def _connect(self) -> Any:
+        with self._pool_lock:  # type: ignore[attr-defined]
+            try:
+                conn = super()._connect()  # type: ignore[misc]
+            except MaxConnectionsExceeded:
+                if not self._reclaim_ended_threads():
+                    raise
+                conn = super()._connect()  # type: ignore[misc]
+            self._owners[self.conn_key(conn)] = weakref.ref(threading.current_thread())  # type: ignore[attr-defined]
+            return conn
+
+    def _reclaim_ended_threads(self) -> bool:
+        """Close the in-use connections whose threads have ended; True if any place was freed."""
+        freed = False
+        with self._pool_lock:  # type: ignore[attr-defined]
+            for key, held in list(self._in_use.items()):  # type: ignore[attr-defined]
+                owner = self._owners.get(key)
+                if owner is None:
+                    continue  # not taken through this class: leave it alone
+                thread = owner()
+                if thread is None or not thread.is_alive():
+                    del self._in_use[key]  # type: ignore[attr-defined]
+                    self._owners.pop(key, None)
+                    self._close_raw(held.connection)  # type: ignore[attr-defined]
+                    freed = True
+        return freed
+
+
+class _SqlitePool(_ThreadBoundPool, PooledSqliteDatabase):
+    """The SQLite pool (see :class:`_ThreadBoundPool`)."""
+
+
+class _MySQLPool(_ThreadBoundPool, PooledMySQLDatabase):
     """PyMySQL pool that checks a connection out without a round trip.
 
     playhouse.pool pings every connection it hands out (a round trip per
@@ -162,7 +210,7 @@ def open_database(url: str, connect_timeout: float, max_connections: int) -> pee
     scheme = parts.scheme.lower()
     if scheme == "sqlite":
         path = url.split("://", 1)[1][1:]
-        db: peewee.Database = PooledSqliteDatabase(
+        db: peewee.Database = _SqlitePool(
             path,
             max_connections=max_connections,
             stale_timeout=STALE_SECONDS,
@@ -194,10 +242,14 @@ def open_database(url: str, connect_timeout: float, max_connections: int) -> pee
             connect_timeout=timeout,
             read_timeout=timeout,
             write_timeout=timeout,
+            # A row lock waited for must give up (error 1205, retried) before the read timeout
+            # drops the connection (InnoDB waits 50 s by default); else the refresh is lost.
+            init_command=f"SET SESSION innodb_lock_wait_timeout = {max(1, timeout - 1)}",
         )
     else:
         raise StorageUnavailable(f"unsupported sideband database {redact_url(url)}")
     db.display_url = redact_url(url)  # type: ignore[attr-defined]
+    db.connect_timeout = connect_timeout  # type: ignore[attr-defined]
     database.initialize(db)
     return db
 
@@ -233,6 +285,12 @@ def translate_errors(db: peewee.Database, what: str) -> Iterator[None]:
         yield
     except StorageUnavailable:
         raise
+    except MaxConnectionsExceeded as exc:
+        raise StorageUnavailable(
+            f"sideband database {db.display_url}: {what}: all {db._max_connections} pooled connections "  # type: ignore[attr-defined]
+            "are held by other threads; raise [sideband] max_connections above the number of threads "
+            "that use the database (request threads, recalls, bulk workers)"
+        ) from exc
     except (peewee.PeeweeException, OSError) as exc:
         discard_connection(db)
         reason = str(exc).strip() or type(exc).__name__
@@ -248,21 +306,71 @@ def discard_connection(db: peewee.Database) -> None:
             db.manual_close()
 
 
-_schema_lock = threading.Lock()
 _schema_ready: set[tuple[int, str]] = set()
 
 
 def create_schema(db: peewee.Database) -> None:
-    """Create the tables and the version row where missing (once per process and database)."""
-    key = (os.getpid(), str(db.database))
+    """Create the tables and the version row where missing, then check the version (once per process)."""
+    key = (os.getpid(), str(db.database), "create")
     if key in _schema_ready:
         return
-    with _schema_lock:
-        if key in _schema_ready:
-            return
-        if isinstance(db, peewee.SqliteDatabase):
-            os.makedirs(os.path.dirname(db.database) or ".", exist_ok=True)
-        with connected(db), db.bind_ctx(MODELS):
-            db.create_tables(MODELS, safe=True)
-            SamVersion.insert(id=1, version=SCHEMA_VERSION).on_conflict_ignore().execute()
-        _schema_ready.add(key)
+    # No lock across the round trips: with the server unreachable, threads waiting in turn
+    # would each add a connect timeout to the next one's wait. Both statements are idempotent.
+    if isinstance(db, peewee.SqliteDatabase):
+        os.makedirs(os.path.dirname(db.database) or ".", exist_ok=True)
+    with connected(db), db.bind_ctx(MODELS):
+        if db.table_exists(SamVersion._meta.table_name):
+            _require_version(db)  # before creating anything in a database of another schema
+        db.create_tables(MODELS, safe=True)
+        SamVersion.insert(id=1, version=SCHEMA_VERSION).on_conflict_ignore().execute()
+        _require_version(db)
+    _schema_ready.add(key)
+
+
+def check_schema(db: peewee.Database) -> None:
+    """Raise unless the database holds the sideband tables at our schema version (once per process).
+
+    For a database someone else keeps: nothing is created.
+    """
+    key = (os.getpid(), str(db.database), "check")
+    if key in _schema_ready:
+        return
+    with connected(db):
+        _require_version(db)
+    _schema_ready.add(key)
+
+
+#: The tables HEAD and the scheduler read; a database someone else keeps must have them.
+READ_TABLES = ("sam_inode", "sam_path", "sam_archive")
+
+
+def check_tables(db: peewee.Database) -> None:
+    """Raise unless the database holds the tables the gateway reads (once per process).
+
+    For a database a real HSM keeps (``hsm = external``): nothing is created, and
+    ``sam_version`` is not compared, since the HSM numbers its own schema.
+    """
+    key = (os.getpid(), str(db.database), "tables")
+    if key in _schema_ready:
+        return
+    with connected(db):
+        missing = [table for table in READ_TABLES if not db.table_exists(table)]
+    if missing:
+        raise StorageUnavailable(
+            f"sideband database {db.display_url} has no {', '.join(missing)} "  # type: ignore[attr-defined]
+            "table: [sideband] database must name the HSM's sideband schema"
+        )
+    _schema_ready.add(key)
+
+
+def _require_version(db: peewee.Database) -> None:
+    """StorageUnavailable unless ``sam_version`` says :data:`SCHEMA_VERSION`: other columns, other rows."""
+    left, right = db.quote[0], db.quote[-1]
+    sql = f"SELECT {left}version{right} FROM {left}sam_version{right}"
+    found = sorted({int(row[0]) for row in db.execute_sql(sql).fetchall()})
+    if found != [SCHEMA_VERSION]:
+        raise StorageUnavailable(
+            f"sideband database {db.display_url} holds schema version "  # type: ignore[attr-defined]
+            f"{', '.join(map(str, found)) or '(none: sam_version is empty)'}, but this gateway reads and "
+            f"writes version {SCHEMA_VERSION}; point [sideband] database at a database of that version"
+        )

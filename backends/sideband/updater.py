@@ -352,7 +352,7 @@ class SidebandUpkeep:
         """Refresh ``file_id``'s rows after ``event`` (stored, migrated, released...)."""
         try:
             self.updater.refresh(file_id)
-        except (ArchiveError, OSError, peewee.PeeweeException) as exc:
+        except Exception as exc:  # the change is durable: no failure here may fail the request
             log.error(
                 "file %d was %s, but its sideband rows could not be updated (HEAD will report it "
                 "out of step until `pacifica-like sideband load` or its next change): %s",

@@ -401,11 +401,16 @@ class TapeBackend(PosixBackend):
                     os.unlink(leftover)
         temp = os.path.join(directory, f".{name}.{os.getpid()}-{time.monotonic_ns()}.recall")
         try:
-            if drive is not None and drive.vsn == copy.vsn:
-                drive.read_to(copy, temp)
-            else:
-                with self.library.drive(copy.vsn) as claimed:
-                    claimed.read_to(copy, temp)
+            try:
+                if drive is not None and drive.vsn == copy.vsn:
+                    drive.read_to(copy, temp)
+                else:
+                    with self.library.drive(copy.vsn) as claimed:
+                        claimed.read_to(copy, temp)
+            except CopyDamaged:
+                # A copy that failed its checksum is marked bad: it leaves the file's archive rows.
+                self.sideband_upkeep.changed(file_id, "damaged")
+                raise
             with translate_os_errors(f"cannot store recalled file {file_id}"):
                 fd = os.open(temp, os.O_RDONLY)
             # Open until the end: while it is, no other file can get this inode's number.

@@ -358,7 +358,9 @@ def run_release(
     """Release the planned files; refusals from the plan count as failures.
 
     With ``pinned``, each file's pins are looked up again just before its
-    release, so a stage request that pinned it after the plan keeps it on disk.
+    release, so a stage request that pinned it after the plan keeps it on disk;
+    and once more just after: a request that found the file on disk and pinned
+    it while it was being released gets it recalled back before this returns.
     """
     with _Run(backend) as run:
         for step in run.take(steps, "release"):
@@ -368,8 +370,35 @@ def run_release(
                     Step(step.file_id, "skip", step.size, reason=_pinned_reason(pins[step.file_id]))
                 )
                 continue
-            run.attempt(step, functools.partial(backend.release, step.file_id), progress)
+            if pinned is None:
+                run.attempt(step, functools.partial(backend.release, step.file_id), progress)
+            else:
+                _release_unless_pinned(backend, run, step, pinned, progress)
     return run.outcome
+
+
+def _release_unless_pinned(
+    backend: TapeBackend, run: _Run, step: Step, pinned: PinLookup, progress: Progress
+) -> None:
+    """Release one file; if a pin appeared meanwhile, recall it back and count it as skipped."""
+    try:
+        backend.release(step.file_id)
+    except ArchiveError as exc:
+        run.fail(step.file_id, str(exc))
+        return
+    pins = pinned([step.file_id])
+    if step.file_id not in pins:
+        run.ok(step)
+        progress(step.size)
+        return
+    # The pin's request saw the file on disk (so it queued no recall): it must be there again.
+    try:
+        backend.recall(step.file_id)
+    except ArchiveError as exc:
+        run.fail(step.file_id, f"pinned while being released, and the recall back failed: {exc}")
+        return
+    reason = _pinned_reason(pins[step.file_id])
+    run.outcome.skipped.append(Step(step.file_id, "skip", step.size, reason=reason))
 
 
 # -- recall ----------------------------------------------------------------------
@@ -508,6 +537,8 @@ def run_verify(
                                 damaged = backend.library.copy(copy.id)
                                 target = check.mismatches if damaged.bad else check.unreadable
                                 target.append(copy.file_id)
+                                if damaged.bad:  # a bad copy leaves the file's archive rows
+                                    backend.sideband_upkeep.changed(copy.file_id, "damaged")
                             else:
                                 backend.catalog.record_verification(copy.id, "ok")
                                 run.ok(Step(copy.file_id, "verify", copy.size, vsn, copy.offset))

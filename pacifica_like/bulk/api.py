@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from http import HTTPStatus
@@ -36,7 +37,7 @@ from pacifica_like.bulk.store import (
 )
 from pacifica_like.config import Settings
 from pacifica_like.errors import ArchiveError, InvalidRequest
-from pacifica_like.id2filename import parse_id
+from pacifica_like.id2filename import MAX_ID, parse_id
 
 log = logging.getLogger("pacifica_like.error")
 
@@ -47,6 +48,8 @@ BODY_BYTES_PER_FILE = 256
 BODY_SLACK = 1 << 20
 #: Most files a poll returns in one page when the client asks for a limit.
 MAX_PAGE = 100_000
+#: The form of the request ids the store hands out; anything else (NUL, 5,000 characters) is simply unknown.
+_REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class PayloadTooLarge(ArchiveError):
@@ -166,7 +169,29 @@ def _paths_of(body: Any, limit: int) -> list[str]:
     bad = next((i for i, p in enumerate(paths) if not isinstance(p, str)), None)
     if bad is not None:
         raise InvalidRequest(f'"paths"[{bad}] is not a string')
+    bad = next((i for i, p in enumerate(paths) if not _storable(p)), None)
+    if bad is not None:
+        raise InvalidRequest(f'"paths"[{bad}] {_UNSTORABLE}')
     return paths
+
+
+#: Why a path is refused before any database sees it.
+_UNSTORABLE = "holds a NUL character or an unpaired surrogate, which no path can contain"
+
+
+def _storable(path: str) -> bool:
+    """True when ``path`` can be stored and compared by every catalog database.
+
+    PostgreSQL refuses NUL in text, and no driver encodes a lone surrogate
+    (JSON's ``\\ud800`` escape) as UTF-8: refused as bad input, not a 500.
+    """
+    if "\x00" in path:
+        return False
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def file_id_of(path: str) -> int | None:
@@ -251,6 +276,8 @@ class BulkAPI:
             path = entry["path"]
             if len(path) > MAX_PATH:
                 raise InvalidRequest(f'"files"[{index}].path is longer than {MAX_PATH} characters')
+            if not _storable(path):
+                raise InvalidRequest(f'"files"[{index}].path {_UNSTORABLE}')
             if path in seen:
                 duplicates.append(path)
                 continue
@@ -307,14 +334,18 @@ class BulkAPI:
     # -- poll --------------------------------------------------------------------
 
     def poll(
-        self, request_id: str, limit: str | None, cursor: str | None, state: str | list[str] | None
+        self,
+        request_id: str,
+        limit: str | list[str] | None,
+        cursor: str | list[str] | None,
+        state: str | list[str] | None,
     ) -> bytes:
         """Return a request's state: its files (one page) and the summary."""
         store = self.store
         page = _positive(limit, "limit", MAX_PAGE) if limit is not None else None
         after = _cursor(cursor)
         states = _states(state)
-        info = store.request(request_id)
+        info = store.request(request_id) if _REQUEST_ID.fullmatch(request_id) else None
         if info is None:
             raise RequestNotFound(f"no stage request {request_id!r} (never made, or deleted)")
         files, next_row = store.files(request_id, page, after, states)
@@ -344,7 +375,7 @@ class BulkAPI:
     def cancel(self, request_id: str) -> bytes:
         """Cancel the named files of a request (all or nothing)."""
         paths = _paths_of(_read_json(self.max_body), self.policy.max_files_per_request)
-        unknown = self.store.cancel(request_id, paths)
+        unknown = self.store.cancel(request_id, paths) if _REQUEST_ID.fullmatch(request_id) else None
         if unknown is None:
             raise RequestNotFound(f"no stage request {request_id!r} (never made, or deleted)")
         if unknown:
@@ -355,14 +386,14 @@ class BulkAPI:
 
     def delete(self, request_id: str) -> bytes:
         """Cancel what is still open, drop the request's pins and forget it."""
-        if not self.store.delete(request_id):
+        if not (_REQUEST_ID.fullmatch(request_id) and self.store.delete(request_id)):
             raise RequestNotFound(f"no stage request {request_id!r} (never made, or deleted)")
         return _json({"requestId": request_id})
 
     def release(self, request_id: str) -> bytes:
         """Drop the request's pins on the named files; disk space may then be reclaimed."""
         paths = _paths_of(_read_json(self.max_body), self.policy.max_files_per_request)
-        unknown = self.store.release(request_id, paths)
+        unknown = self.store.release(request_id, paths) if _REQUEST_ID.fullmatch(request_id) else None
         if unknown is None:
             raise RequestNotFound(f"no stage request {request_id!r} (never made, or deleted)")
         if unknown:
@@ -448,16 +479,33 @@ def _unrecallable(locality: str) -> str:
     return "no such file in the archive"
 
 
-def _positive(raw: str, name: str, most: int) -> int:
-    if not raw.isdigit() or not 1 <= int(raw) <= most:
+def _single(raw: str | list[str], name: str) -> str:
+    """Return a query parameter given once; CherryPy makes a repeated one a list."""
+    if isinstance(raw, list):
+        raise InvalidRequest(f"{name} is given {len(raw)} times; give it once")
+    return raw
+
+
+def _decimal(raw: str) -> bool:
+    # str.isdigit() also takes digits int() refuses ("²") and other scripts' digits.
+    return raw.isascii() and raw.isdigit()
+
+
+def _positive(raw: str | list[str], name: str, most: int) -> int:
+    raw = _single(raw, name)
+    if not _decimal(raw) or not 1 <= int(raw) <= most:
         raise InvalidRequest(f"{name} must be an integer from 1 to {most}, got {raw!r}")
     return int(raw)
 
 
-def _cursor(raw: str | None) -> int:
-    if raw is None or raw == "":
+def _cursor(raw: str | list[str] | None) -> int:
+    if raw is None:
         return 0
-    if not raw.isdigit() or len(raw) > 19:
+    raw = _single(raw, "cursor")
+    if raw == "":
+        return 0
+    # Row ids are signed 64-bit: a larger number is no cursor of ours (and overflows the driver).
+    if not _decimal(raw) or len(raw) > 19 or int(raw) > MAX_ID:
         raise InvalidRequest(f"cursor {raw!r} is not one this server handed out (use nextCursor)")
     return int(raw)
 

@@ -6,6 +6,8 @@ thread; ``pacifica-like worker`` runs only it). Each *pass*:
 1. takes back the work of schedulers that died (their recalls are queued
    again, or failed once they used up ``max_attempts``);
 2. fails recalls running longer than ``recall_timeout`` (the watchdog);
+   and, once a minute, queues again any open file left without a recall job
+   (two writers' transactions crossed; ``BulkStore.requeue_jobless``);
 3. picks volumes worth a mount (``mount_min_files`` files or
    ``mount_min_bytes`` bytes queued, or the oldest file waited
    ``max_wait_seconds``; waited-longest first) while fewer than ``drives``
@@ -41,6 +43,8 @@ log = logging.getLogger("pacifica_like.bulk")
 MAX_BACKOFF = 300.0
 #: Passes over a volume's queue in one mount (the second picks up files queued behind the head).
 PASSES_PER_MOUNT = 2
+#: Seconds between searches for open files left without a recall job (it scans every open file row).
+JOBLESS_SWEEP_SECONDS = 60.0
 
 
 class Scheduler:
@@ -50,8 +54,9 @@ class Scheduler:
         self.policy = settings.bulk
         self.backend = backend
         self.store = store
-        #: Volumes all schedulers on the database may hold at once.
-        self.drives = self.policy.drives or settings.tape.drives
+        #: Volumes all schedulers on the database may hold at once. Each held volume has at
+        #: least one recall in flight, so fewer recalls allowed than drives means fewer drives.
+        self.drives = min(self.policy.drives or settings.tape.drives, self.policy.max_recalls_in_flight)
         self.batch = max(1, self.policy.max_recalls_in_flight // self.drives)
         # A scheduler on another host is presumed dead once its heartbeat is this old.
         self.lease = self.policy.recall_timeout + 60.0
@@ -61,6 +66,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._next_sweep = 0.0  # monotonic; the first pass sweeps
 
     @classmethod
     def from_settings(cls, settings: Settings, backend: Backend) -> Scheduler:
@@ -148,6 +154,11 @@ class Scheduler:
             log.error(
                 "watchdog: %d recalls ran past recall_timeout and failed: %s", len(expired), expired[:10]
             )
+        if time.monotonic() >= self._next_sweep:
+            jobless = self.store.requeue_jobless(now)
+            if jobless:
+                log.warning("queued again %d files whose recall job was lost to a concurrent update", jobless)
+            self._next_sweep = time.monotonic() + JOBLESS_SWEEP_SECONDS
         active = self.active_volumes()
         orphans = self.store.requeue_orphans(self.owner, active)
         if orphans:

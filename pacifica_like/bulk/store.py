@@ -807,6 +807,42 @@ class BulkStore:
                 v.update(owner=None, claimed_at=None).where(v.owner == owner).execute()
         return requeued, failed
 
+    @_transaction("cannot queue again files without a recall job")
+    def requeue_jobless(self, now: float | None = None) -> int:
+        """Queue a recall again for every open file row that no job stands for; return how many.
+
+        Each writer keeps "every open row has a job" within its transaction, but
+        two can cross: a request that shares a running job inserts its row
+        while the job's end (or a cancel, or ``start_job`` seeing nobody wants
+        the file) deletes the job. Under PostgreSQL's READ COMMITTED the
+        shared insert (ON CONFLICT DO NOTHING) locks nothing, and under
+        MariaDB's REPEATABLE READ ``start_job`` decides on a snapshot that
+        predates the new row, so the row is left waiting for a job nobody will
+        run. Rather than lock every path against the others, the scheduler
+        repairs it: the new job finds the file on disk (completed at once) or recalls it.
+        """
+        now = time.time() if now is None else now
+        f, j = self.File, self.Job
+        with self.db.atomic():
+            query = f.select(f.file_id, f.vsn, f.position, f.size).where(
+                f.state.in_(OPEN_STATES)
+                & f.file_id.is_null(False)
+                & f.vsn.is_null(False)
+                & f.file_id.not_in(j.select(j.file_id))
+            )
+            jobs: dict[int, tuple[Any, ...]] = {}
+            for file_id, vsn, position, size in query.tuples():
+                jobs.setdefault(file_id, (file_id, vsn, position, size, QUEUED, now, 0.0, 0))
+            if not jobs:
+                return 0
+            fields = [
+                j.file_id, j.vsn, j.position, j.size, j.state, j.queued_at, j.not_before, j.attempts,
+            ]  # fmt: skip
+            self._insert_rows(j, fields, list(jobs.values()), ignore_duplicates=True)
+            for chunk in _chunks(sorted(jobs), ID_CHUNK):
+                f.update(state=SUBMITTED).where(f.file_id.in_(list(chunk)) & (f.state == STARTED)).execute()
+        return len(jobs)
+
     @_transaction("cannot take back orphaned recalls")
     def requeue_orphans(self, owner: str, active: Sequence[str]) -> int:
         """Queue again the jobs and volumes ``owner`` holds without a thread working on them.
