@@ -215,7 +215,13 @@ def open_database(url: str, connect_timeout: float, max_connections: int) -> pee
             max_connections=max_connections,
             stale_timeout=STALE_SECONDS,
             timeout=connect_timeout,
-            pragmas={"journal_mode": "wal", "synchronous": "normal", "busy_timeout": 30000},
+            # mmap: page reads are memory reads shared by every worker process, not pread() calls.
+            pragmas={
+                "journal_mode": "wal",
+                "synchronous": "normal",
+                "busy_timeout": 30000,
+                "mmap_size": 1 << 30,
+            },
             # Writers take the lock up front: a refresh reads, then writes, and must not interleave.
             lock_type="IMMEDIATE",
             check_same_thread=False,
