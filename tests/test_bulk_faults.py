@@ -35,6 +35,7 @@ from backends.tape import operations
 from pacifica_like.bulk.store import BulkStore, make_owner
 from pacifica_like.config import load_settings
 from pacifica_like.devserver import cli_server, uwsgi_binary, uwsgi_server
+from pacifica_like.errors import StorageUnavailable
 
 TIMEOUT = 60
 
@@ -433,3 +434,55 @@ def test_a_file_pinned_while_the_release_command_drops_it_is_back_on_disk(archiv
     assert states(document) == {"/1": "COMPLETED"} and document["files"][0]["onDisk"] is True
     assert on_disk(backend, 1) == content(1, 700)
     assert [s.file_id for s in outcome.skipped] == [1] and not outcome.done and not outcome.failed
+
+
+def test_a_file_recalled_for_a_request_is_pinned_before_its_outcome_is_recorded(archive):
+    """The recalled file is on disk a moment before the scheduler records COMPLETED (and the
+    lifetime pin): a release in that moment must already see a pin, or the request would say
+    COMPLETED for a file that is back on tape."""
+    settings, backend = archive()
+    store_offline(backend, {1: 700})
+    app = http(settings, backend)
+    request_id = submit(app, ["/1"]).json["requestId"]
+    running = scheduler(settings, backend)
+    store = running.store
+    released: list[list[str]] = []
+
+    def recall_then_a_release_runs(file_id: int) -> bool:
+        landed = backend.recall(file_id)
+        # The release command, between the file landing and the outcome being recorded.
+        steps = operations.plan_release(backend, [file_id], store.pins)
+        released.append([s.action for s in steps])
+        operations.run_release(backend, steps, pinned=store.pins)
+        return landed
+
+    (job,) = store.claim_jobs(backend.catalog.current_copies(1)[0].vsn, running.owner, 0, 10)
+    running._recall(job, recall_then_a_release_runs)
+    assert released == [["skip"]]
+    document = poll(app, request_id)
+    assert states(document) == {"/1": "COMPLETED"} and document["files"][0]["onDisk"] is True
+    assert on_disk(backend, 1) == content(1, 700)
+    assert store.pins([1])  # the lifetime pin replaced the recall's
+
+
+def test_a_failed_or_cancelled_recall_leaves_no_pin(archive):
+    settings, backend = archive(bulk={"max_attempts": 1})
+    store_offline(backend, {1: 700, 2: 700})
+    app = http(settings, backend)
+    submit(app, ["/1", "/2"])
+    running = scheduler(settings, backend)
+    store = running.store
+    vsn = backend.catalog.current_copies(1)[0].vsn
+    first, second = store.claim_jobs(vsn, running.owner, 0, 10)
+
+    def fails(file_id: int) -> bool:
+        assert store.pins([file_id])  # held while the recall runs
+        raise StorageUnavailable("the drive jammed")
+
+    running._recall(first, fails)
+    assert store.pins([first.file_id]) == {}
+    assert store.start_job(second.file_id, running.owner, hold=60) == 1
+    assert store.pins([second.file_id])
+    (request_id,) = {r.id for r in store.Request.select()}
+    store.cancel(request_id, [f"/{second.file_id}"])
+    assert store.pins([second.file_id]) == {}

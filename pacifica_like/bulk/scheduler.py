@@ -250,7 +250,7 @@ class Scheduler:
 
     def _recall(self, job: Job, recall: Callable[[int], bool | None]) -> None:
         """Recall one claimed file and record the outcome for every request waiting for it."""
-        attempt = self.store.start_job(job.file_id, self.owner)
+        attempt = self.store.start_job(job.file_id, self.owner, hold=self.policy.recall_timeout)
         if attempt is None:
             return  # cancelled by every request, or taken back by a watchdog
         try:

@@ -509,7 +509,9 @@ class BulkStore:
             file_ids.update(
                 i for (i,) in f.select(f.file_id).where(where & f.file_id.is_null(False)).tuples()
             )
-            f.update(state=CANCELLED, finished_at=now, error="cancelled by the client").where(where).execute()
+            f.update(state=CANCELLED, finished_at=now, error="cancelled by the client", pin_until=None).where(
+                where
+            ).execute()
         self._drop_unwanted_jobs(sorted(file_ids))
 
     def _drop_unwanted_jobs(self, file_ids: Sequence[int]) -> None:
@@ -680,9 +682,12 @@ class BulkStore:
             return [Job(row.file_id, row.vsn, row.position, row.size, row.attempts) for row in query]
 
     @_transaction("cannot start a recall")
-    def start_job(self, file_id: int, owner: str, now: float | None = None) -> int | None:
+    def start_job(self, file_id: int, owner: str, now: float | None = None, hold: float = 0.0) -> int | None:
         """Mark a claimed job's recall as started: its files STARTED; return its attempt number.
 
+        The waiting rows are pinned from now, for ``hold`` seconds (the recall's
+        longest run) plus their own pin: the recalled file is on disk before its
+        outcome is recorded, and a release in between must already see the pin.
         None when the job is no longer ours (a watchdog or recovery took it) or
         no request wants the file any more (the job is dropped then).
         """
@@ -698,6 +703,9 @@ class BulkStore:
                 return None
             f.update(state=STARTED, started_at=now).where(
                 (f.file_id == file_id) & (f.state == SUBMITTED)
+            ).execute()
+            f.update(pin_until=f.pin_seconds + (now + hold)).where(
+                (f.file_id == file_id) & (f.state == STARTED)
             ).execute()
             waiting = f.select(f.request_id).where((f.file_id == file_id) & (f.state == STARTED))
             r.update(started_at=now).where(r.id.in_(waiting) & r.started_at.is_null()).execute()
@@ -715,8 +723,9 @@ class BulkStore:
             f.error: error,
             f.on_disk: state == COMPLETED,
         }
-        if state == COMPLETED:
-            changes[f.pin_until] = f.pin_seconds + now
+        # A completed file is pinned for its lifetime from now; any other outcome drops the pin
+        # its recall held (start_job).
+        changes[f.pin_until] = f.pin_seconds + now if state == COMPLETED else None
         updated = f.update(changes).where(where).execute()
         self._close_requests(requests, now)
         return updated
@@ -764,7 +773,7 @@ class BulkStore:
             if refund:
                 changes[j.attempts] = j.attempts - 1
             if j.update(changes).where((j.file_id == file_id) & (j.owner == owner)).execute():
-                f.update(state=SUBMITTED, vsn=vsn, position=position).where(
+                f.update(state=SUBMITTED, vsn=vsn, position=position, pin_until=None).where(
                     (f.file_id == file_id) & f.state.in_(OPEN_STATES)
                 ).execute()
 
@@ -800,7 +809,7 @@ class BulkStore:
                     j.update(state=QUEUED, owner=None, claim=None, started_at=None).where(
                         j.file_id == job.file_id
                     ).execute()
-                    self.File.update(state=SUBMITTED).where(
+                    self.File.update(state=SUBMITTED, pin_until=None).where(
                         (self.File.file_id == job.file_id) & (self.File.state == STARTED)
                     ).execute()
                     requeued += 1
@@ -840,7 +849,9 @@ class BulkStore:
             ]  # fmt: skip
             self._insert_rows(j, fields, list(jobs.values()), ignore_duplicates=True)
             for chunk in _chunks(sorted(jobs), ID_CHUNK):
-                f.update(state=SUBMITTED).where(f.file_id.in_(list(chunk)) & (f.state == STARTED)).execute()
+                f.update(state=SUBMITTED, pin_until=None).where(
+                    f.file_id.in_(list(chunk)) & (f.state == STARTED)
+                ).execute()
         return len(jobs)
 
     @_transaction("cannot take back orphaned recalls")
@@ -861,7 +872,9 @@ class BulkStore:
                 j.update(state=QUEUED, owner=None, claim=None, started_at=None).where(
                     j.file_id.in_(list(chunk))
                 ).execute()
-                f.update(state=SUBMITTED).where(f.file_id.in_(list(chunk)) & (f.state == STARTED)).execute()
+                f.update(state=SUBMITTED, pin_until=None).where(
+                    f.file_id.in_(list(chunk)) & (f.state == STARTED)
+                ).execute()
             held = v.owner == owner
             if active:
                 held &= v.vsn.not_in(list(active))
