@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import webtest
+from conftest import corrupt  # noqa: F401 - the bulk tests take it from here
 
 from backends import factory
 from backends.base import Backend
 from backends.tape import operations
 from backends.tape.backend import TapeBackend
-from backends.tape.stager import HEADER_SIZE
 from pacifica_like.app import build_app
 from pacifica_like.bulk.scheduler import Scheduler
 from pacifica_like.bulk.store import BulkStore
@@ -86,16 +86,6 @@ def on_disk(backend: Backend, file_id: int) -> bytes | None:
         return None
     with open(path, "rb") as handle:
         return handle.read()
-
-
-def corrupt(backend: TapeBackend, file_id: int) -> None:
-    """Flip one byte in the middle of the file's record on its volume."""
-    copy = backend.catalog.current_copies(file_id)[0]
-    with open(backend.library.volume_path(copy.vsn), "r+b") as volume:
-        volume.seek(copy.offset + HEADER_SIZE + copy.size // 2)
-        byte = volume.read(1)
-        volume.seek(-1, os.SEEK_CUR)
-        volume.write(bytes([byte[0] ^ 0x01]))
 
 
 def http(settings: Settings, backend: Backend) -> webtest.TestApp:

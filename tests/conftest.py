@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,18 @@ def prepare_backend(tmp_path: Path) -> Iterator[Callable[[str], dict[str, dict[s
             return flags
 
         yield prepare
+
+
+def corrupt(backend: Any, file_id: int) -> None:
+    """Flip one byte in the middle of the file's current tape copy on its volume (a tape backend)."""
+    from backends.tape.stager import HEADER_SIZE
+
+    copy = backend.catalog.current_copies(file_id)[0]
+    with open(backend.library.volume_path(copy.vsn), "r+b") as volume:
+        volume.seek(copy.offset + HEADER_SIZE + copy.size // 2)
+        byte = volume.read(1)
+        volume.seek(-1, os.SEEK_CUR)
+        volume.write(bytes([byte[0] ^ 0x01]))
 
 
 def init_tape_library(settings: Settings) -> Settings:

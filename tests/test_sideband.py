@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import webtest
-from conftest import LAST_MODIFIED, LAST_MODIFIED_EPOCH, init_tape_library
+from conftest import LAST_MODIFIED, LAST_MODIFIED_EPOCH, corrupt, init_tape_library
 from dbservers import scratch_database
 from playhouse.db_url import connect
 
@@ -29,7 +29,6 @@ from backends.sideband.backend import ExternalSidebandBackend, SidebandBackend
 from backends.sideband.identity import generation, name_hash
 from backends.tape import operations
 from backends.tape.backend import TapeBackend
-from backends.tape.stager import HEADER_SIZE
 from pacifica_like.app import build_app
 from pacifica_like.cli import main
 from pacifica_like.config import load_settings
@@ -287,10 +286,7 @@ def test_a_copy_found_bad_leaves_the_archive_rows_and_the_tape_positions(make_si
     migrate(backend, 60, 61)
     release(backend, 60, 61)
     for file_id in (60, 61):
-        copy = backend.catalog.current_copies(file_id)[0]
-        with open(backend.library.volume_path(copy.vsn), "r+b") as volume:
-            volume.seek(copy.offset + HEADER_SIZE + 3)
-            volume.write(b"\xff")
+        corrupt(backend, file_id)
     assert set(backend.tape_positions([60, 61])) == {60, 61}
     damaged = backend.catalog.current_copies(60)[0]
     checks, _ = operations.run_verify(backend, {damaged.vsn: [damaged]})

@@ -19,13 +19,12 @@ from pathlib import Path
 import pytest
 import requests
 import webtest
-from conftest import LAST_MODIFIED, files_under
+from conftest import LAST_MODIFIED, corrupt, files_under
 
 from backends import factory
 from backends.tape import operations
 from backends.tape.backend import TapeBackend
 from backends.tape.library import TapeLibrary
-from backends.tape.stager import HEADER_SIZE
 from pacifica_like import devserver
 from pacifica_like.app import build_app
 from pacifica_like.config import ConfigError, load_settings
@@ -49,16 +48,6 @@ def migrate(backend: TapeBackend, *ids: int) -> operations.Outcome:
 def release(backend: TapeBackend, *ids: int) -> None:
     outcome = operations.run_release(backend, operations.plan_release(backend, ids))
     assert not outcome.failed, outcome.failed
-
-
-def corrupt(backend: TapeBackend, file_id: int) -> None:
-    """Flip one byte in the middle of the file's record data on its volume."""
-    copy = backend.catalog.current_copies(file_id)[0]
-    with open(backend.library.volume_path(copy.vsn), "r+b") as volume:
-        volume.seek(copy.offset + HEADER_SIZE + copy.size // 2)
-        byte = volume.read(1)
-        volume.seek(-1, os.SEEK_CUR)
-        volume.write(bytes([byte[0] ^ 0x01]))
 
 
 def http(backend: TapeBackend) -> webtest.TestApp:

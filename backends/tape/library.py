@@ -20,7 +20,6 @@ import contextlib
 import errno
 import os
 import secrets
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from backends.tape import stager as stager_module
 from backends.tape.catalog import Catalog, CopyInfo, to_info
 from pacifica_like.config import ConfigError, TapeSettings
 from pacifica_like.errors import ArchiveError, InsufficientStorage, StorageUnavailable
+from pacifica_like.owners import alive_here, owner_name
 
 MIB = 1 << 20
 #: A volume with less room than this left takes no more writes (like a tape at its early-warning mark).
@@ -51,27 +51,13 @@ def vsn_name(index: int) -> str:
     return f"PL{index:04d}L9"
 
 
-def _process_start(pid: int) -> str:
-    """Return a process's start time in clock ticks, which tells a live pid from a reused one."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return "?"
-
-
 def owner_alive(owner: str) -> bool:
     """Tell whether the process named by an owner string (host:pid:start:token) still runs.
 
     Claims from other hosts are presumed alive: we cannot look at their processes.
     """
-    try:
-        host, pid, start, _ = owner.split(":")
-    except ValueError:
-        return False
-    if host != socket.gethostname():
-        return True
-    return _process_start(int(pid)) == start
+    here = alive_here(owner)
+    return True if here is None else here
 
 
 @dataclass(frozen=True)
@@ -114,8 +100,7 @@ class TapeLibrary:
     @property
     def owner(self) -> str:
         """This process's claim name; computed per call because uWSGI forks after import."""
-        pid = os.getpid()
-        return f"{socket.gethostname()}:{pid}:{_process_start(pid)}:{self._token}"
+        return owner_name(self._token)
 
     # -- set-up and inspection -------------------------------------------------
 

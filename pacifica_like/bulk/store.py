@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import random
 import secrets
-import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ import peewee
 
 from pacifica_like.catalog import GatewayCatalog, _Busy
 from pacifica_like.errors import StorageUnavailable
+from pacifica_like.owners import alive_here, owner_name
 
 SUBMITTED, STARTED, COMPLETED, FAILED, CANCELLED = "SUBMITTED", "STARTED", "COMPLETED", "FAILED", "CANCELLED"
 FILE_STATES = (SUBMITTED, STARTED, COMPLETED, FAILED, CANCELLED)
@@ -204,19 +203,9 @@ class VolumeQueue:
     mounted: bool
 
 
-def _process_start(pid: int) -> str:
-    """Return a process's start time in clock ticks, which tells a live pid from a reused one."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return "?"
-
-
 def make_owner() -> str:
     """Return this process's owner name for claims: ``host:pid:start:token``."""
-    pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}:{secrets.token_hex(4)}"
+    return owner_name(secrets.token_hex(4))
 
 
 def owner_alive(owner: str, last_seen: float | None, lease: float, now: float) -> bool:
@@ -225,12 +214,9 @@ def owner_alive(owner: str, last_seen: float | None, lease: float, now: float) -
     On this host: its pid runs with the same start time. Elsewhere we cannot
     look, so it counts as alive while its heartbeat (``last_seen``) is within ``lease``.
     """
-    try:
-        host, pid, start, _ = owner.split(":")
-    except ValueError:
-        return False
-    if host == socket.gethostname():
-        return _process_start(int(pid)) == start
+    here = alive_here(owner)
+    if here is not None:
+        return here
     return last_seen is not None and now - last_seen < lease
 
 
