@@ -12,10 +12,10 @@ Public surface:
   :class:`StagedFile` and :class:`StageSummary`, :class:`StageProgress`.
 - Errors: an answer of 400 or more raises the server's own class from
   :mod:`pacifica_like.errors` (404 :class:`~pacifica_like.errors.FileNotInArchive`,
-  503 with ``Retry-After`` :class:`~pacifica_like.errors.OfflineOnTape`, ...) or,
-  for what only the bulk API answers, :class:`RequestTooLarge` (413),
-  :class:`TooManyRequests` (429) and :class:`UnknownRequest` (404 for a request
-  id). ``str(error)`` is the server's message; ``status``, ``method``, ``url``,
+  503 with ``Retry-After`` :class:`~pacifica_like.errors.OfflineOnTape`, ...;
+  the bulk API's own: :class:`RequestTooLarge` (413), :class:`TooManyRequests`
+  (429) and :class:`UnknownRequest` (404 for a request id), re-exported here).
+  ``str(error)`` is the server's message; ``status``, ``method``, ``url``,
   ``request_id``, ``retry_after`` and ``document`` (the parsed body) say more.
   Not reaching the server, a timeout or an answer cut short raises
   :class:`TransportError`.
@@ -60,7 +60,10 @@ from pacifica_like.errors import (
     MethodDisabled,
     OfflineOnTape,
     RangeNotSatisfiable,
+    RequestTooLarge,
     StorageUnavailable,
+    TooManyRequests,
+    UnknownRequest,
     UnsupportedMediaType,
 )
 
@@ -107,24 +110,6 @@ T = TypeVar("T")
 
 class TransportError(OSError):
     """The server could not be reached, or the exchange broke off (timeout, reset, short body)."""
-
-
-class RequestTooLarge(InvalidRequest):
-    """The bulk request holds more files than the server takes in one request (413)."""
-
-    http_status = 413
-
-
-class TooManyRequests(ArchiveError):
-    """The client has more files in flight than the server allows (429); retry after ``retry_after``."""
-
-    http_status = 429
-
-
-class UnknownRequest(ArchiveError):
-    """No bulk request has this id (never made, or deleted)."""
-
-    http_status = 404
 
 
 #: Status -> the error raised for it; 503 with Retry-After is OfflineOnTape, anything else ArchiveError.

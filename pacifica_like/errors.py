@@ -103,6 +103,34 @@ class OfflineOnTape(StorageUnavailable):
         self.headers = {"Retry-After": str(retry_after)}
 
 
+class RequestTooLarge(InvalidRequest):
+    """A bulk request names more files (or bytes) than the server accepts in one request."""
+
+    http_status = 413
+
+
+class TooManyRequests(ArchiveError):
+    """The client has more files in flight than its share; it may retry after ``retry_after`` seconds."""
+
+    http_status = 429
+
+    def __init__(self, message: str, retry_after: int = 60) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class UnknownRequest(ArchiveError):
+    """No bulk request has this id (never made, or deleted)."""
+
+    http_status = 404
+
+
+class BulkNotConfigured(ArchiveError):
+    """Bulk staging needs the gateway catalog, which this deployment turned off."""
+
+    http_status = 501
+
+
 class InsufficientStorage(ArchiveError):
     """The storage is full or over quota (ENOSPC, EDQUOT)."""
 

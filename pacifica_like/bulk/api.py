@@ -36,7 +36,14 @@ from pacifica_like.bulk.store import (
     NewFile,
 )
 from pacifica_like.config import Settings
-from pacifica_like.errors import ArchiveError, InvalidRequest
+from pacifica_like.errors import (
+    ArchiveError,
+    BulkNotConfigured,
+    InvalidRequest,
+    RequestTooLarge,
+    TooManyRequests,
+    UnknownRequest,
+)
 from pacifica_like.id2filename import MAX_ID, parse_id
 
 log = logging.getLogger("pacifica_like.error")
@@ -50,34 +57,6 @@ BODY_SLACK = 1 << 20
 MAX_PAGE = 100_000
 #: The form of the request ids the store hands out; anything else (NUL, 5,000 characters) is simply unknown.
 _REQUEST_ID = re.compile(r"[0-9a-f]{32}")
-
-
-class PayloadTooLarge(ArchiveError):
-    """The request names more files (or bytes) than the server accepts in one request."""
-
-    http_status = 413
-
-
-class TooManyRequests(ArchiveError):
-    """The client has more files in flight than its share."""
-
-    http_status = 429
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.headers = {"Retry-After": str(retry_after)}
-
-
-class BulkNotConfigured(ArchiveError):
-    """Bulk staging needs the gateway catalog, which this deployment turned off."""
-
-    http_status = 501
-
-
-class RequestNotFound(ArchiveError):
-    """No request with this id (never made, or deleted)."""
-
-    http_status = 404
 
 
 def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> bytes:
@@ -138,7 +117,7 @@ def _read_json(max_bytes: int) -> Any:
     if length is not None and not length.strip().isdigit():
         raise InvalidRequest(f"Content-Length {length!r} is not a number")
     if length is not None and int(length) > max_bytes:
-        raise PayloadTooLarge(f"the request body ({length} bytes) is larger than the {max_bytes} accepted")
+        raise RequestTooLarge(f"the request body ({length} bytes) is larger than the {max_bytes} accepted")
     # Without a Content-Length (chunked), read to the end of the body, but never past the limit.
     want = int(length) if length is not None else max_bytes + 1
     chunks, got = [], 0
@@ -149,7 +128,7 @@ def _read_json(max_bytes: int) -> Any:
         chunks.append(chunk)
         got += len(chunk)
     if got > max_bytes:
-        raise PayloadTooLarge(f"the request body is larger than the {max_bytes} bytes accepted")
+        raise RequestTooLarge(f"the request body is larger than the {max_bytes} bytes accepted")
     data = b"".join(chunks)
     try:
         return json.loads(data)
@@ -165,7 +144,7 @@ def _paths_of(body: Any, limit: int) -> list[str]:
     if not paths:
         raise InvalidRequest('"paths" is empty')
     if len(paths) > limit:
-        raise PayloadTooLarge(f'"paths" names {len(paths)} files; at most {limit} are accepted')
+        raise RequestTooLarge(f'"paths" names {len(paths)} files; at most {limit} are accepted')
     bad = next((i for i, p in enumerate(paths) if not isinstance(p, str)), None)
     if bad is not None:
         raise InvalidRequest(f'"paths"[{bad}] is not a string')
@@ -249,7 +228,7 @@ class BulkAPI:
             raise InvalidRequest('"files" is empty: name at least one file')
         limit = self.policy.max_files_per_request
         if len(files) > limit:
-            raise PayloadTooLarge(f"the request names {len(files)} files; at most {limit} are accepted")
+            raise RequestTooLarge(f"the request names {len(files)} files; at most {limit} are accepted")
         entries = self._entries(files)
         client = self.client()
         cap = self.policy.max_in_flight_per_client
@@ -347,7 +326,7 @@ class BulkAPI:
         states = _states(state)
         info = store.request(request_id) if _REQUEST_ID.fullmatch(request_id) else None
         if info is None:
-            raise RequestNotFound(f"no stage request {request_id!r} (never made, or deleted)")
+            raise UnknownRequest(f"no stage request {request_id!r} (never made, or deleted)")
         files, next_row = store.files(request_id, page, after, states)
         summary = store.summary(request_id)
         open_files = sum(summary.states[s] for s in OPEN_STATES)
@@ -377,7 +356,7 @@ class BulkAPI:
         paths = _paths_of(_read_json(self.max_body), self.policy.max_files_per_request)
         unknown = self.store.cancel(request_id, paths) if _REQUEST_ID.fullmatch(request_id) else None
         if unknown is None:
-            raise RequestNotFound(f"no stage request {request_id!r} (never made, or deleted)")
+            raise UnknownRequest(f"no stage request {request_id!r} (never made, or deleted)")
         if unknown:
             raise InvalidRequest(
                 f"request {request_id} does not hold these paths, so nothing was cancelled: {_name(unknown)}"
@@ -387,7 +366,7 @@ class BulkAPI:
     def delete(self, request_id: str) -> bytes:
         """Cancel what is still open, drop the request's pins and forget it."""
         if not (_REQUEST_ID.fullmatch(request_id) and self.store.delete(request_id)):
-            raise RequestNotFound(f"no stage request {request_id!r} (never made, or deleted)")
+            raise UnknownRequest(f"no stage request {request_id!r} (never made, or deleted)")
         return _json({"requestId": request_id})
 
     def release(self, request_id: str) -> bytes:
@@ -395,7 +374,7 @@ class BulkAPI:
         paths = _paths_of(_read_json(self.max_body), self.policy.max_files_per_request)
         unknown = self.store.release(request_id, paths) if _REQUEST_ID.fullmatch(request_id) else None
         if unknown is None:
-            raise RequestNotFound(f"no stage request {request_id!r} (never made, or deleted)")
+            raise UnknownRequest(f"no stage request {request_id!r} (never made, or deleted)")
         if unknown:
             raise InvalidRequest(
                 f"request {request_id} does not hold these paths, so no pin was released: {_name(unknown)}"
