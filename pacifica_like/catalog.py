@@ -37,6 +37,7 @@ import peewee
 from playhouse.db_url import connect
 
 from pacifica_like.config import redact_url
+from pacifica_like.dbschema import create_tables
 from pacifica_like.errors import StorageUnavailable
 
 log = logging.getLogger("pacifica_like.catalog")
@@ -297,12 +298,7 @@ class GatewayCatalog:
                 path = self.db.database
                 if path != ":memory:":
                     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            try:
-                self.db.create_tables([self.Inventory, self.Operation, self.AuditRun], safe=True)
-            except peewee.IntegrityError:
-                # PostgreSQL: another process created them between IF NOT EXISTS and CREATE.
-                with contextlib.suppress(peewee.PeeweeException):
-                    self.db.rollback()
+            create_tables(self.db, [self.Inventory, self.Operation, self.AuditRun])
             self._schema_ready = True
 
     @contextlib.contextmanager

@@ -14,7 +14,10 @@ import os
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ from backends.tape.backend import TapeBackend
 from pacifica_like.app import build_app
 from pacifica_like.cli import main
 from pacifica_like.config import load_settings
+from pacifica_like.devserver import uwsgi_binary, uwsgi_server
 from pacifica_like.errors import StorageUnavailable
 
 TIMEOUT = 10
@@ -674,3 +678,49 @@ def test_a_dry_run_load_creates_no_database_and_no_tables(
         assert database.get_tables() == []
     finally:
         database.close()
+
+
+# -- under uWSGI: every worker process opens its own connections, after the fork ----------------
+
+
+@pytest.mark.live
+def test_uwsgi_workers_store_and_answer_head_from_the_database_concurrently(db: str, tmp_path: Path):
+    try:
+        uwsgi_binary()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    library = tmp_path / "library"
+    env = {
+        "PAI_BACKEND_TYPE": "sideband",
+        "PAI_PREFIX": str(tmp_path / "qfs"),
+        "PAI_CATALOG": "off",
+        "PAI_TAPE_LIBRARY": str(library),
+        "PAI_TAPE_TIME_SCALE": "0",
+        "PAI_SIDEBAND_DATABASE": db,
+    }
+    init_tape_library(load_settings(env=env))
+    bodies = {file_id: f"file {file_id} ".encode() * file_id for file_id in range(1, 41)}
+
+    def put_then_head(server_url: str, file_id: int) -> tuple[int, int, str]:
+        put = urllib.request.Request(
+            f"{server_url}/{file_id}",
+            data=bodies[file_id],
+            method="PUT",
+            headers={"Last-Modified": LAST_MODIFIED},
+        )
+        with urllib.request.urlopen(put, timeout=30) as answer:
+            assert answer.status == 201
+        head = urllib.request.Request(f"{server_url}/{file_id}", method="HEAD")
+        with urllib.request.urlopen(head, timeout=30) as answer:
+            return (
+                answer.status,
+                int(answer.headers["X-Content-Length"]),
+                answer.headers["X-Pacifica-File-State"],
+            )
+
+    with uwsgi_server(env, processes=4) as server, ThreadPoolExecutor(max_workers=8) as pool:
+        answers = dict(zip(bodies, pool.map(lambda i: put_then_head(server.url, i), bodies), strict=True))
+    assert answers == {file_id: (204, len(body), "REGULAR") for file_id, body in bodies.items()}
+    rows = tables(db)
+    assert sorted(row[3] for row in rows["sam_inode"]) == sorted(len(body) for body in bodies.values())
+    assert len(rows["sam_path"]) == len(bodies)

@@ -35,6 +35,7 @@ import peewee
 from playhouse.pool import MaxConnectionsExceeded, PooledMySQLDatabase, PooledSqliteDatabase
 
 from pacifica_like.config import redact_url
+from pacifica_like.dbschema import create_tables
 from pacifica_like.errors import StorageUnavailable
 
 log = logging.getLogger("pacifica_like.sideband")
@@ -327,7 +328,7 @@ def create_schema(db: peewee.Database) -> None:
     with connected(db), db.bind_ctx(MODELS):
         if db.table_exists(SamVersion._meta.table_name):
             _require_version(db)  # before creating anything in a database of another schema
-        db.create_tables(MODELS, safe=True)
+        create_tables(db, MODELS)  # several worker processes may race here
         SamVersion.insert(id=1, version=SCHEMA_VERSION).on_conflict_ignore().execute()
         _require_version(db)
     _schema_ready.add(key)

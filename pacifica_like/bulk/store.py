@@ -36,6 +36,7 @@ from typing import Any, NamedTuple, TypeVar
 import peewee
 
 from pacifica_like.catalog import GatewayCatalog, _Busy
+from pacifica_like.dbschema import create_tables
 from pacifica_like.errors import StorageUnavailable
 from pacifica_like.owners import alive_here, owner_name
 
@@ -301,11 +302,7 @@ class BulkStore:
         """Create the tables once per process (racing processes both succeed)."""
         if self._schema_ready:
             return
-        try:
-            self.db.create_tables([self.Request, self.File, self.Job, self.Volume, self.Mutex], safe=True)
-        except peewee.IntegrityError:
-            with contextlib.suppress(peewee.PeeweeException):
-                self.db.rollback()
+        create_tables(self.db, [self.Request, self.File, self.Job, self.Volume, self.Mutex])
         self.Mutex.insert(name="volumes").on_conflict_ignore().execute()
         self._schema_ready = True
 
