@@ -947,3 +947,79 @@ def test_persistent_connection_is_kept_or_declined() -> None:
         assert second.status == 200
     finally:
         connection.close()
+
+
+# --------------------------------------------------------------------------- bulk staging
+
+
+def bulk(archive: Archive, method: str, path: str, body: Any = None) -> requests.Response:
+    """Call the bulk-staging API (``/api/v1/...``, or the discovery document) with a JSON body."""
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", "X-Client-Id": "post-deployment-tests"}
+    return archive.request(method, path.lstrip("/"), headers=headers, data=data)
+
+
+@pytest.fixture(scope="module")
+def bulk_api(archive: Archive) -> str:
+    """The bulk API's base path from the discovery document; skip where this deployment has none."""
+    answer = bulk(archive, "GET", "/.well-known/wlcg-tape-rest-api")
+    if answer.status_code in (404, 501):
+        pytest.skip(f"no bulk-staging API here ({answer.status_code}: the gateway catalog may be off)")
+    assert answer.status_code == 200, describe(answer)
+    (endpoint,) = [e for e in answer.json()["endpoints"] if e["version"] == "v1"]
+    assert endpoint["metadata"]["maxFilesPerRequest"] >= 1, describe(answer)
+    base = urlsplit(endpoint["uri"]).path
+    queues = bulk(archive, "GET", f"{base}/queues")
+    if queues.status_code == 501:  # discovery answers, but requests need the catalog
+        pytest.skip(f"bulk staging is off here: {assert_problem(queues, 501)['detail']}")
+    assert queues.status_code == 200, describe(queues)
+    return base
+
+
+def assert_problem(answer: requests.Response, status: int) -> dict[str, Any]:
+    """Check a bulk API error is ``application/problem+json`` with a detail, never a traceback."""
+    assert answer.status_code == status, describe(answer)
+    assert answer.headers.get("Content-Type", "").startswith("application/problem+json"), describe(answer)
+    assert "Traceback" not in answer.text, describe(answer)
+    document = answer.json()
+    assert document["status"] == status and document["detail"], describe(answer)
+    return document
+
+
+@pytest.mark.contract
+def test_bulk_stage_of_a_stored_file_and_an_unknown_one(archive: Archive, bulk_api: str) -> None:
+    """A file on disk completes at once; an unknown id fails alone, with a reason; DELETE forgets it."""
+    stored, unknown = archive.new_id(), archive.new_id()
+    archive.store(stored, payload(stored, 100))
+    files = [{"path": f"/{stored}", "diskLifetime": "PT5M"}, {"path": f"/{unknown}"}]
+    created = bulk(archive, "POST", f"{bulk_api}/stage", {"files": files})
+    assert created.status_code == 201, describe(created)
+    request_id = created.json()["requestId"]
+    assert created.headers["Location"].endswith(f"/stage/{request_id}"), describe(created)
+    polled = bulk(archive, "GET", f"{bulk_api}/stage/{request_id}")
+    assert polled.status_code == 200, describe(polled)
+    by_path = {f["path"]: f for f in polled.json()["files"]}
+    assert by_path[f"/{stored}"]["state"] == "COMPLETED" and by_path[f"/{stored}"]["onDisk"], describe(polled)
+    assert by_path[f"/{unknown}"]["state"] == "FAILED" and by_path[f"/{unknown}"]["error"], describe(polled)
+    info = bulk(archive, "POST", f"{bulk_api}/archiveinfo", {"paths": [f"/{stored}", f"/{unknown}"]})
+    assert info.status_code == 200, describe(info)
+    localities = {entry["path"]: entry.get("locality") for entry in info.json()}
+    assert localities[f"/{stored}"] in ("DISK", "DISK_AND_TAPE") and localities[f"/{unknown}"] == "NONE"
+    assert bulk(archive, "POST", f"{bulk_api}/release/{request_id}", {"paths": [f"/{stored}"]}).ok
+    assert bulk(archive, "DELETE", f"{bulk_api}/stage/{request_id}").status_code == 200
+    assert_problem(bulk(archive, "GET", f"{bulk_api}/stage/{request_id}"), 404)
+
+
+@pytest.mark.contract
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b"{}", b'{"files": []}', b'{"files": [{"path": "/1"}, {"path": "/1"}]}'],
+    ids=["not-json", "no-files", "empty", "duplicates"],
+)
+def test_bulk_stage_rejects_bad_requests_as_problem_json(
+    archive: Archive, bulk_api: str, body: bytes
+) -> None:
+    answer = archive.request(
+        "POST", f"{bulk_api}/stage".lstrip("/"), headers={"Content-Type": "application/json"}, data=body
+    )
+    assert_problem(answer, 400)
