@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 from collections.abc import Callable, Iterable
@@ -10,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import webtest
-from conftest import corrupt  # noqa: F401 - the bulk tests take it from here
 
 from backends import factory
 from backends.base import Backend
@@ -18,7 +16,6 @@ from backends.tape import operations
 from backends.tape.backend import TapeBackend
 from pacifica_like.app import build_app
 from pacifica_like.bulk.scheduler import Scheduler
-from pacifica_like.bulk.store import BulkStore
 from pacifica_like.config import Settings, load_settings
 
 MTIME = 784111777.0
@@ -98,12 +95,6 @@ def scheduler(settings: Settings, backend: Backend) -> Scheduler:
     return Scheduler.from_settings(settings, backend)
 
 
-def bulk_store(settings: Settings) -> BulkStore:
-    """The bulk store of the settings' catalog."""
-    assert settings.archive.catalog
-    return BulkStore.open(settings.archive.catalog)
-
-
 def submit(app: webtest.TestApp, paths: Iterable[str], status: int = 201, **headers: str) -> Any:
     """POST a stage request for ``paths``; return the parsed answer."""
     body = {"files": [{"path": p} for p in paths]}
@@ -120,8 +111,3 @@ def poll(app: webtest.TestApp, request_id: str, status: int = 200, **params: Any
 def states(document: dict[str, Any]) -> dict[str, str]:
     """Path -> state of a poll's files."""
     return {f["path"]: f["state"] for f in document["files"]}
-
-
-def sha(data: bytes | None) -> str | None:
-    """sha-256 hex of ``data`` (None stays None)."""
-    return None if data is None else hashlib.sha256(data).hexdigest()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -79,16 +78,21 @@ def prepare_backend(tmp_path: Path) -> Iterator[Callable[[str], dict[str, dict[s
         yield prepare
 
 
+def flip_byte(path: str | Path, offset: int) -> None:
+    """Invert one byte of a file in place, as a failing cartridge might."""
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
 def corrupt(backend: Any, file_id: int) -> None:
     """Flip one byte in the middle of the file's current tape copy on its volume (a tape backend)."""
     from backends.tape.stager import HEADER_SIZE
 
     copy = backend.catalog.current_copies(file_id)[0]
-    with open(backend.library.volume_path(copy.vsn), "r+b") as volume:
-        volume.seek(copy.offset + HEADER_SIZE + copy.size // 2)
-        byte = volume.read(1)
-        volume.seek(-1, os.SEEK_CUR)
-        volume.write(bytes([byte[0] ^ 0x01]))
+    flip_byte(backend.library.volume_path(copy.vsn), copy.offset + HEADER_SIZE + copy.size // 2)
 
 
 def init_tape_library(settings: Settings) -> Settings:

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from bulk_helpers import (
     content,
-    corrupt,
     http,
     make_settings,
     on_disk,
@@ -22,14 +21,15 @@ from bulk_helpers import (
     states,
     store_offline,
     submit,
+    tape_backed_names,
 )
+from conftest import corrupt
 
 from backends import factory
-from backends.tape.backend import TapeBackend
 from pacifica_like.config import load_settings
 
 TIMEOUT = 60
-TAPE_BACKED = [n for n in sorted(factory.REGISTRY) if issubclass(factory.resolve(n), TapeBackend)]
+TAPE_BACKED = tape_backed_names()
 
 
 @pytest.fixture

@@ -110,6 +110,15 @@ def tables(url: str) -> dict[str, list[tuple]]:
         database.close()
 
 
+def table_names(url: str) -> list[str]:
+    """The tables of the database, read through a connection of our own."""
+    database = connect(url)
+    try:
+        return database.get_tables()
+    finally:
+        database.close()
+
+
 def execute(url: str, sql: str, params: tuple = ()) -> None:
     database = connect(url)
     try:
@@ -634,11 +643,7 @@ def test_a_database_of_another_schema_version_is_refused_and_left_alone(make_sid
     with pytest.raises(StorageUnavailable, match="schema version 7"):
         backend.status(80)
     assert app.get("/80").body == b"kept on disk"
-    database = connect(db)
-    try:
-        assert database.get_tables() == ["sam_version"]  # nothing created in someone else's database
-    finally:
-        database.close()
+    assert table_names(db) == ["sam_version"]  # nothing created in someone else's database
 
 
 def test_an_external_database_without_the_sideband_tables_is_refused_and_left_alone(make_sideband, db: str):
@@ -652,11 +657,7 @@ def test_an_external_database_without_the_sideband_tables_is_refused_and_left_al
     assert "has no sam_inode, sam_path, sam_archive table" in ready.json["reason"]
     assert app.request("/81", method="HEAD", expect_errors=True).status_int == 503
     assert app.get("/81").body == b"kept on disk"
-    database = connect(db)
-    try:
-        assert database.get_tables() == ["sam_version"]  # nothing created in the HSM's database
-    finally:
-        database.close()
+    assert table_names(db) == ["sam_version"]  # nothing created in the HSM's database
 
 
 def test_a_dry_run_load_creates_no_database_and_no_tables(
@@ -673,11 +674,7 @@ def test_a_dry_run_load_creates_no_database_and_no_tables(
         plan = load(ini, capsys, "--dry-run")
         assert (plan["add"], plan["files"]["add"], plan["unchanged"]) == (2, [1, 2], 0)
     assert not fresh.exists() and not fresh.parent.exists()
-    database = connect(db)
-    try:
-        assert database.get_tables() == []
-    finally:
-        database.close()
+    assert table_names(db) == []
 
 
 # -- under uWSGI: every worker process opens its own connections, after the fork ----------------

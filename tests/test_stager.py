@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import flip_byte
 
 from backends.tape import stager as stager_module
 from backends.tape.stager import HEADER_SIZE, Stager, StagerLoadError
@@ -55,14 +56,6 @@ def compile_library(directory: Path, name: str, source: str) -> Path:
     compiler = shutil.which("cc") or "gcc"
     subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(c_file)], check=True, timeout=60)
     return library
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    with path.open("r+b") as handle:
-        handle.seek(offset)
-        byte = handle.read(1)
-        handle.seek(offset)
-        handle.write(bytes([byte[0] ^ 0xFF]))
 
 
 @pytest.fixture

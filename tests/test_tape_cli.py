@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import flip_byte
 
 from backends import factory
 from backends.base import read_sha256
@@ -228,15 +229,6 @@ def assert_volumes_match_catalog(archive: Archive) -> None:
         expected = sorted((c.offset, c.file_id, c.size) for c in copies.values() if c.vsn == vsn)
         assert on_tape == expected, vsn
         assert len(on_tape) == records
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    """Invert one byte of a file in place, as a failing cartridge might."""
-    with path.open("r+b") as handle:
-        handle.seek(offset)
-        byte = handle.read(1)
-        handle.seek(offset)
-        handle.write(bytes([byte[0] ^ 0xFF]))
 
 
 def directory_entries(path: Path) -> list[str]:

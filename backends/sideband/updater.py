@@ -360,10 +360,3 @@ class SidebandUpkeep:
                 event,
                 exc,
             )
-
-
-class NoUpkeep:
-    """The hook when no sideband database is configured: does nothing."""
-
-    def changed(self, file_id: int, event: str) -> None:
-        """Nothing to keep."""

@@ -53,8 +53,6 @@ from pacifica_like.config import Settings
 from pacifica_like.errors import Conflict, FileNotInArchive, OfflineOnTape, StorageUnavailable
 
 REGULAR, DUAL, OFFLINE, UNMIGRATING = "REGULAR", "DUAL", "OFFLINE", "UNMIGRATING"
-#: Ids per catalog query when looking up tape positions (below SQLite's bound-parameter limit).
-POSITION_BATCH = 900
 _Result = TypeVar("_Result")
 
 
@@ -459,18 +457,10 @@ class TapeBackend(PosixBackend):
         offline = [file_id for file_id in file_ids if not os.path.lexists(self.path(file_id))]
         found: dict[int, TapePosition] = {}
         with translate_db_errors("cannot look up tape positions"):
-            for start in range(0, len(offline), POSITION_BATCH):
-                batch = offline[start : start + POSITION_BATCH]
-                # Plain SQL, newest copy first per file (as usable_copies orders them): a bulk
-                # request looks up 100,000 ids, and peewee's query and row objects cost seconds.
-                sql = (
-                    'SELECT file_id, vsn, "offset", size FROM tapecopy WHERE stale = 0 AND bad = 0 '
-                    f"AND file_id IN ({', '.join('?' * len(batch))}) "
-                    "ORDER BY file_id, written_at DESC, id DESC"
-                )
-                for file_id, vsn, offset, size in self.catalog.db.execute_sql(sql, batch):
-                    if file_id not in found:
-                        found[file_id] = TapePosition(vsn, offset, file_id, size)
+            rows = self.catalog.current_rows(offline, 'file_id, vsn, "offset", size', undamaged=True)
+            for file_id, vsn, offset, size in rows:
+                if file_id not in found:  # the newest undamaged copy, the one recall() reads
+                    found[file_id] = TapePosition(vsn, offset, file_id, size)
         return found
 
     def localities(self, file_ids: Iterable[int]) -> dict[int, str]:
@@ -485,15 +475,8 @@ class TapeBackend(PosixBackend):
         bad: set[int] = set()
         try:
             with translate_db_errors("cannot look up tape copies"):
-                for start in range(0, len(ids), POSITION_BATCH):
-                    batch = ids[start : start + POSITION_BATCH]
-                    # Plain SQL: building 100,000-id IN lists through peewee costs seconds of CPU.
-                    sql = (
-                        "SELECT file_id, bad FROM tapecopy WHERE stale = 0 "
-                        f"AND file_id IN ({', '.join('?' * len(batch))})"
-                    )
-                    for file_id, damaged in self.catalog.db.execute_sql(sql, batch):
-                        (bad if damaged else good).add(file_id)
+                for file_id, damaged in self.catalog.current_rows(ids, "file_id, bad"):
+                    (bad if damaged else good).add(file_id)
         except StorageUnavailable:
             return dict.fromkeys(ids, "UNAVAILABLE")
         found = {}

@@ -94,10 +94,6 @@ class Scheduler:
             self._thread = None
         self.join_sessions(timeout)
 
-    def wake(self) -> None:
-        """Run the next pass now (a request was just queued)."""
-        self._wake.set()
-
     def run(self) -> None:
         """Run passes until stopped; a pass that fails (database down) is logged and tried again."""
         log.info("bulk scheduler %s started (%d drives)", self.owner, self.drives)
