@@ -52,6 +52,9 @@ setup(
         # The Python client (pacifica_like.client, `pacifica-like client`).
         "requests>=2.31",
         "tqdm>=4.66",
+        # The HTTP server of `pacifica-like serve` (pacifica_like/httpserver.py); 3.0.1 closed
+        # the last request-smuggling holes in its parser.
+        "waitress>=3.0.1,<4",
     ],
     extras_require={
         # The database drivers: the catalog tests run the inventory on MariaDB and PostgreSQL.
@@ -63,6 +66,8 @@ setup(
             "ruff>=0.6",
             "PyMySQL>=1.1",
             "psycopg2-binary>=2.9",
+            # The bounded, fixed-seed request fuzz (tests/test_fuzz.py).
+            "hypothesis>=6.100",
         ],
         "uwsgi": ["uWSGI>=2.0.24"],
         "mysql": ["PyMySQL>=1.1"],

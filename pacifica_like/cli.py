@@ -81,11 +81,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def serve(settings: Settings) -> int:
-    """Run the threaded CherryPy server until interrupted."""
+    """Run the service under waitress (``pacifica_like.httpserver``) until interrupted.
+
+    CherryPy's engine runs the process: signals, the in-process bulk scheduler,
+    and the HTTP server through its public ServerAdapter.
+    """
     import cherrypy
+    from cherrypy.process.servers import ServerAdapter
 
     from backends import factory
     from pacifica_like.app import build_app
+    from pacifica_like.httpserver import WaitressServer
 
     backend = factory.create(settings)
     app = build_app(settings, backend)
@@ -93,17 +99,13 @@ def serve(settings: Settings) -> int:
         "server.socket_host": ("address", settings.server.address),
         "server.socket_port": ("port", settings.server.port),
         "server.thread_pool": ("threads", settings.server.threads),
+        "server.socket_timeout": ("idle_timeout", settings.server.idle_timeout),
     }
     cherrypy.config.update(
         {
             "engine.autoreload.on": False,
             "checker.on": False,
             "log.screen": True,
-            # Uploads are streamed to disk, so no body is too large to accept.
-            "server.max_request_body_size": 0,
-            "server.socket_timeout": 60,
-            # cheroot's default backlog of 5 refuses connections under bursts of clients.
-            "server.socket_queue_size": 128,
             **{option: value for option, (_, value) in listen.items()},
         }
     )
@@ -114,12 +116,22 @@ def serve(settings: Settings) -> int:
     cherrypy.config.update({option: value for option, (key, value) in listen.items() if key in explicit})
     # CherryPy prints its engine log itself; passing it on to the root logger would print it twice.
     logging.getLogger("cherrypy").propagate = False
-    cherrypy.tree.graft(app, "")
+    host, port = cherrypy.config["server.socket_host"], cherrypy.config["server.socket_port"]
+    http = WaitressServer(
+        app,
+        host=host,
+        port=port,
+        threads=cherrypy.config["server.thread_pool"],
+        connection_limit=settings.server.connection_limit,
+        idle_timeout=int(cherrypy.config["server.socket_timeout"]),
+    )
+    # cheroot, CherryPy's default server, is replaced, not run beside ours.
+    cherrypy.server.unsubscribe()
+    ServerAdapter(cherrypy.engine, http, (host, port)).subscribe()
     # [bulk] scheduler = in-process: recalls for bulk requests run in this process, with the engine.
     from pacifica_like.bulk.scheduler import run_in_engine
 
     run_in_engine(settings, backend)
-    host, port = cherrypy.config["server.socket_host"], cherrypy.config["server.socket_port"]
     print(
         f"pacifica-like {__version__}: {settings.archive.backend} archive at {settings.archive.prefix}, "
         f"serving http://{host}:{port}/",

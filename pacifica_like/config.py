@@ -306,6 +306,10 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "address": Option(_parse_nonempty, "127.0.0.1", "PAI_ADDRESS"),
         "port": Option(_parse_port, 8080, "PAI_PORT"),
         "threads": Option(_parse_positive, 16, "PAI_THREADS"),
+        # serve only (uWSGI's front is nginx, see README): connections held at once, and
+        # seconds a connection may stay silent (between bytes of headers or body) before it is closed.
+        "connection_limit": Option(_parse_positive, 4096, "PAI_CONNECTION_LIMIT"),
+        "idle_timeout": Option(_parse_positive, 60, "PAI_IDLE_TIMEOUT"),
         # uWSGI only: where worker processes keep their Prometheus counters (none: a fresh temp dir).
         "metrics_dir": Option(_parse_optional_path, None, "PROMETHEUS_MULTIPROC_DIR"),
         "access_log": Option(_parse_access_log, "json", "PAI_ACCESS_LOG"),
@@ -404,6 +408,10 @@ class ServerSettings:
     metrics_dir: str | None = None
     #: Access log format: ``json`` (one object per line), ``text`` or ``off``.
     access_log: str = "json"
+    #: serve: connections held at once (each one descriptor; the open-file limit is raised to fit).
+    connection_limit: int = 4096
+    #: serve: seconds a connection may send nothing before it is closed.
+    idle_timeout: int = 60
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """Start the gateway on a free loopback port, for tests, benchmarks and deploy checks.
 
-Real processes, real sockets: ``uwsgi_server`` runs the production entry
-(``pacifica_like.wsgi`` under uWSGI), ``cli_server`` runs ``pacifica-like serve``
-(the threaded CherryPy server). Both wait until ``GET /`` answers and stop
-the process group on exit, so a failed test leaves nothing running.
+Real processes, real sockets: ``production_server`` runs the production shape
+(nginx with deploy/nginx/pacifica-like.conf in front of ``pacifica_like.wsgi``
+under uWSGI on a unix socket), ``uwsgi_server`` runs uWSGI alone on an HTTP
+socket, ``cli_server`` runs ``pacifica-like serve`` (waitress). All wait until
+``GET /`` answers and stop their process groups on exit, so a failed test
+leaves nothing running.
 """
 
 from __future__ import annotations
@@ -51,13 +53,28 @@ class RunningServer:
             return handle.read()
 
 
-def uwsgi_command(port: int, processes: int = 4, threads: int = 1, extra: Sequence[str] = ()) -> list[str]:
-    """Return the uWSGI command line we deploy with (see README)."""
+def uwsgi_command(
+    port: int | str, processes: int = 4, threads: int = 1, extra: Sequence[str] = ()
+) -> list[str]:
+    """Return the uWSGI command line we deploy with (see README).
+
+    ``port``: a TCP port for uWSGI's own HTTP socket, or the path of a unix
+    socket speaking the uwsgi protocol to nginx (the production shape).
+    """
+    if isinstance(port, str):
+        bind = ["--socket", port, "--chmod-socket=666", "--listen", "128"]
+    else:
+        # --http-socket closes every connection after one response; say so, or
+        # keep-alive clients find out by a reset on their next request.
+        bind = ["--http-socket", f"127.0.0.1:{port}", "--add-header", "Connection: close"]
     command = [
         uwsgi_binary(),
-        "--http-socket",
-        f"127.0.0.1:{port}",
+        *bind,
         "--master",
+        # Request heads up to 64 KiB (nginx passes up to 4 x 8 KiB of headers); the 4 KiB default
+        # turns a long Range or cookie into a dropped connection (a 502 behind nginx).
+        "--buffer-size",
+        "65535",
         "--processes",
         str(processes),
         "--module",
@@ -69,12 +86,6 @@ def uwsgi_command(port: int, processes: int = 4, threads: int = 1, extra: Sequen
         "--disable-logging",
         "--socket-timeout",
         "60",
-        "--chunked-input-limit",
-        str(16 << 20),
-        # --http-socket closes every connection after one response; say so, or
-        # keep-alive clients find out by a reset on their next request.
-        "--add-header",
-        "Connection: close",
     ]
     if threads > 1:
         command += ["--threads", str(threads)]
@@ -138,6 +149,87 @@ def uwsgi_server(
     port = free_port()
     with run_server(uwsgi_command(port, processes, threads, extra), port, env) as server:
         yield server
+
+
+#: The nginx settings we ship for production, included by the test front's configuration.
+NGINX_SITE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy", "nginx", "pacifica-like.conf"
+)
+
+
+def nginx_binary() -> str:
+    """Return the nginx executable (Debian installs it in /usr/sbin)."""
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    if not found:
+        raise RuntimeError("nginx is not installed: apt-get install nginx-light")
+    return found
+
+
+def nginx_config(port: int, upstream_socket: str, workdir: str) -> str:
+    """Return an nginx.conf serving ``port`` in front of ``upstream_socket`` with the shipped settings."""
+    user = "user root root;" if os.geteuid() == 0 else ""  # workers need the socket and temp dirs
+    return f"""
+{user}
+daemon off;
+worker_processes 2;
+worker_rlimit_nofile 8192;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/body;
+    proxy_temp_path {workdir}/proxy;
+    uwsgi_temp_path {workdir}/uwsgi;
+    fastcgi_temp_path {workdir}/fastcgi;
+    scgi_temp_path {workdir}/scgi;
+    upstream pacifica_like_uwsgi {{ server unix:{upstream_socket}; }}
+    server {{
+        listen 127.0.0.1:{port};
+        include {NGINX_SITE};
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def production_server(
+    env: Mapping[str, str], processes: int = 4, threads: int = 1, extra: Sequence[str] = ()
+) -> Iterator[RunningServer]:
+    """Run the production shape: nginx on a free port in front of uWSGI on a unix socket.
+
+    The RunningServer's process and log are uWSGI's; nginx's error log is in
+    the same scratch directory.
+    """
+    import tempfile
+
+    workdir = tempfile.mkdtemp(prefix="pacifica-like-front-")
+    upstream = os.path.join(workdir, "uwsgi.sock")
+    port = free_port()
+    config_path = os.path.join(workdir, "nginx.conf")
+    with open(config_path, "w", encoding="utf-8") as handle:
+        handle.write(nginx_config(port, upstream, workdir))
+    uwsgi_log = os.path.join(workdir, "uwsgi.log")
+    with open(uwsgi_log, "wb") as log:
+        uwsgi = subprocess.Popen(
+            uwsgi_command(upstream, processes, threads, extra),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            start_new_session=True,
+        )
+    try:
+        with run_server(
+            [nginx_binary(), "-c", config_path, "-p", workdir],
+            port,
+            log_path=os.path.join(workdir, "nginx.log"),
+        ) as front:
+            server = RunningServer(front.url, uwsgi, uwsgi_log)
+            _wait_until_up(server, 30.0)
+            yield server
+    finally:
+        _stop(uwsgi)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -31,6 +31,12 @@ class IncompleteUpload(InvalidRequest):
     """The upload's body ended before its Content-Length, or the client went away mid-upload."""
 
 
+class LengthRequired(ArchiveError):
+    """A chunked body reached a server that cannot check its framing (uWSGI's own HTTP socket)."""
+
+    http_status = 411
+
+
 class Forbidden(ArchiveError):
     """The request touches something outside what the archive may touch."""
 

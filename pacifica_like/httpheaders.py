@@ -21,8 +21,15 @@ from pacifica_like.errors import InvalidRequest, RangeNotSatisfiable
 # RFC 9530 / IANA names -> hashlib names; the digests we can verify on ingest.
 _DIGEST_ALGORITHMS = {"sha-256": "sha256", "sha-512": "sha512", "md5": "md5"}
 _SF_BYTES = re.compile(r"\s*([A-Za-z0-9-]+)\s*=\s*:([A-Za-z0-9+/=]*):\s*")
-_RANGE = re.compile(r"bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*")
-_BYTE_RANGE = re.compile(r"(\d+)-(\d+)")
+_RANGE = re.compile(r"bytes[ \t]*=[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)[ \t]*")
+_BYTE_RANGE = re.compile(r"([0-9]+)-([0-9]+)")
+#: Offsets longer than this many digits lie past the end of any file (and past int()'s digit limit).
+_MAX_OFFSET_DIGITS = 18
+
+
+def _offset(digits: str) -> int:
+    """Return a byte offset from ASCII digits, capped far beyond any file's size."""
+    return int(digits) if len(digits) <= _MAX_OFFSET_DIGITS else 10**_MAX_OFFSET_DIGITS
 
 
 def parse_http_date(value: str) -> float:
@@ -33,11 +40,11 @@ def parse_http_date(value: str) -> float:
     """
     parts = email.utils.parsedate_tz(value) if value else None
     if parts is None:
-        raise InvalidRequest(f"unparseable HTTP date: {value!r}")
+        raise InvalidRequest(f"unparseable HTTP date: {value[:64]!r}")
     try:
         moment = datetime(*parts[:6], tzinfo=UTC)
     except ValueError as exc:
-        raise InvalidRequest(f"invalid HTTP date {value!r}: {exc}") from None
+        raise InvalidRequest(f"invalid HTTP date {value[:64]!r}: {exc}") from None
     moment -= timedelta(seconds=parts[9] or 0)
     return moment.timestamp()
 
@@ -125,16 +132,16 @@ def parse_range_header(value: str, size: int) -> tuple[int, int] | None:
     if first == "" and last == "":
         return None
     if first == "":
-        suffix = int(last)
+        suffix = _offset(last)
         if suffix == 0 or size == 0:
-            raise RangeNotSatisfiable(f"range {value!r} selects no bytes", size)
+            raise RangeNotSatisfiable(f"range {value[:64]!r} selects no bytes", size)
         return max(0, size - suffix), size
-    start = int(first)
-    end = size if last == "" else min(int(last) + 1, size)
-    if last != "" and int(last) < start:
+    start = _offset(first)
+    end = size if last == "" else min(_offset(last) + 1, size)
+    if last != "" and _offset(last) < start:
         return None
     if start >= size:
-        raise RangeNotSatisfiable(f"range {value!r} starts past the end ({size} bytes)", size)
+        raise RangeNotSatisfiable(f"range {value[:64]!r} starts past the end ({size} bytes)", size)
     return start, end
 
 
@@ -142,8 +149,8 @@ def parse_byte_range(value: str, size: int) -> tuple[int, int]:
     """Return the half-open ``(start, end)`` of Pacifica's ``?byte_range=S-E``."""
     match = _BYTE_RANGE.fullmatch(value)
     if match is None:
-        raise InvalidRequest(f"byte_range must be START-END in bytes (half-open), got {value!r}")
-    start, end = int(match.group(1)), int(match.group(2))
+        raise InvalidRequest(f"byte_range must be START-END in bytes (half-open), got {value[:64]!r}")
+    start, end = _offset(match.group(1)), _offset(match.group(2))
     if end < start:
         raise InvalidRequest(f"byte_range end {end} is before its start {start}")
     return min(start, size), min(end, size)

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote_to_bytes
 
 from backends.base import CHUNK_SIZE, Backend, FileStatus, Reader
 from pacifica_like import httpheaders
@@ -25,6 +25,7 @@ from pacifica_like.config import Settings
 from pacifica_like.errors import (
     IncompleteUpload,
     InvalidRequest,
+    LengthRequired,
     MethodDisabled,
     UnsupportedMediaType,
 )
@@ -35,8 +36,10 @@ log = logging.getLogger("pacifica_like")
 HEALTH_MESSAGE = "Pacifica Archive Interface Up and Running"
 #: The largest PATCH body we read; it only carries a path.
 MAX_JSON_BODY = 64 * 1024
-#: Seconds a chunked upload may stall between chunks before it is abandoned.
-UPLOAD_TIMEOUT = 60
+#: HTTP versions served; anything else in the request line is refused before routing.
+PROTOCOLS = frozenset(("HTTP/1.0", "HTTP/1.1"))
+#: A Content-Length longer than this cannot describe a body any filesystem holds.
+MAX_LENGTH_DIGITS = 18
 FILE_VERBS = "DELETE, GET, HEAD, PATCH, POST, PUT"
 VERBS_WITHOUT_DELETE = "GET, HEAD, PATCH, POST, PUT"
 
@@ -103,12 +106,13 @@ class FileAPI:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         """Route one request: ``/`` and ``/<segment>`` here, the rest to the fallback."""
-        path = environ.get("PATH_INFO") or "/"
-        segment, slash, _ = path[1:].partition("/")
-        if segment in self.fallback_names:
-            return self.fallback(environ, start_response)
         method = environ["REQUEST_METHOD"]
         try:
+            path = request_path(environ)
+            check_framing(environ)
+            segment, slash, _ = path[1:].partition("/")
+            if segment in self.fallback_names:
+                return self.fallback(environ, start_response)
             if not path[1:]:
                 code, headers, body = self.root(method)
             else:
@@ -205,6 +209,8 @@ class FileAPI:
         copy_body(body_file(environ, length), length, raw.extend, limit=MAX_JSON_BODY)
         try:
             document = json.loads(raw)
+        except RecursionError:
+            raise InvalidRequest("PATCH body is nested too deeply") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidRequest(f"PATCH body is not valid JSON: {exc}") from None
         if not isinstance(document, dict) or "path" not in document:
@@ -300,33 +306,76 @@ def _close(body: Iterable[bytes]) -> None:
         close()
 
 
+def request_path(environ: dict[str, Any]) -> str:
+    """Return the request's decoded path, refusing targets that could name something else.
+
+    The id comes from PATH_INFO, which the server derives from the request
+    target: a target that is not origin-form (``PUT 12345``, which uWSGI turns
+    into the path ``12345``), a protocol we do not speak, or a PATH_INFO that
+    is not exactly the target decoded (a front end that merged slashes or
+    resolved ``..``) is a 400, so no request reaches a file it did not name.
+    """
+    protocol = environ.get("SERVER_PROTOCOL", "HTTP/1.1")
+    if protocol not in PROTOCOLS:
+        raise InvalidRequest(
+            f"unsupported protocol {protocol[:32]!r}: this server speaks HTTP/1.0 and HTTP/1.1"
+        )
+    path = environ.get("PATH_INFO") or "/"
+    target = environ.get("REQUEST_URI")
+    if target is not None:
+        raw = target.partition("?")[0]
+        scheme, sep, rest = raw.partition("://")
+        if sep and scheme.lower() in ("http", "https"):
+            # Absolute-form (RFC 9112 3.2.2): the path starts after the authority.
+            raw = "/" + rest.partition("/")[2]
+        if not raw.startswith("/"):
+            raise InvalidRequest(f"the request target must be a path starting with '/', not {raw[:64]!r}")
+        if unquote_to_bytes(raw).decode("latin-1") != path:
+            raise InvalidRequest(f"the request target {raw[:64]!r} is not in normal form")
+    elif not path.startswith("/"):
+        raise InvalidRequest(f"the request target must be a path starting with '/', not {path[:64]!r}")
+    return path
+
+
+def check_framing(environ: dict[str, Any]) -> None:
+    """Refuse a body whose length is ambiguous before anything reads it.
+
+    waitress (serve) and nginx (in front of uWSGI) decode chunked bodies
+    strictly and hand us a Content-Length; only a server that passes the
+    framing through shows us Transfer-Encoding. Then a Content-Length beside
+    it is a 400 (RFC 9112 6.3: the pair is how requests are smuggled), and a
+    chunked body the server does not terminate for us is a 411: uWSGI's own
+    HTTP socket reads ``zz`` or an over-long chunk as the end of the body, so
+    storing what it returns could replace a good file with a truncated one.
+    """
+    coding = environ.get("HTTP_TRANSFER_ENCODING") or None
+    length = environ.get("CONTENT_LENGTH") or None
+    if length is not None and not (
+        length.isascii() and length.isdigit() and len(length) <= MAX_LENGTH_DIGITS
+    ):
+        raise InvalidRequest(f"bad Content-Length: {length[:32]!r}")
+    if coding is None:
+        return
+    if length is not None:
+        raise InvalidRequest("a request may carry Content-Length or Transfer-Encoding, not both")
+    if coding.strip().lower() != "chunked":
+        raise InvalidRequest(
+            f"unsupported Transfer-Encoding {coding[:32]!r}: send chunked or a Content-Length"
+        )
+    if not environ.get("wsgi.input_terminated"):
+        raise LengthRequired(
+            "this server cannot check chunked framing: send a Content-Length, "
+            "or upload through the nginx front end (README, Production)"
+        )
+
+
 def _content_length(headers: RequestHeaders) -> int | None:
-    """Return the declared body length, or None for a chunked body."""
+    """Return the declared body length (validated by check_framing), or None for a chunked body."""
     raw = headers.get("Content-Length")
     if raw is None or raw == "":
-        chunked = "chunked" in (headers.get("Transfer-Encoding") or "").lower()
+        chunked = bool(headers.get("Transfer-Encoding"))
         return None if chunked else 0
-    if not raw.isdigit():
-        raise InvalidRequest(f"bad Content-Length: {raw!r}")
     return int(raw)
-
-
-class UwsgiChunkedBody:
-    """File-like view of a chunked body under uWSGI, whose wsgi.input reads it as empty."""
-
-    def __init__(self, read_chunk: Callable[[int], bytes], timeout: int = UPLOAD_TIMEOUT) -> None:
-        self._read_chunk = read_chunk
-        self._timeout = timeout
-        self._pending = b""
-        self._done = False
-
-    def read(self, size: int) -> bytes:
-        """Return up to ``size`` bytes of the decoded body; ``b""`` at its end."""
-        if not self._pending and not self._done:
-            self._pending = self._read_chunk(self._timeout) or b""
-            self._done = not self._pending
-        chunk, self._pending = self._pending[:size], self._pending[size:]
-        return chunk
 
 
 class CountedBody:
@@ -345,11 +394,10 @@ class CountedBody:
 
 
 def body_file(environ: dict[str, Any], length: int | None) -> CountedBody:
-    """Return a file-like object with ``read(n)`` over the request body, counting what it reads."""
-    if length is None and "uwsgi.version" in environ:
-        import uwsgi  # only importable inside a uWSGI worker
+    """Return a file-like object with ``read(n)`` over the request body, counting what it reads.
 
-        return CountedBody(UwsgiChunkedBody(uwsgi.chunked_read), environ)
+    ``length`` None: a chunked body the server terminates itself (``wsgi.input_terminated``).
+    """
     return CountedBody(environ["wsgi.input"], environ)
 
 

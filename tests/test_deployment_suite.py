@@ -1,4 +1,4 @@
-"""Run the post-deployment suite against our own service under uWSGI.
+"""Run the post-deployment suite against our own service in its production shape (nginx + uWSGI).
 
 Why: ``post_deployment_tests/`` is what operators point at a live deployment.
 Running it here, on every ``pytest``, keeps it passing against the code it
@@ -43,15 +43,15 @@ def non_directories(root: Path) -> list[str]:
 
 @pytest.mark.live
 @pytest.mark.timeout(SUITE_TIMEOUT + 120)
-def test_post_deployment_suite_passes_against_uwsgi(tmp_path: Path) -> None:
-    """The whole suite passes against 4 uWSGI workers and leaves only directories behind."""
+def test_post_deployment_suite_passes_against_production(tmp_path: Path) -> None:
+    """The whole suite passes against nginx and 4 uWSGI workers and leaves only directories behind."""
     data = tmp_path / "data"
     patch_root = tmp_path / "patch-root"
     data.mkdir()
     patch_root.mkdir()
     env = {"PAI_PREFIX": str(data), "PAI_ALLOW_DELETE": "true", "PAI_PATCH_ROOTS": str(patch_root)}
     command = [sys.executable, "-m", "pytest", "post_deployment_tests", "-q", "-p", "no:cacheprovider"]
-    with devserver.uwsgi_server(env, processes=4) as server:
+    with devserver.production_server(env, processes=4) as server:
         suite_env = {
             **os.environ,
             "ARCHIVE_URL": server.url,

@@ -1,4 +1,4 @@
-"""Real servers on loopback: the threaded CherryPy CLI server and uWSGI.
+"""Real servers on loopback: `pacifica-like serve` (waitress) and the production shape (nginx + uWSGI).
 
 Faults a WSGI test cannot produce live here: clients that vanish mid-upload,
 chunked bodies, many processes racing on one id, the exact deploy commands.
@@ -27,15 +27,15 @@ pytestmark = pytest.mark.live
 TIMEOUT = 30
 
 
-@pytest.fixture(params=["cli", "uwsgi"])
+@pytest.fixture(params=["cli", "production"])
 def server(request, prefix: Path) -> Iterator[devserver.RunningServer]:
-    """The service on a free port, once as `pacifica-like serve`, once under uWSGI."""
+    """The service on a free port, once as `pacifica-like serve`, once as nginx in front of uWSGI."""
     if request.param == "cli":
         with devserver.cli_server(["--prefix", str(prefix)], env={"PAI_ALLOW_DELETE": "true"}) as running:
             yield running
     else:
         env = {"PAI_PREFIX": str(prefix), "PAI_ALLOW_DELETE": "true"}
-        with devserver.uwsgi_server(env, processes=4) as running:
+        with devserver.production_server(env, processes=4) as running:
             yield running
 
 
