@@ -15,7 +15,8 @@ Plugin API (what a backend implements and the web layer calls):
 
 Helpers (not part of the API, shared so every backend commits the same way):
 :class:`AtomicFileWriter`, :class:`FileReader`, :func:`translate_os_errors`,
-:func:`resolve_adopt_source`, :func:`read_sha256`, :func:`fsync_dir`.
+:func:`read_sha256`, :func:`fsync_dir`. Opening a PATCH source safely lives in
+:mod:`backends.safeopen`.
 
 Backends raise only :mod:`pacifica_like.errors` types. OS errors are translated
 in one place, :func:`translate_os_errors`, keeping the cause.
@@ -31,6 +32,7 @@ import errno
 import hashlib
 import hmac
 import os
+import socket
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -466,6 +468,27 @@ def record_sha256(fd: int, digest: bytes) -> None:
             raise
 
 
+#: Suffix of an upload's temp file; its full name is :func:`temp_name_prefix` + random + suffix.
+TEMP_SUFFIX = ".part"
+_process_starts: dict[int, str] = {}
+
+
+def temp_name_prefix(name: str) -> str:
+    """Return the start of the temp file name of an upload to ``name``: ``.<name>.<pid>-<start>@<host>.``.
+
+    The writer's pid, start time and host are in the name so that a sweep
+    (``pacifica_like.leftovers``) can tell the temp file of a dead upload from
+    one another live process is still writing.
+    """
+    pid = os.getpid()
+    start = _process_starts.get(pid)
+    if start is None:  # read once per process: uWSGI forks after import, hence the pid key
+        from pacifica_like.owners import process_start  # a leaf; loaded only by writers
+
+        start = _process_starts[pid] = process_start(pid)
+    return f".{name}.{pid}-{start}@{socket.gethostname()}."
+
+
 class AtomicFileWriter(Writer):
     """Write a file under a temporary name beside its target, then publish it.
 
@@ -496,7 +519,9 @@ class AtomicFileWriter(Writer):
         directory, name = os.path.split(final_path)
         with translate_os_errors(f"cannot store {name}"):
             os.makedirs(directory, exist_ok=True)
-            fd, self._temp_path = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".part")
+            fd, self._temp_path = tempfile.mkstemp(
+                dir=directory, prefix=temp_name_prefix(name), suffix=TEMP_SUFFIX
+            )
         self._file = os.fdopen(fd, "wb", buffering=CHUNK_SIZE)
 
     def write(self, chunk: bytes) -> None:
@@ -592,32 +617,3 @@ def hash_file(path: str) -> bytes:
         while chunk := handle.read(CHUNK_SIZE):
             digest.update(chunk)
     return digest.digest()
-
-
-def resolve_adopt_source(source_path: object, roots: Iterable[str]) -> str:
-    """Return the real path of a PATCH source, if it lies inside an allowed root.
-
-    Raises InvalidRequest for a malformed path, Forbidden when no root allows
-    it (checked before existence, so nothing leaks about other paths), and
-    FileNotInArchive when it does not exist.
-    """
-    if not isinstance(source_path, str) or not source_path or "\x00" in source_path:
-        raise InvalidRequest('"path" must be a non-empty string')
-    if not os.path.isabs(source_path):
-        raise InvalidRequest(f'"path" must be absolute, got {source_path!r}')
-    roots = list(roots)
-    if not roots:
-        raise Forbidden("PATCH is disabled: no patch_roots are configured")
-    real = os.path.realpath(source_path)
-    if not any(real != root and os.path.commonpath([real, root]) == root for root in roots):
-        raise Forbidden(f"{source_path} is outside the directories PATCH may move files from")
-    try:
-        st = os.stat(real)
-    except FileNotFoundError:
-        raise FileNotInArchive(f"PATCH source {source_path} does not exist") from None
-    except OSError as exc:
-        with translate_os_errors(f"cannot read PATCH source {source_path}"):
-            raise exc
-    if not stat.S_ISREG(st.st_mode):
-        raise InvalidRequest(f"PATCH source {source_path} is not a regular file")
-    return real

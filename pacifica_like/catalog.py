@@ -25,7 +25,6 @@ import contextlib
 import logging
 import os
 import random
-import socket
 import threading
 import time
 from array import array
@@ -39,6 +38,7 @@ from playhouse.db_url import connect
 from pacifica_like.config import redact_url
 from pacifica_like.dbschema import create_tables
 from pacifica_like.errors import StorageUnavailable
+from pacifica_like.owners import owner_name
 
 log = logging.getLogger("pacifica_like.catalog")
 
@@ -50,6 +50,8 @@ SNAPSHOT_PAGE = 50_000
 LOCK_WAIT = 30.0
 LOCK_PAUSE = 0.00005
 LOCK_PAUSE_MAX = 0.001
+#: Seconds ``/ready`` waits for the catalog's write lock before it calls the catalog unable to take a write.
+READY_LOCK_WAIT = 1.0
 
 T = TypeVar("T")
 
@@ -74,7 +76,8 @@ class _OperationRow(peewee.Model):
     file_id = peewee.BigIntegerField(index=True)
     verb = peewee.CharField(max_length=16)
     started_at = peewee.DoubleField()
-    #: host:pid of the gateway process, for an operator wondering who left a marker behind.
+    #: host:pid:start:token of the gateway process (``pacifica_like.owners``): a sweep tells
+    #: the marker of a dead upload by it; older gateways wrote host:pid.
     owner = peewee.CharField(max_length=255)
 
 
@@ -122,8 +125,11 @@ class InventoryEntry:
 class Snapshot:
     """The inventory at one moment, as parallel arrays sorted by file id (8 bytes per value).
 
-    ``lost`` holds 1 where the row is marked LOST. Parallel arrays, not objects:
-    a million rows take 25 MiB instead of several hundred.
+    ``lost`` holds 1 where the row is marked LOST; ``digests`` (when asked for)
+    the first 8 bytes of each row's sha-256 as a signed integer, 0 for none: enough
+    to spot a file whose digest differs from its row (the audit then compares the
+    whole digest). Parallel arrays, not objects: a million rows take 25 MiB
+    instead of several hundred.
     """
 
     ids: array
@@ -131,6 +137,7 @@ class Snapshot:
     sizes: array
     lost: array
     seconds: float = 0.0
+    digests: array | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -138,16 +145,39 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Operation:
-    """An operation marker: which file, which verb, since when, by whom."""
+    """An operation marker: which file, which verb, since when, by whom (``token``: its row id)."""
 
     file_id: int
     verb: str
     started_at: float
     owner: str
+    token: int = 0
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    """A version of a file as storage holds it now: what its inventory row must say."""
+
+    size: int
+    mtime: float
+    sha256: bytes | None
+
+
+#: Reads the version storage holds under a file id now (None: nothing is stored under it).
+#: Called with the file's inventory row locked, so a later reader sees a later storage state.
+StorageProbe = Callable[[], StoredVersion | None]
+
+
+def digest_key(sha256: str | bytes | None) -> int:
+    """Return the first 8 bytes of a sha-256 (hex or raw) as a signed integer; 0 for none."""
+    if sha256 is None:
+        return 0
+    raw = bytes.fromhex(sha256[:16]) if isinstance(sha256, str) else sha256[:8]
+    return int.from_bytes(raw, "big", signed=True) if len(raw) == 8 else 0
 
 
 class _Busy(Exception):
-    """SQLite answered "database is locked": another process holds the write lock."""
+    """Try the transaction again: SQLite was locked, or the server chose it as a deadlock's victim."""
 
 
 def _translate(what: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
@@ -215,7 +245,19 @@ class GatewayCatalog:
         self._sql = self._statements()
         self._schema_ready = False
         self._schema_lock = threading.Lock()
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        # SQLite: the file each thread's connection opened, and whether this process ever had one.
+        self._path = self.db.database if self.is_sqlite and self.db.database != ":memory:" else None
+        self._opened = threading.local()
+        self._had_file = False
+        self._owner: tuple[int, str] | None = None
+
+    @property
+    def owner(self) -> str:
+        """The owner name operation markers carry (host:pid:start:gateway), made once per process."""
+        pid = os.getpid()
+        if self._owner is None or self._owner[0] != pid:
+            self._owner = (pid, owner_name("gateway"))
+        return self._owner[1]
 
     def _bind(self) -> tuple[type[peewee.Model], type[peewee.Model], type[peewee.Model]]:
         bound = {}
@@ -262,6 +304,15 @@ class GatewayCatalog:
             "upsert": upsert,
             "end": f"DELETE FROM {operation} WHERE {name('id')} = {param}",
             "forget": f"DELETE FROM {inventory} WHERE {name('file_id')} = {param}",
+            "correct": (
+                f"UPDATE {inventory} SET {name('size')} = {param}, {name('mtime')} = {param}, "
+                f"{name('sha256')} = {param}, {name('stored_at')} = {param}, {name('state')} = {param} "
+                f"WHERE {name('file_id')} = {param}"
+            ),
+            "probe": (
+                f"INSERT INTO {operation} ({name('file_id')}, {name('verb')}, {name('started_at')}, "
+                f"{name('owner')}) VALUES (-1, 'READY', 0, 'ready probe')"
+            ),
         }
 
     # -- plumbing ------------------------------------------------------------------
@@ -281,14 +332,60 @@ class GatewayCatalog:
         except (peewee.PeeweeException, OSError) as exc:
             if self.is_sqlite and isinstance(exc, peewee.OperationalError) and "locked" in str(exc):
                 raise _Busy() from exc
+            if "deadlock" in str(exc).lower():
+                # PostgreSQL and InnoDB roll back one of two transactions that wait on each
+                # other (uploads recording the same new row); it is safe to run again.
+                raise _Busy() from exc
             if isinstance(exc, peewee.InterfaceError | peewee.OperationalError):
                 with contextlib.suppress(Exception):
                     self.db.close()
             reason = str(exc).strip() or type(exc).__name__
             raise StorageUnavailable(f"catalog database {self.display_url}: {what}: {reason}") from exc
 
+    def _check_file(self) -> None:
+        """SQLite: make sure this thread's connection has the file the catalog path names now.
+
+        A connection holds its file open, so a catalog deleted or replaced under a
+        running gateway would otherwise take writes into a file no one will ever
+        read again. A replaced file (restored from a backup) is reopened. A deleted
+        one is refused (StorageUnavailable) rather than recreated empty: an empty
+        inventory makes every stored file look like an orphan. The catalog is
+        created only by a process that never had it, and not where a ``-wal``
+        file shows it was deleted while in use. One stat per call.
+        """
+        path = self._path
+        if path is None:
+            return
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            if self._had_file or any(os.path.exists(path + s) for s in ("-wal", "-shm")):
+                raise StorageUnavailable(
+                    f"catalog database {self.display_url}: the file was deleted while in use; restore it "
+                    f"(with its -wal), or remove {path}-wal and {path}-shm to start a new, empty catalog "
+                    "(then audit --fix --record-orphans)"
+                ) from None
+            return  # first use: connecting creates it
+        identity = (st.st_dev, st.st_ino)
+        opened = getattr(self._opened, "identity", None)
+        if opened is not None and opened != identity and not self.db.is_closed():
+            log.error(
+                "catalog database %s: the path names another file than the one this process had open "
+                "(replaced or restored); using the file there now",
+                self.display_url,
+            )
+            self.db.close()
+            self._schema_ready = False
+        if self.db.is_closed():
+            self.db.connect(reuse_if_open=True)
+            st = os.stat(path)
+            identity = (st.st_dev, st.st_ino)
+        self._opened.identity = identity
+        self._had_file = True
+
     def _ensure_schema(self) -> None:
-        """Create the tables once per process (several processes may race: both succeed)."""
+        """Check the SQLite file, then create the tables once per process (several may race: all succeed)."""
+        self._check_file()
         if self._schema_ready:
             return
         with self._schema_lock:
@@ -366,9 +463,45 @@ class GatewayCatalog:
         return [AuditRun(r.name, r.finished_at, r.verdict, r.missing, r.orphans, r.listed) for r in rows]
 
     def check_ready(self) -> None:
-        """Raise StorageUnavailable unless the database answers and the tables exist."""
-        self._ensure_schema()
-        self.Inventory.select(self.Inventory.file_id).limit(1).execute()
+        """Raise StorageUnavailable unless the catalog can take a write now (``GET /ready``).
+
+        A real write that is rolled back: a marker row inserted in a transaction
+        (on SQLite one that takes the write lock, BEGIN IMMEDIATE), waiting at most
+        READY_LOCK_WAIT for a lock another connection holds. On SQLite also: the
+        path still names the file this process has open, and the file, its
+        ``-wal`` and its directory are writable (an immutable or read-only file
+        refuses new connections, which the open one would not notice).
+        """
+        with self.translate_errors("cannot take a write"):
+            self._ensure_schema()
+            if self._path is not None:
+                for what in (self._path, self._path + "-wal", os.path.dirname(self._path) or "."):
+                    if os.path.exists(what) and not os.access(what, os.W_OK):
+                        raise StorageUnavailable(
+                            f"catalog database {self.display_url}: {what} is not writable"
+                        )
+        deadline = time.monotonic() + READY_LOCK_WAIT
+        pause = LOCK_PAUSE
+        while True:
+            try:
+                with self.translate_errors("cannot take a write"):
+                    self._write_probe()
+                return
+            except _Busy as busy:
+                if time.monotonic() >= deadline:
+                    raise StorageUnavailable(
+                        f"catalog database {self.display_url}: cannot take a write: another connection "
+                        f"has held the write lock for more than {READY_LOCK_WAIT:g} s"
+                    ) from busy.__cause__
+            time.sleep(random.uniform(pause / 2, pause))
+            pause = min(2 * pause, 0.05)
+
+    def _write_probe(self) -> None:
+        with self.db.atomic() as transaction:
+            if isinstance(self.db, peewee.PostgresqlDatabase):
+                self.db.execute_sql(f"SET LOCAL lock_timeout = {int(READY_LOCK_WAIT * 1000)}")
+            self.db.execute_sql(self._sql["probe"])
+            transaction.rollback()
 
     def close(self) -> None:
         """Close this thread's connection (others close when their threads end)."""
@@ -393,13 +526,62 @@ class GatewayCatalog:
             return cursor.fetchone()[0] if self._returning else cursor.lastrowid
 
     @_translate("cannot record a stored file")
-    def finish_stored(self, token: int, file_id: int, size: int, mtime: float, sha256: bytes | None) -> None:
-        """Record the file now stored under ``file_id`` and end operation ``token``, in one transaction."""
+    def finish_stored(
+        self,
+        token: int,
+        file_id: int,
+        size: int,
+        mtime: float,
+        sha256: bytes | None,
+        probe: StorageProbe | None = None,
+    ) -> None:
+        """Record the file now stored under ``file_id`` and end operation ``token``, in one transaction.
+
+        With ``probe``, the row ends up describing what storage holds *now*, read
+        with the row locked: two uploads of one id may publish in one order and
+        record in the other, and the later record must not put back the older
+        version (see :meth:`_settle`).
+        """
         self._ensure_schema()
         row = (file_id, size, mtime, sha256.hex() if sha256 is not None else None, time.time(), PRESENT)
         with self._durable():
+            # The upsert takes the row's lock (SQLite: the database's, taken at BEGIN IMMEDIATE).
             self.db.execute_sql(self._sql["upsert"], row)
+            if probe is not None:
+                self._settle(file_id, StoredVersion(size, mtime, sha256), probe())
             self.db.execute_sql(self._sql["end"], (token,))
+
+    def _settle(self, file_id: int, written: StoredVersion | None, found: StoredVersion | None) -> None:
+        """Make the locked row of ``file_id`` say ``found`` (what storage holds), where it says ``written``.
+
+        Why this is commit order: every PUT, PATCH and DELETE records *after* its
+        storage call, and reads storage only once it holds the row lock. The
+        record that takes the lock last therefore reads storage after the last
+        storage call, and its row is the truth, whichever order the records came in.
+        """
+        if found is None:
+            self.db.execute_sql(self._sql["forget"], (file_id,))
+        elif found != written:
+            digest = found.sha256.hex() if found.sha256 is not None else None
+            values = (found.size, found.mtime, digest, time.time(), PRESENT, file_id)
+            self.db.execute_sql(self._sql["correct"], values)
+
+    @_translate("cannot settle a file's inventory row")
+    def settle(self, file_id: int, probe: StorageProbe, tokens: tuple[int, ...] = ()) -> None:
+        """Make the row of ``file_id`` describe what storage holds now; end markers ``tokens`` with it.
+
+        For operations whose process died before recording them (the start-up
+        sweep): the file on storage is complete (only committed files have a
+        name), so it is recorded; no file means no row.
+        """
+        self._ensure_schema()
+        placeholder = (file_id, -1, 0.0, None, time.time(), PRESENT)
+        with self._durable():
+            # Upsert a placeholder (never committed as such) to lock the row even where there is none.
+            self.db.execute_sql(self._sql["upsert"], placeholder)
+            self._settle(file_id, None, probe())
+            for token in tokens:
+                self.db.execute_sql(self._sql["end"], (token,))
 
     @_translate("cannot record a file")
     def record(self, file_id: int, size: int, mtime: float, sha256: bytes | None, stored_at: float) -> bool:
@@ -471,11 +653,19 @@ class GatewayCatalog:
         self._ensure_schema()
 
     @_translate("cannot record a deleted file")
-    def finish_deleted(self, token: int, file_id: int) -> None:
-        """Drop ``file_id`` from the inventory and end operation ``token``, in one transaction."""
+    def finish_deleted(self, token: int, file_id: int, probe: StorageProbe | None = None) -> None:
+        """Drop ``file_id`` from the inventory and end operation ``token``, in one transaction.
+
+        With ``probe``, a file stored again since the deletion keeps (or gets) its row.
+        """
         self._ensure_schema()
         with self._durable():
-            self.db.execute_sql(self._sql["forget"], (file_id,))
+            if probe is None:
+                self.db.execute_sql(self._sql["forget"], (file_id,))
+            else:
+                placeholder = (file_id, -1, 0.0, None, time.time(), PRESENT)
+                self.db.execute_sql(self._sql["upsert"], placeholder)
+                self._settle(file_id, None, probe())
             self.db.execute_sql(self._sql["end"], (token,))
 
     @_translate("cannot end an operation")
@@ -506,22 +696,26 @@ class GatewayCatalog:
     def operations(self) -> list[Operation]:
         """Return every operation marker."""
         self._ensure_schema()
-        query = self.Operation.select().order_by(self.Operation.id)
-        return [Operation(row.file_id, row.verb, row.started_at, row.owner) for row in query]
+        query = self.Operation.select().where(self.Operation.file_id >= 0).order_by(self.Operation.id)
+        return [Operation(row.file_id, row.verb, row.started_at, row.owner, row.id) for row in query]
 
     @_translate("cannot read the inventory")
-    def snapshot(self, progress: Callable[[int], object] | None = None) -> Snapshot:
+    def snapshot(self, progress: Callable[[int], object] | None = None, digests: bool = False) -> Snapshot:
         """Read every row, page by page in file id order, into a :class:`Snapshot`.
 
         Pages (keyset, not OFFSET) keep client memory bounded on every database;
         the audit's two snapshots make a page-by-page read safe (see
         ``pacifica_like.audit``). ``progress`` is called with each page's size.
+        ``digests``: also fill ``Snapshot.digests``.
         """
         self._ensure_schema()
         started = time.monotonic()
         found = Snapshot(array("q"), array("d"), array("q"), array("b"))
         inventory = self.Inventory
         fields = (inventory.file_id, inventory.stored_at, inventory.size, inventory.state)
+        if digests:
+            found.digests = array("q")
+            fields += (inventory.sha256,)
         last = -1
         while True:
             query = (
@@ -532,11 +726,13 @@ class GatewayCatalog:
                 .tuples()
             )
             page = list(query)
-            for file_id, stored_at, size, state in page:
+            for file_id, stored_at, size, state, *_ in page:
                 found.ids.append(file_id)
                 found.stored_at.append(stored_at)
                 found.sizes.append(size)
                 found.lost.append(state == LOST)
+            if found.digests is not None:
+                found.digests.extend(digest_key(row[4]) for row in page)
             if progress is not None:
                 progress(len(page))
             if len(page) < SNAPSHOT_PAGE:

@@ -17,13 +17,26 @@ writes two small transactions:
    rather than quarantining it).
 
 A failed or abandoned upload ends its marker and records nothing.
+
+**Commit order.** Two uploads of one id can publish in one order and record
+in the other; a row written from the writer's own values would then describe
+a version no longer on disk. So the second transaction takes the row's lock
+first and then reads the version storage holds *now* (an ``fstat`` and the
+digest xattr of the file at the id's path), and records that: the record that
+takes the lock last reads storage after the last publish, whatever the order
+(``GatewayCatalog._settle``; docs/decisions/0002-inventory-commit-order.md).
+DELETE records the same way, so an upload that published after the unlink
+keeps its row.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+import os
+import stat
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from backends.base import (
@@ -35,24 +48,91 @@ from backends.base import (
     TapePosition,
     VolumeSession,
     Writer,
+    read_sha256,
 )
-from pacifica_like.catalog import GatewayCatalog
-from pacifica_like.errors import ArchiveError, StorageUnavailable
+from pacifica_like.catalog import GatewayCatalog, StorageProbe, StoredVersion
+from pacifica_like.errors import ArchiveError, FileNotInArchive, StorageUnavailable
 
 log = logging.getLogger("pacifica_like.inventory")
+
+#: Test seam: called with (file id, bytes stored) after an upload is published and before it is
+#: recorded, in the serving process. None in production; tests install a gate here (through
+#: ``sitecustomize`` in a live server) to make two uploads record in the other order.
+before_record: Callable[[int, int], None] | None = None
+
+
+def stored_version(path: str) -> StoredVersion | None:
+    """Return the size, mtime and digest xattr of the file at ``path``, from one open inode.
+
+    None when no regular file is there. Raises OSError when it cannot be read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return StoredVersion(st.st_size, st.st_mtime, read_sha256(fd))
+    finally:
+        os.close(fd)
+
+
+def storage_probe(backend: Backend, file_id: int, ours: StoredVersion | None = None) -> StorageProbe | None:
+    """Return the probe that reads the version ``backend`` holds for ``file_id`` now (None: cannot).
+
+    Reads the disk file at ``backend.path(file_id)`` (every backend here keeps its
+    files there). Where no disk file is, ``backend.status`` decides (a tape
+    file may be released to tape only). ``ours``: the version this process just
+    stored; its digest stands in where the filesystem keeps no xattrs.
+    """
+    path_of = getattr(backend, "path", None)
+    if path_of is None:
+        return None
+    path = path_of(file_id)
+
+    def probe() -> StoredVersion | None:
+        try:
+            found = stored_version(path)
+            if found is None:
+                try:
+                    status = backend.status(file_id)
+                except FileNotInArchive:
+                    return None
+                return StoredVersion(status.size, status.mtime, status.sha256)
+        except (OSError, ArchiveError) as exc:
+            log.warning(
+                "file %d: cannot read what storage holds (%s); recording the upload as sent", file_id, exc
+            )
+            return ours
+        if found.sha256 is None and ours is not None and (found.size, found.mtime) == (ours.size, ours.mtime):
+            return ours
+        return found
+
+    return probe
 
 
 class InventoryWriter(Writer):
     """An upload through the real backend's writer whose commit is recorded in the inventory."""
 
     def __init__(
-        self, inner: Writer, catalog: GatewayCatalog, file_id: int, mtime: float, token: int
+        self,
+        inner: Writer,
+        catalog: GatewayCatalog,
+        file_id: int,
+        mtime: float,
+        token: int,
+        backend: Backend | None = None,
     ) -> None:
         self.inner = inner
         self._catalog = catalog
         self._file_id = file_id
         self._mtime = mtime
         self._token: int | None = token
+        self._backend = backend
 
     def write(self, chunk: bytes) -> None:
         """Pass ``chunk`` to the real writer."""
@@ -64,8 +144,12 @@ class InventoryWriter(Writer):
         self.sha256 = self.inner.sha256
         token, self._token = self._token, None
         assert token is not None
+        if before_record is not None:
+            before_record(self._file_id, stored)
+        ours = StoredVersion(stored, self._mtime, self.sha256)
+        probe = storage_probe(self._backend, self._file_id, ours) if self._backend is not None else None
         try:
-            self._catalog.finish_stored(token, self._file_id, stored, self._mtime, self.sha256)
+            self._catalog.finish_stored(token, self._file_id, stored, self._mtime, self.sha256, probe)
         except ArchiveError as exc:
             # The bytes are durable and published: the upload succeeded. Say loudly what drifted.
             log.error(
@@ -181,7 +265,7 @@ class InventoryBackend(Backend):
         except BaseException:
             inner.discard()
             raise
-        return InventoryWriter(inner, self.inventory, file_id, mtime, token)
+        return InventoryWriter(inner, self.inventory, file_id, mtime, token, self.inner)
 
     def adopt(self, file_id: int, source_path: str) -> int:
         """Move a server-side file in through the real backend and record it."""
@@ -194,7 +278,9 @@ class InventoryBackend(Backend):
         try:
             # The digest and mtime the backend recorded with the file it now holds.
             status = self.inner.status(file_id)
-            self.inventory.finish_stored(token, file_id, size, status.mtime, status.sha256)
+            ours = StoredVersion(size, status.mtime, status.sha256)
+            probe = storage_probe(self.inner, file_id, ours)
+            self.inventory.finish_stored(token, file_id, size, status.mtime, status.sha256, probe)
         except ArchiveError as exc:
             log.error(
                 "file %d was moved in (%d bytes) but the inventory did not record it; the next audit "
@@ -214,7 +300,7 @@ class InventoryBackend(Backend):
             _abandon(self.inventory, token, file_id)
             raise
         try:
-            self.inventory.finish_deleted(token, file_id)
+            self.inventory.finish_deleted(token, file_id, storage_probe(self.inner, file_id))
         except ArchiveError as exc:
             log.error(
                 "file %d was deleted but the inventory still lists it; the next audit will report it "
