@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import sqlite3
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,3 +147,80 @@ def test_concurrent_uploads_to_one_id_leave_the_row_of_the_version_on_disk(mode,
             answers = list(pool.map(lambda body: put(url, 11, body), bodies))
             assert [a.status_code for a in answers] == [201] * writers
             assert assert_row_describes_disk(prefix, 11) in bodies
+
+
+# -- /ready ------------------------------------------------------------------------
+
+
+def ready(url: str) -> tuple[int, dict]:
+    answer = requests.get(f"{url}/ready", timeout=TIMEOUT)
+    return answer.status_code, answer.json()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_deleted_catalog_is_not_ready_and_takes_no_upload_until_restored(mode, prefix: Path):
+    """The path no longer names the catalog the workers have open: 503, never a 201 into the unlinked file."""
+    with serving(mode, prefix) as url:
+        assert put(url, 1, b"before").status_code == 201
+        catalog = catalog_path(prefix)
+        kept = prefix / "catalog-backup"
+        os.link(catalog, kept)
+        catalog.unlink()
+        for _ in range(8):  # every worker of the uWSGI server, with all likelihood
+            status, document = ready(url)
+            assert status == 503
+            assert "deleted while in use" in document["checks"]["catalog"]
+        refused = put(url, 2, b"into the void")
+        assert refused.status_code == 503
+        assert not (prefix / id2filename(2)[1:]).exists()
+        assert not catalog.exists()
+        os.rename(kept, catalog)  # restored
+        for _ in range(8):
+            status, document = ready(url)
+            assert (status, document["checks"]["catalog"]) == (200, "ok")
+        assert put(url, 2, b"recorded").status_code == 201
+        assert_row_describes_disk(prefix, 2)
+        assert_row_describes_disk(prefix, 1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_catalog_whose_write_lock_is_held_is_not_ready_until_released(mode, prefix: Path):
+    with serving(mode, prefix) as url:
+        assert put(url, 1, b"x").status_code == 201
+        assert ready(url)[0] == 200
+        holder = sqlite3.connect(catalog_path(prefix), timeout=TIMEOUT, isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            status, document = ready(url)
+            assert status == 503
+            assert "write lock" in document["checks"]["catalog"]
+            assert document["reason"].startswith("catalog: ")
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert ready(url)[0] == 200
+
+
+def chattr(flag: str, path: Path) -> bool:
+    try:
+        return (
+            subprocess.run(["chattr", flag, str(path)], capture_output=True, timeout=TIMEOUT).returncode == 0
+        )
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_immutable_catalog_is_not_ready_until_writable_again(mode, prefix: Path):
+    with serving(mode, prefix) as url:
+        assert put(url, 1, b"x").status_code == 201
+        catalog = catalog_path(prefix)
+        if not chattr("+i", catalog):
+            pytest.skip("chattr +i is not possible here (filesystem or capability)")
+        try:
+            status, document = ready(url)
+            assert status == 503
+            assert "not writable" in document["checks"]["catalog"]
+        finally:
+            assert chattr("-i", catalog)
+        assert ready(url)[0] == 200
