@@ -259,6 +259,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "verify_after_write": Option(_parse_bool, True),
         "auto_stage": Option(_parse_bool, False, "PAI_TAPE_AUTO_STAGE"),
         "stage_timeout": Option(_parse_seconds, 60.0),
+        # POST /<id> requests (all processes of this host) that may wait for a recall at once;
+        # beyond, POST answers 202 at once, so waiting clients cannot hold every worker.
+        "stage_waiters": Option(_parse_count, 2),
         # The compiled C stager; empty means the one built with the package.
         "stager": Option(_parse_optional_path, None, "PAI_TAPE_STAGER"),
     },
@@ -301,6 +304,15 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "max_pin_seconds": Option(_parse_seconds, 7 * 86400.0),
         # Seconds between scheduler passes when there is nothing to do.
         "poll_seconds": Option(_parse_rate, 1.0),
+        # Heavy requests (naming heavy_request_files files or more: archiveinfo, stage, cancel,
+        # release, a poll's page) served at once by all processes of this host; beyond, 429.
+        "max_heavy_requests": Option(_parse_positive, 2),
+        "heavy_request_files": Option(_parse_positive, 1000),
+        # A finished request (and its file rows and pins) is forgotten this long after it finished,
+        # once none of its pins holds any more.
+        "retention_seconds": Option(_parse_seconds, 7 * 86400.0),
+        # Requests a client may have stored (open, or finished and retained); beyond, 429.
+        "max_requests_per_client": Option(_parse_positive, 1000),
     },
     "server": {
         "address": Option(_parse_nonempty, "127.0.0.1", "PAI_ADDRESS"),
@@ -354,6 +366,7 @@ class TapeSettings:
     verify_after_write: bool = True
     auto_stage: bool = False
     stage_timeout: float = 60.0
+    stage_waiters: int = 2
     stager: str | None = None
 
 
@@ -395,6 +408,10 @@ class BulkSettings:
     default_pin_seconds: float = 3600.0
     max_pin_seconds: float = 7 * 86400.0
     poll_seconds: float = 1.0
+    max_heavy_requests: int = 2
+    heavy_request_files: int = 1000
+    retention_seconds: float = 7 * 86400.0
+    max_requests_per_client: int = 1000
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,14 @@ def problem(answer, status: int) -> dict:
 
 
 def test_well_known_names_the_endpoint_and_our_limits(archive):
-    settings, backend = archive(bulk={"max_files_per_request": 500, "max_in_flight_per_client": 900})
+    settings, backend = archive(
+        bulk={
+            "max_files_per_request": 500,
+            "max_in_flight_per_client": 900,
+            "max_requests_per_client": 7,
+            "retention_seconds": 86400.0,
+        }
+    )
     document = http(settings, backend).get("/.well-known/wlcg-tape-rest-api").json
     assert document["sitename"] == "pacifica_like"
     (endpoint,) = document["endpoints"]
@@ -70,6 +77,8 @@ def test_well_known_names_the_endpoint_and_our_limits(archive):
         "maxFilesPerRequest": 500,
         "maxInFlightPerClient": 900,
         "minPollSeconds": 1.0,
+        "maxRequestsPerClient": 7,
+        "requestRetentionSeconds": 86400.0,
     }
 
 

@@ -51,6 +51,8 @@ from backends.tape.catalog import CopyInfo, translate_db_errors
 from backends.tape.library import CopyDamaged, MountedDrive, TapeLibrary, owner_alive
 from pacifica_like.config import Settings
 from pacifica_like.errors import Conflict, FileNotInArchive, OfflineOnTape, StorageUnavailable
+from pacifica_like.slots import DIRECTORY as SLOT_DIRECTORY
+from pacifica_like.slots import SlotPool
 
 REGULAR, DUAL, OFFLINE, UNMIGRATING = "REGULAR", "DUAL", "OFFLINE", "UNMIGRATING"
 _Result = TypeVar("_Result")
@@ -167,6 +169,9 @@ class TapeBackend(PosixBackend):
         self._recalls_lock = threading.Lock()
         # Background recalls for POST: bounded, since each one holds a drive while it runs.
         self._executor = ThreadPoolExecutor(max_workers=max(2, 2 * settings.tape.drives))
+        self._stage_waits = SlotPool(
+            os.path.join(self.prefix, SLOT_DIRECTORY), "stage", self.tape.stage_waiters
+        )
         # Keeps a sideband database's rows true after each change (a no-op unless one is configured).
         self.sideband_upkeep = self._sideband_upkeep(settings)
 
@@ -315,10 +320,19 @@ class TapeBackend(PosixBackend):
         if started:
             # Outside the lock: on a recall that already finished, the callback runs right here.
             future.add_done_callback(lambda done: self._forget_recall(file_id, done))
-        try:
-            future.result(timeout=self.tape.stage_timeout)
-        except FutureTimeout:
-            return False
+        if future.done():
+            future.result()  # the recall's error, if it failed
+            return True
+        # A waiting request holds a server thread (a whole uWSGI worker) for up to stage_timeout:
+        # only stage_waiters of them, over every process of this host, wait; the others answer
+        # at once, as on a timeout, and the recall goes on.
+        with self._stage_waits.hold() as may_wait:
+            if not may_wait:
+                return False
+            try:
+                future.result(timeout=self.tape.stage_timeout)
+            except FutureTimeout:
+                return False
         return True
 
     def _forget_recall(self, file_id: int, future: Future[bool]) -> None:

@@ -11,12 +11,15 @@ Every error, ours and CherryPy's (unknown path, wrong verb), is
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import math
+import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from typing import Any
 
@@ -45,6 +48,8 @@ from pacifica_like.errors import (
     UnknownRequest,
 )
 from pacifica_like.id2filename import MAX_ID, parse_id
+from pacifica_like.slots import DIRECTORY as SLOT_DIRECTORY
+from pacifica_like.slots import SlotPool
 
 log = logging.getLogger("pacifica_like.error")
 
@@ -57,6 +62,11 @@ BODY_SLACK = 1 << 20
 MAX_PAGE = 100_000
 #: The form of the request ids the store hands out; anything else (NUL, 5,000 characters) is simply unknown.
 _REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+#: Seconds a client refused for lack of a heavy-request slot is asked to wait: about one heavy request.
+HEAVY_RETRY_AFTER = 2
+#: Called with the endpoint's name while a heavy request holds its slot. None in service; tests
+#: set it (in a server process, from a ``sitecustomize``) to hold requests in flight at will.
+HEAVY_HOOK: Callable[[str], None] | None = None
 
 
 def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> bytes:
@@ -114,8 +124,11 @@ def _read_json(max_bytes: int) -> Any:
     """Read and parse the request body; 413 past ``max_bytes``, 400 when it is not JSON."""
     request = cherrypy.serving.request
     length = request.headers.get("Content-Length")
-    if length is not None and not length.strip().isdigit():
-        raise InvalidRequest(f"Content-Length {length!r} is not a number")
+    if length is not None:
+        length = length.strip()
+        # Only ASCII digits ("²" passes isdigit() but not int()), and no more than int() takes.
+        if not _decimal(length) or len(length) > 19:
+            raise InvalidRequest(f"Content-Length {length[:40]!r} is not a byte count")
     if length is not None and int(length) > max_bytes:
         raise RequestTooLarge(f"the request body ({length} bytes) is larger than the {max_bytes} accepted")
     # Without a Content-Length (chunked), read to the end of the body, but never past the limit.
@@ -132,7 +145,10 @@ def _read_json(max_bytes: int) -> Any:
     data = b"".join(chunks)
     try:
         return json.loads(data)
+    except RecursionError:
+        raise InvalidRequest("the request body nests JSON arrays or objects too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
+        # ValueError covers integers past Python's digit limit (4,300) too.
         raise InvalidRequest(f"the request body is not JSON: {exc}") from None
 
 
@@ -197,6 +213,34 @@ class BulkAPI:
         self.backend = backend
         self._store = store
         self.max_body = self.policy.max_files_per_request * BODY_BYTES_PER_FILE + BODY_SLACK
+        slots = os.path.join(settings.archive.prefix, SLOT_DIRECTORY)
+        self.heavy_slots = SlotPool(slots, "heavy", self.policy.max_heavy_requests)
+
+    @contextlib.contextmanager
+    def heavy(self, what: str, files: int) -> Iterator[None]:
+        """Run the block in a heavy-request slot when it handles many files; 429 when none is free.
+
+        Requests naming fewer than ``heavy_request_files`` files pass freely.
+        The slots count across every process of this host, so heavy requests
+        never hold every uWSGI worker or serve thread: ``GET /`` and small
+        requests always find one.
+        """
+        if files < self.policy.heavy_request_files:
+            yield
+            return
+        slot = self.heavy_slots.try_acquire()
+        if slot is None:
+            raise TooManyRequests(
+                f"the server is already handling {self.policy.max_heavy_requests} requests of "
+                f"{self.policy.heavy_request_files} files or more; try again shortly",
+                retry_after=HEAVY_RETRY_AFTER,
+            )
+        try:
+            if HEAVY_HOOK is not None:
+                HEAVY_HOOK(what)
+            yield
+        finally:
+            self.heavy_slots.release(slot)
 
     @property
     def store(self) -> BulkStore:
@@ -229,19 +273,43 @@ class BulkAPI:
         limit = self.policy.max_files_per_request
         if len(files) > limit:
             raise RequestTooLarge(f"the request names {len(files)} files; at most {limit} are accepted")
-        entries = self._entries(files)
-        client = self.client()
-        cap = self.policy.max_in_flight_per_client
-        in_flight = store.in_flight(client)
-        if in_flight + len(entries) > cap:
-            raise TooManyRequests(
-                f"client {client!r} has {in_flight} files in flight; {len(entries)} more would pass its "
-                f"cap of {cap}; wait for earlier requests to finish",
-                retry_after=max(1, int(self.policy.min_poll_seconds * 10)),
-            )
-        request_id = store.create_request(client, self._resolve(entries))
+        with self.heavy("stage", len(files)):
+            entries = self._entries(files)
+            client = self.client()
+            self._check_stored(client)
+            cap = self.policy.max_in_flight_per_client
+            in_flight = store.in_flight(client)
+            if in_flight + len(entries) > cap:
+                raise TooManyRequests(
+                    f"client {client!r} has {in_flight} files in flight; {len(entries)} more would pass its "
+                    f"cap of {cap}; wait for earlier requests to finish",
+                    retry_after=max(1, int(self.policy.min_poll_seconds * 10)),
+                )
+            request_id = store.create_request(client, self._resolve(entries))
         cherrypy.serving.response.headers["Location"] = f"/api/v1/stage/{request_id}"
         return _json({"requestId": request_id}, 201)
+
+    def _check_stored(self, client: str) -> None:
+        """Refuse (429) a client that already has ``max_requests_per_client`` requests stored.
+
+        Its own expired requests are purged first, so a client is never refused
+        for requests the scheduler's sweep simply has not reached yet.
+        """
+        cap, retention = self.policy.max_requests_per_client, self.policy.retention_seconds
+        stored, _ = self.store.stored_requests(client)
+        if stored < cap:
+            return
+        self.store.purge_expired(retention, client=client)
+        stored, earliest = self.store.stored_requests(client)
+        if stored < cap:
+            return
+        # The earliest finished request expires first (unless a pin keeps it a little longer).
+        wait = 60 if earliest is None else max(1, math.ceil(earliest + retention - time.time()))
+        raise TooManyRequests(
+            f"client {client!r} has {stored} stored requests, the most kept per client is {cap}; "
+            f"DELETE finished ones, or wait until they expire ({retention:g} s after they finish)",
+            retry_after=min(wait, 86400),
+        )
 
     def _entries(self, files: list[Any]) -> list[tuple[str, float]]:
         """Return (path, pin seconds) per file; InvalidRequest naming the first bad entry."""
@@ -327,8 +395,10 @@ class BulkAPI:
         info = store.request(request_id) if _REQUEST_ID.fullmatch(request_id) else None
         if info is None:
             raise UnknownRequest(f"no stage request {request_id!r} (never made, or deleted)")
-        files, next_row = store.files(request_id, page, after, states)
-        summary = store.summary(request_id)
+        # The page is what costs; the summary is an index-only query.
+        with self.heavy("poll", min(info.files, page or info.files)):
+            files, next_row = store.files(request_id, page, after, states)
+            summary = store.summary(request_id)
         open_files = sum(summary.states[s] for s in OPEN_STATES)
         document = {
             "id": info.id,
@@ -354,7 +424,8 @@ class BulkAPI:
     def cancel(self, request_id: str) -> bytes:
         """Cancel the named files of a request (all or nothing)."""
         paths = _paths_of(_read_json(self.max_body), self.policy.max_files_per_request)
-        unknown = self.store.cancel(request_id, paths) if _REQUEST_ID.fullmatch(request_id) else None
+        with self.heavy("cancel", len(paths)):
+            unknown = self.store.cancel(request_id, paths) if _REQUEST_ID.fullmatch(request_id) else None
         if unknown is None:
             raise UnknownRequest(f"no stage request {request_id!r} (never made, or deleted)")
         if unknown:
@@ -365,14 +436,19 @@ class BulkAPI:
 
     def delete(self, request_id: str) -> bytes:
         """Cancel what is still open, drop the request's pins and forget it."""
-        if not (_REQUEST_ID.fullmatch(request_id) and self.store.delete(request_id)):
+        info = self.store.request(request_id) if _REQUEST_ID.fullmatch(request_id) else None
+        if info is None:
             raise UnknownRequest(f"no stage request {request_id!r} (never made, or deleted)")
+        with self.heavy("delete", info.files):
+            if not self.store.delete(request_id):
+                raise UnknownRequest(f"no stage request {request_id!r} (never made, or deleted)")
         return _json({"requestId": request_id})
 
     def release(self, request_id: str) -> bytes:
         """Drop the request's pins on the named files; disk space may then be reclaimed."""
         paths = _paths_of(_read_json(self.max_body), self.policy.max_files_per_request)
-        unknown = self.store.release(request_id, paths) if _REQUEST_ID.fullmatch(request_id) else None
+        with self.heavy("release", len(paths)):
+            unknown = self.store.release(request_id, paths) if _REQUEST_ID.fullmatch(request_id) else None
         if unknown is None:
             raise UnknownRequest(f"no stage request {request_id!r} (never made, or deleted)")
         if unknown:
@@ -386,31 +462,37 @@ class BulkAPI:
     def archiveinfo(self) -> bytes:
         """Report each path's locality (or why it has none)."""
         paths = _paths_of(_read_json(self.max_body), self.policy.max_files_per_request)
-        ids = {path: file_id_of(path) for path in paths}
-        where = self.backend.localities(sorted({i for i in ids.values() if i is not None}))
-        answers = []
-        for path in paths:
-            file_id = ids[path]
-            if file_id is None:
-                answers.append(
-                    {"path": path, "error": "not a file path: expected /<id> with a decimal file id"}
-                )
-                continue
-            locality = where.get(file_id, "NONE")
-            if locality == "NONE" and self._inventory_lost(file_id):
-                locality = "LOST"
-            answers.append({"path": path, "locality": locality})
-        return _json(answers)
+        with self.heavy("archiveinfo", len(paths)):
+            ids = {path: file_id_of(path) for path in paths}
+            where = self.backend.localities(sorted({i for i in ids.values() if i is not None}))
+            lost = self._inventory_lost(
+                sorted({i for i in ids.values() if i is not None and where.get(i, "NONE") == "NONE"})
+            )
+            answers = []
+            for path in paths:
+                file_id = ids[path]
+                if file_id is None:
+                    answers.append(
+                        {"path": path, "error": "not a file path: expected /<id> with a decimal file id"}
+                    )
+                    continue
+                locality = where.get(file_id, "NONE")
+                if locality == "NONE" and file_id in lost:
+                    locality = "LOST"
+                answers.append({"path": path, "locality": locality})
+            return _json(answers)
 
-    def _inventory_lost(self, file_id: int) -> bool:
-        """True when the catalog's inventory marked the file LOST (an audit found it gone)."""
-        if self._store is None:
-            return False
+    def _inventory_lost(self, file_ids: list[int]) -> set[int]:
+        """Return which of ``file_ids`` the catalog's inventory marked LOST (an audit found them gone).
+
+        One batched look-up: asking per file cost ~0.4 ms each, 40 s for 100,000 unknown paths.
+        """
+        if self._store is None or not file_ids:
+            return set()
         try:
-            entry = self._store.catalog.entry(file_id)
+            return self._store.lost(file_ids)
         except ArchiveError:
-            return False
-        return entry is not None and entry.state == "LOST"
+            return set()
 
     def queues(self) -> bytes:
         """Report the recall queue of each volume."""
@@ -438,6 +520,9 @@ class BulkAPI:
                 "maxFilesPerRequest": self.policy.max_files_per_request,
                 "maxInFlightPerClient": self.policy.max_in_flight_per_client,
                 "minPollSeconds": self.policy.min_poll_seconds,
+                "maxRequestsPerClient": self.policy.max_requests_per_client,
+                # The spec leaves retention to the server: finished requests are kept this long.
+                "requestRetentionSeconds": self.policy.retention_seconds,
             },
         }
         document = {
@@ -472,8 +557,9 @@ def _decimal(raw: str) -> bool:
 
 def _positive(raw: str | list[str], name: str, most: int) -> int:
     raw = _single(raw, name)
-    if not _decimal(raw) or not 1 <= int(raw) <= most:
-        raise InvalidRequest(f"{name} must be an integer from 1 to {most}, got {raw!r}")
+    # The length first: int() refuses strings past 4,300 digits (ValueError, not our 400).
+    if not _decimal(raw) or len(raw) > 19 or not 1 <= int(raw) <= most:
+        raise InvalidRequest(f"{name} must be an integer from 1 to {most}, got {raw[:40]!r}")
     return int(raw)
 
 
@@ -485,7 +571,7 @@ def _cursor(raw: str | list[str] | None) -> int:
         return 0
     # Row ids are signed 64-bit: a larger number is no cursor of ours (and overflows the driver).
     if not _decimal(raw) or len(raw) > 19 or int(raw) > MAX_ID:
-        raise InvalidRequest(f"cursor {raw!r} is not one this server handed out (use nextCursor)")
+        raise InvalidRequest(f"cursor {raw[:40]!r} is not one this server handed out (use nextCursor)")
     return int(raw)
 
 
@@ -523,14 +609,23 @@ def _eta(started_at: float | None, total: int, done: int, open_files: int) -> in
 
 
 class WellKnownRoot:
-    """``/.well-known/``: CherryPy turns ``-`` and ``.`` in path segments into ``_``."""
+    """``/.well-known/``: CherryPy turns ``-`` and ``.`` in path segments into ``_``.
+
+    Handlers here and in :class:`ApiV1` take the rest of the path as ``*path``
+    and the query as ``**params``: CherryPy passes both as arguments, and a
+    handler without room for them failed with a TypeError (a 500). Unknown
+    query parameters are ignored, as most HTTP servers do; extra path
+    segments are a 404.
+    """
 
     def __init__(self, api: BulkAPI) -> None:
         self._api = api
 
     @_handler
-    def wlcg_tape_rest_api(self) -> bytes:
+    def wlcg_tape_rest_api(self, *path: str, **params: Any) -> bytes:
         """The discovery document."""
+        if path:
+            raise cherrypy.NotFound()
         _allow(cherrypy.serving.request.method, "GET", "HEAD")
         return self._api.well_known()
 
@@ -542,17 +637,18 @@ class ApiV1:
         self._api = api
 
     @_handler
-    def stage(
-        self, request_id: str | None = None, action: str | None = None, *rest: str, **params: Any
-    ) -> bytes:
+    def stage(self, *path: str, **params: Any) -> bytes:
         """POST (submit), GET (poll), DELETE, and POST .../cancel."""
         method = cherrypy.serving.request.method
-        if rest or (action is not None and action != "cancel"):
+        # The request id comes from the path only: CherryPy would also fill a named
+        # argument from the query (?request_id=...), even twice (a list).
+        if len(path) > 2 or (len(path) == 2 and path[1] != "cancel"):
             raise cherrypy.NotFound()
-        if request_id is None:
+        if not path:
             _allow(method, "POST")
             return self._api.submit()
-        if action == "cancel":
+        request_id = path[0]
+        if len(path) == 2:
             _allow(method, "POST")
             return self._api.cancel(request_id)
         _allow(method, "GET", "HEAD", "DELETE")
@@ -561,22 +657,26 @@ class ApiV1:
         return self._api.poll(request_id, params.get("limit"), params.get("cursor"), params.get("state"))
 
     @_handler
-    def release(self, request_id: str | None = None, *rest: str) -> bytes:
+    def release(self, *path: str, **params: Any) -> bytes:
         """POST /api/v1/release/<id>."""
-        if request_id is None or rest:
+        if len(path) != 1:
             raise cherrypy.NotFound()
         _allow(cherrypy.serving.request.method, "POST")
-        return self._api.release(request_id)
+        return self._api.release(path[0])
 
     @_handler
-    def archiveinfo(self) -> bytes:
+    def archiveinfo(self, *path: str, **params: Any) -> bytes:
         """POST /api/v1/archiveinfo."""
+        if path:
+            raise cherrypy.NotFound()
         _allow(cherrypy.serving.request.method, "POST")
         return self._api.archiveinfo()
 
     @_handler
-    def queues(self) -> bytes:
+    def queues(self, *path: str, **params: Any) -> bytes:
         """GET /api/v1/queues."""
+        if path:
+            raise cherrypy.NotFound()
         _allow(cherrypy.serving.request.method, "GET", "HEAD")
         return self._api.queues()
 

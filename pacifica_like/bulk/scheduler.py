@@ -7,7 +7,8 @@ thread; ``pacifica-like worker`` runs only it). Each *pass*:
    again, or failed once they used up ``max_attempts``);
 2. fails recalls running longer than ``recall_timeout`` (the watchdog);
    and, once a minute, queues again any open file left without a recall job
-   (two writers' transactions crossed; ``BulkStore.requeue_jobless``);
+   (two writers' transactions crossed; ``BulkStore.requeue_jobless``) and
+   forgets requests finished more than ``retention_seconds`` ago;
 3. picks volumes worth a mount (``mount_min_files`` files or
    ``mount_min_bytes`` bytes queued, or the oldest file waited
    ``max_wait_seconds``; waited-longest first) while fewer than ``drives``
@@ -45,6 +46,8 @@ MAX_BACKOFF = 300.0
 PASSES_PER_MOUNT = 2
 #: Seconds between searches for open files left without a recall job (it scans every open file row).
 JOBLESS_SWEEP_SECONDS = 60.0
+#: Expired requests forgotten per round of the same sweep.
+PURGE_BATCH = 100
 
 
 class Scheduler:
@@ -154,6 +157,7 @@ class Scheduler:
             jobless = self.store.requeue_jobless(now)
             if jobless:
                 log.warning("queued again %d files whose recall job was lost to a concurrent update", jobless)
+            self.purge_expired(now)
             self._next_sweep = time.monotonic() + JOBLESS_SWEEP_SECONDS
         active = self.active_volumes()
         orphans = self.store.requeue_orphans(self.owner, active)
@@ -171,6 +175,22 @@ class Scheduler:
                 self._start_session(queue.vsn)
                 started.append(queue.vsn)
         return started
+
+    def purge_expired(self, now: float | None = None) -> int:
+        """Forget the requests finished more than ``retention_seconds`` ago (and unpinned); return how many.
+
+        In rounds of PURGE_BATCH requests, each request its own transaction, so
+        submits and recall outcomes are not held up behind one long delete.
+        """
+        purged = 0
+        while not self._stop.is_set():
+            done = self.store.purge_expired(self.policy.retention_seconds, now, limit=PURGE_BATCH)
+            purged += done
+            if done < PURGE_BATCH:
+                break
+        if purged:
+            log.info("forgot %d bulk requests past retention_seconds", purged)
+        return purged
 
     def pick(self, waiting: list[VolumeQueue], now: float) -> list[VolumeQueue]:
         """Return the volumes worth a mount now, most urgent first.

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import peewee
 
-from pacifica_like.catalog import GatewayCatalog, _Busy
+from pacifica_like.catalog import LOST, GatewayCatalog, _Busy
 from pacifica_like.dbschema import create_tables
 from pacifica_like.errors import StorageUnavailable
 from pacifica_like.owners import alive_here, owner_name
@@ -393,6 +393,62 @@ class BulkStore:
         r, f = self.Request, self.File
         open_requests = r.select(r.id).where((r.client == client[:255]) & r.completed_at.is_null())
         return f.select().where(f.request_id.in_(open_requests) & f.state.in_(OPEN_STATES)).count()
+
+    @_transaction("cannot count the client's requests")
+    def stored_requests(self, client: str) -> tuple[int, float | None]:
+        """Return how many requests ``client`` has stored, and when its earliest finished one finished.
+
+        Stored: open, or finished and not yet purged (see :meth:`purge_expired`).
+        """
+        r = self.Request
+        mine = r.client == client[:255]
+        count = r.select().where(mine).count()
+        earliest = (
+            r.select(peewee.fn.MIN(r.completed_at)).where(mine & r.completed_at.is_null(False)).scalar()
+        )
+        return count, earliest
+
+    @_transaction("cannot purge expired requests")
+    def purge_expired(
+        self, retention: float, now: float | None = None, client: str | None = None, limit: int = 100
+    ) -> int:
+        """Forget up to ``limit`` requests finished more than ``retention`` seconds ago; return how many.
+
+        A request goes with its file rows, and so with its pins; one whose pin
+        still holds a file stays until the pin expires, so retention never cuts
+        a granted ``diskLifetime`` short. Other requests' rows, and so their
+        pins on the same files, are untouched. Only finished requests are
+        purged: they have no open file, so no recall job stands for them.
+        ``client``: only that client's requests.
+        """
+        now = time.time() if now is None else now
+        r, f = self.Request, self.File
+        expired = r.completed_at.is_null(False) & (r.completed_at < now - retention)
+        if client is not None:
+            expired &= r.client == client[:255]
+        pinned = f.select(f.id).where((f.request_id == r.id) & (f.pin_until > now))
+        query = r.select(r.id).where(expired & ~peewee.fn.EXISTS(pinned)).order_by(r.completed_at)
+        purged = 0
+        for (request_id,) in list(query.limit(limit).tuples()):
+            # One transaction per request: a 100,000-file request is ~0.3 s of deletes on SQLite,
+            # and writers (recall outcomes, submits) should not wait behind many of them.
+            with self.db.atomic():
+                f.delete().where(f.request_id == request_id).execute()
+                purged += r.delete().where(r.id == request_id).execute()
+        return purged
+
+    @_transaction("cannot read the inventory")
+    def lost(self, file_ids: Sequence[int]) -> set[int]:
+        """Return which of ``file_ids`` the inventory marks LOST (an audit found them gone), in batches."""
+        self.catalog._ensure_schema()
+        inventory = self.catalog.Inventory
+        found: set[int] = set()
+        for chunk in _chunks(list(file_ids), ID_CHUNK):
+            query = inventory.select(inventory.file_id).where(
+                inventory.file_id.in_(list(chunk)) & (inventory.state == LOST)
+            )
+            found.update(i for (i,) in query.tuples())
+        return found
 
     @_transaction("cannot read the request")
     def request(self, request_id: str) -> RequestInfo | None:

@@ -1,0 +1,96 @@
+"""A host-wide count of holders: at most N at once among every process and thread that share a directory.
+
+A per-process semaphore does not bound uWSGI, whose workers are processes
+(often of one thread each): eight workers could each let one heavy request
+in and nobody would be left to answer ``GET /``. Here a slot is an exclusive
+``flock`` on one of N small files in a directory every process of the
+archive sees. Locks belong to open file descriptions, so two threads of one
+process compete like two processes do, and the kernel drops the lock of a
+process that dies, so a killed worker never leaks its slot. Stdlib only: the
+backends import it (a leaf, like ``owners``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import random
+import threading
+from collections.abc import Iterator
+
+log = logging.getLogger("pacifica_like.error")
+
+#: The directory, under the archive prefix, holding the slot files (hidden: listings skip it).
+DIRECTORY = ".slots"
+
+
+class SlotPool:
+    """At most ``size`` holders at once of the slots named ``name`` in ``directory``.
+
+    When the directory cannot be used (a read-only prefix), the pool falls
+    back to a semaphore of the same size in this process, and says so once.
+    """
+
+    def __init__(self, directory: str, name: str, size: int) -> None:
+        self.directory = directory
+        self.name = name
+        self.size = size
+        self._fallback = threading.BoundedSemaphore(size)
+        self._warned = False
+
+    def _paths(self) -> list[str]:
+        # Start at a random slot so holders do not all probe slot 0 first.
+        first = random.randrange(self.size)
+        order = [(first + i) % self.size for i in range(self.size)]
+        return [os.path.join(self.directory, f"{self.name}.{i}") for i in order]
+
+    def try_acquire(self) -> int | None:
+        """Take a free slot without waiting: a handle for :meth:`release`, or None if all are held.
+
+        -1 stands for a slot of the in-process fallback.
+        """
+        if self.size <= 0:
+            return None
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            for path in self._paths():
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                except BaseException:
+                    os.close(fd)
+                    raise
+                return fd
+            return None
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                log.error(
+                    "slots %s in %s unusable (%s): counting in this process only",
+                    self.name,
+                    self.directory,
+                    exc,
+                )
+            return -1 if self._fallback.acquire(blocking=False) else None
+
+    def release(self, fd: int) -> None:
+        """Give back a slot :meth:`try_acquire` returned."""
+        if fd == -1:
+            self._fallback.release()
+        else:
+            os.close(fd)  # closing the last descriptor drops the lock
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[bool]:
+        """Hold a slot for the block if one is free: yields True, else False (the caller defers)."""
+        fd = self.try_acquire()
+        try:
+            yield fd is not None
+        finally:
+            if fd is not None:
+                self.release(fd)
