@@ -20,7 +20,7 @@ from typing import Any
 import cherrypy
 
 from backends.base import Backend
-from pacifica_like import __version__, logs
+from pacifica_like import __version__, leftovers, logs
 from pacifica_like.bulk import api as bulk_api
 from pacifica_like.config import Settings
 from pacifica_like.errors import ArchiveError
@@ -99,4 +99,7 @@ def build_app(settings: Settings, backend: Backend) -> ObservedApp:
     fallback_names = PROBE_PATHS | bulk_api.PATHS
     api = FileAPI(backend, settings, fallback, error_response, fallback_names=fallback_names)
     logs.install(settings.server.access_log)
+    if inventory is not None:
+        # Temp files and markers of uploads whose process died (a kill -9): removed, and logged.
+        leftovers.sweep_at_start(storage, inventory)
     return ObservedApp(api, metrics, fallback_names, access_log=settings.server.access_log != "off")

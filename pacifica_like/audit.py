@@ -11,6 +11,13 @@ the listing, and counts
   a file stored during the listing is in the second snapshot, one deleted
   during it is in the first.
 
+and, among the files that are both listed and in both snapshots, as a
+**mismatch** a file whose size or recorded digest (the sha-256 xattr written at
+ingest; the bytes are never read) differs from its row: the row describes
+another version than the one stored. It also reports **leftovers**: temp files
+and operation markers of uploads whose process died (``pacifica_like.leftovers``),
+removed by ``--fix``.
+
 On top of that it leaves alone files with an operation marker younger than
 ``inflight_timeout`` (a PUT, PATCH or DELETE under way) and files younger than
 ``ignore_age`` (the inventory's ``stored_at`` for missing files, the storage's
@@ -54,10 +61,12 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any, Protocol
 
-from backends.base import Backend, fsync_dir, publish
-from pacifica_like.catalog import GatewayCatalog, Operation, Snapshot
+from backends.base import Backend, fsync_dir, publish, read_sha256
+from pacifica_like import leftovers
+from pacifica_like.catalog import GatewayCatalog, Operation, Snapshot, digest_key
 from pacifica_like.errors import ArchiveError, Conflict, FileNotInArchive
 from pacifica_like.id2filename import parse_id
+from pacifica_like.inventory import storage_probe, stored_version
 
 DEFAULT_IGNORE_AGE = 86400.0
 DEFAULT_INFLIGHT_TIMEOUT = 86400.0
@@ -110,8 +119,8 @@ class InventorySource(Protocol):
     def operations(self) -> list[Operation]:
         """Return the operation markers (none for a file)."""
 
-    def snapshot(self, progress: Callable[[int], object]) -> Snapshot:
-        """Return the inventory now."""
+    def snapshot(self, progress: Callable[[int], object], digests: bool = False) -> Snapshot:
+        """Return the inventory now (``digests``: with each row's digest key, where there are any)."""
 
 
 class CatalogInventory:
@@ -129,9 +138,9 @@ class CatalogInventory:
         """Read the operation markers."""
         return self._catalog.operations()
 
-    def snapshot(self, progress: Callable[[int], object]) -> Snapshot:
+    def snapshot(self, progress: Callable[[int], object], digests: bool = False) -> Snapshot:
         """Read every row."""
-        return self._catalog.snapshot(progress)
+        return self._catalog.snapshot(progress, digests)
 
 
 class FileInventory:
@@ -183,8 +192,8 @@ class FileInventory:
         """A file has no operation markers."""
         return []
 
-    def snapshot(self, progress: Callable[[int], object]) -> Snapshot:
-        """Return the ids read when the file was opened (it does not change under us)."""
+    def snapshot(self, progress: Callable[[int], object], digests: bool = False) -> Snapshot:
+        """Return the ids read when the file was opened (it does not change under us; no digests)."""
         progress(len(self._snapshot))
         return self._snapshot
 
@@ -222,6 +231,23 @@ class OrphanFile:
     unrecorded_upload: bool = False
 
 
+@dataclass(frozen=True)
+class MismatchFile:
+    """Listed and in the inventory, but its size or recorded digest is not what its row says."""
+
+    file_id: int
+    relpath: str
+    row_size: int
+    size: int
+    row_sha256: str | None
+    sha256: str | None
+
+    @property
+    def damaged(self) -> bool:
+        """Same digest recorded at ingest, other size: the bytes changed after ingest."""
+        return self.sha256 is not None and self.sha256 == self.row_sha256 and self.size != self.row_size
+
+
 @dataclass
 class AuditReport:
     """Everything one audit found; :meth:`summary` is the JSON document."""
@@ -234,6 +260,9 @@ class AuditReport:
     options: dict[str, Any]
     missing: list[MissingFile] = field(default_factory=list)
     orphans: list[OrphanFile] = field(default_factory=list)
+    mismatches: list[MismatchFile] = field(default_factory=list)
+    #: Temp files and markers of dead uploads (None: not looked for, without a catalog).
+    leftovers: leftovers.Leftovers | None = None
     #: (file_id, stored_at) of rows marked LOST whose file is in storage again.
     reappeared: list[tuple[int, float]] = field(default_factory=list)
     ignored: dict[str, int] = field(default_factory=dict)
@@ -282,6 +311,16 @@ class AuditReport:
                 "fraction": round(len(self.orphans) / self.listed, 6) if self.listed else 0.0,
                 "file": f"{self.name}_orphan.txt",
             },
+            "mismatch": {
+                "count": len(self.mismatches),
+                "size_differs": sum(m.size != m.row_size for m in self.mismatches),
+                "digest_differs": sum(
+                    m.sha256 is not None and m.row_sha256 is not None and m.sha256 != m.row_sha256
+                    for m in self.mismatches
+                ),
+                "file": f"{self.name}_mismatch.txt",
+            },
+            "leftovers": None if self.leftovers is None else self.leftovers.summary(self.name),
             "reappeared": [file_id for file_id, _ in self.reappeared],
             "ignored": self.ignored,
             "abandoned_operations": [
@@ -307,18 +346,24 @@ def _iso(epoch: float) -> str:
 
 
 def write_reports(report: AuditReport, directory: str) -> list[str]:
-    """Write NAME_missing.txt, NAME_orphan.txt (sorted ids) and NAME_summary.json; return their paths.
+    """Write the NAME_*.txt lists and NAME_summary.json; return their paths.
 
+    NAME_missing.txt, NAME_orphan.txt and NAME_mismatch.txt hold sorted ids;
+    NAME_leftover.txt the temp files of dead uploads, relative to the prefix.
     Each is written to a temp file and renamed, so a reader never sees half a report.
     """
     paths = []
     lists = {
         f"{report.name}_missing.txt": [m.file_id for m in report.missing],
         f"{report.name}_orphan.txt": [o.file_id for o in report.orphans],
+        f"{report.name}_mismatch.txt": [m.file_id for m in report.mismatches],
     }
     for filename, ids in lists.items():
         text = "".join(f"{file_id}\n" for file_id in sorted(ids))
         paths.append(_write_atomically(os.path.join(directory, filename), text))
+    if report.leftovers is not None:
+        text = "".join(f"{temp.relpath}\n" for temp in sorted(report.leftovers.temp_files, key=str))
+        paths.append(_write_atomically(os.path.join(directory, f"{report.name}_leftover.txt"), text))
     summary = json.dumps(report.summary(), indent=2) + "\n"
     paths.append(_write_atomically(os.path.join(directory, f"{report.name}_summary.json"), summary))
     return paths
@@ -384,7 +429,7 @@ def run_audit(
     with timer("inventory_after"):
         operations += source.operations()
         with progress("inventory (after)", None) as update:
-            after = source.snapshot(update)
+            after = source.snapshot(update, digests=True)
     report.inventory_after = len(after)
 
     with timer("compare"):
@@ -442,6 +487,13 @@ def run_audit(
                 report.orphans.append(
                     OrphanFile(file_id, status.size, status.ctime, status.relpath, off_disk, uploaded)
                 )
+        with progress("checking sizes and digests", len(found.present)) as update:
+            _check_present(
+                backend, source.catalog, after, found.present, in_flight, young_since, report, update
+            )
+    if source.catalog is not None:
+        with timer("leftovers"):
+            report.leftovers = leftovers.find(backend, source.catalog, options.inflight_timeout, now)
     report.ignored = ignored
     if report.listing_errors:
         # A file in a part that was not listed would look missing: judge none. Every orphan
@@ -454,12 +506,71 @@ def run_audit(
     report.exceeded = _exceeded(report, options)
     if report.exceeded:
         report.verdict = "thresholds exceeded"
-    elif report.missing or report.orphans or report.reappeared:
+    elif report.missing or report.orphans or report.reappeared or report.mismatches or _has_leftovers(report):
         report.verdict = "drift"
     else:
         report.verdict = "ok"
     report.durations["total"] = time.monotonic() - started
     return report
+
+
+def _has_leftovers(report: AuditReport) -> bool:
+    found = report.leftovers
+    return found is not None and bool(found.temp_files or found.markers)
+
+
+def _check_present(
+    backend: Backend,
+    catalog: GatewayCatalog | None,
+    after: Snapshot,
+    present: array,
+    in_flight: set[int],
+    young_since: float,
+    report: AuditReport,
+    update: Callable[[int], object],
+) -> None:
+    """Compare the size and digest xattr of each file listed and recorded with its row (no bytes read).
+
+    A stat and a getxattr by path per file; a difference is confirmed from one
+    open inode against the row read again, so a PUT during the audit is not one.
+    """
+    path_of = getattr(backend, "path", None)
+    digests = after.digests
+    if path_of is None or catalog is None or digests is None:
+        return
+    prefix = os.path.join(backend.settings.archive.prefix, "")
+    ignored = report.ignored
+    steps = 0
+    for index in present:
+        steps += 1
+        if steps == PROGRESS_STEP:
+            update(steps)
+            steps = 0
+        file_id = after.ids[index]
+        if after.stored_at[index] > young_since or file_id in in_flight:
+            continue
+        path = path_of(file_id)
+        try:
+            size = os.stat(path).st_size
+            digest = read_sha256(path)
+        except OSError:
+            continue  # not on disk (a tape file released) or gone: the listing judged it
+        row_key = digests[index]
+        if size == after.sizes[index] and (digest is None or row_key == 0 or digest_key(digest) == row_key):
+            continue
+        entry = catalog.entry(file_id)
+        found = stored_version(path)
+        if entry is None or entry.stored_at != after.stored_at[index] or found is None:
+            ignored["changed_during_audit"] = ignored.get("changed_during_audit", 0) + 1
+            continue
+        disk = found.sha256.hex() if found.sha256 is not None else None
+        digest_differs = disk is not None and entry.sha256 is not None and disk != entry.sha256
+        if found.size != entry.size or digest_differs:
+            relpath = path.removeprefix(prefix)
+            report.mismatches.append(
+                MismatchFile(file_id, relpath, entry.size, found.size, entry.sha256, disk)
+            )
+    update(steps)
 
 
 class _Timer:
@@ -514,6 +625,8 @@ class _Found:
     missing: array  # indexes into the second snapshot
     orphans: array  # file ids
     reappeared: array  # indexes into the second snapshot
+    #: Indexes into the second snapshot of files listed and in both snapshots, same version, not LOST.
+    present: array = field(default_factory=lambda: array("q"))
     changed: int = 0
     known_lost: int = 0
 
@@ -545,6 +658,8 @@ def _compare(before: Snapshot, after: Snapshot, listed: array, update: Callable[
                 found.orphans.append(m)
             elif b == m and after.lost[j]:
                 found.reappeared.append(j)
+            elif a == m and b == m and before.stored_at[i] == after.stored_at[j]:
+                found.present.append(j)
             k += 1
             c = listed[k] if k < nl else end
         elif a == m and b == m:
@@ -599,7 +714,7 @@ def _exceeded(report: AuditReport, options: AuditOptions) -> list[str]:
 class Action:
     """One thing ``--fix`` does to one file; ``result`` is filled in when it runs."""
 
-    kind: str  # quarantine | record | mark_lost | forget | mark_present | skip
+    kind: str  # quarantine | record | mark_lost | forget | mark_present | rerecord | skip
     file_id: int
     detail: str
     target: str | None = None
@@ -627,6 +742,7 @@ ACTION_LABELS = {
     "mark_lost": "mark LOST",
     "forget": "forget",
     "mark_present": "mark present",
+    "rerecord": "re-record",
     "skip": "skip",
 }
 
@@ -674,6 +790,13 @@ def plan_fix(
     if has_catalog:
         for file_id, _ in report.reappeared:
             actions.append(Action("mark_present", file_id, "back in storage"))
+        for mismatch in report.mismatches:
+            if mismatch.damaged:
+                detail = "its bytes changed after ingest (same digest, other size): verify it, restore it"
+                actions.append(Action("skip", mismatch.file_id, detail))
+            else:
+                detail = "its row describes another version: record the version stored"
+                actions.append(Action("rerecord", mismatch.file_id, detail))
     return actions
 
 
@@ -722,6 +845,9 @@ def apply_fix(
                 elif action.kind == "record":
                     assert catalog is not None
                     action.result = _record(catalog, backend, action.file_id)
+                elif action.kind == "rerecord":
+                    assert catalog is not None
+                    action.result = _rerecord(catalog, backend, action.file_id)
                 else:
                     assert catalog is not None
                     action.result = _mark(catalog, backend, action, missing, stored_at_of)
@@ -730,6 +856,10 @@ def apply_fix(
     counts = dict.fromkeys(("done", "left alone", "skipped", "failed"), 0)
     for action in actions:
         counts[action.outcome] += 1
+    swept: dict[str, Any] | None = None
+    if catalog is not None and report.leftovers is not None and _has_leftovers(report):
+        # Temp files of dead writers, and dead uploads' markers (their rows settled from storage).
+        swept = leftovers.remove(backend, catalog, report.leftovers).summary()
     cleared: int | str = 0
     if catalog is not None:
         # Markers of operations that will never finish; their files were judged above.
@@ -745,6 +875,7 @@ def apply_fix(
         ],
         "counts": counts,
         "abandoned_operations_cleared": cleared,
+        "leftovers_removed": swept,
         "seconds": round(time.monotonic() - started, 3),
     }
 
@@ -837,6 +968,14 @@ def _record(catalog: GatewayCatalog, backend: Backend, file_id: int) -> str:
     if not catalog.record(file_id, status.size, status.mtime, status.sha256, status.ctime):
         return "left alone: the inventory has it now"
     return "recorded"
+
+
+def _rerecord(catalog: GatewayCatalog, backend: Backend, file_id: int) -> str:
+    probe = storage_probe(backend, file_id)
+    if probe is None:
+        return "skipped: this backend has no disk path to read"
+    catalog.settle(file_id, probe, (), forget_absent=False)
+    return "re-recorded"
 
 
 def _mark(

@@ -1,7 +1,8 @@
-"""``pacifica-like audit``: find missing and orphan files; with ``--fix``, quarantine and mark them.
+"""``pacifica-like audit``: find missing, orphan and mismatched files; with ``--fix``, act on them.
 
-Reports go to the current directory: ``NAME_missing.txt``, ``NAME_orphan.txt``
-(sorted ids, one per line) and ``NAME_summary.json``. Without ``--fix`` nothing
+Reports go to the current directory: ``NAME_missing.txt``, ``NAME_orphan.txt``,
+``NAME_mismatch.txt`` (sorted ids, one per line), ``NAME_leftover.txt`` (temp
+files of dead uploads) and ``NAME_summary.json``. Without ``--fix`` nothing
 in the archive changes; ``--fix --dry-run`` prints what ``--fix`` would do.
 
 Exit status: 0 no drift; 1 drift found (acted on with ``--fix``), thresholds
@@ -235,7 +236,17 @@ def _print_text(report: audit.AuditReport, summary: dict, paths: list[str]) -> N
     else:
         size = "size unknown" if missing["bytes"] is None else human(missing["bytes"])
         missing_text = f"missing {missing['count']} ({size})"
-    print(f"  {missing_text}, orphan {orphan['count']} ({human(orphan['bytes'])})")
+    mismatch = summary["mismatch"]
+    print(
+        f"  {missing_text}, orphan {orphan['count']} ({human(orphan['bytes'])}), "
+        f"mismatch {mismatch['count']} ({mismatch['size_differs']} size, {mismatch['digest_differs']} digest)"
+    )
+    found = summary["leftovers"]
+    if found and (found["temp_files"] or found["dead_markers"]):
+        print(
+            f"  leftovers of dead uploads: {found['temp_files']} temp file(s) "
+            f"({human(found['temp_bytes'])}), {found['dead_markers']} marker(s)"
+        )
     if report.reappeared:
         print(f"  back in storage after being marked LOST: {len(report.reappeared)}")
     ignored = ", ".join(
@@ -252,6 +263,9 @@ def _print_text(report: audit.AuditReport, summary: dict, paths: list[str]) -> N
                 action["action"], action["file"], action["detail"], result=action.get("result")
             )
             print(f"  {'would ' if fix.get('dry_run') else ''}{done.describe()}")
+        if fix.get("leftovers_removed"):
+            removed = fix["leftovers_removed"]
+            print(f"  removed {removed['temp_files']} temp file(s) and {removed['dead_markers']} marker(s)")
         if "counts" in fix:
             print("  fix: " + ", ".join(f"{count} {outcome}" for outcome, count in fix["counts"].items()))
         if fix.get("refused"):

@@ -309,6 +309,10 @@ class GatewayCatalog:
                 f"{name('sha256')} = {param}, {name('stored_at')} = {param}, {name('state')} = {param} "
                 f"WHERE {name('file_id')} = {param}"
             ),
+            "row": (
+                f"SELECT {name('size')}, {name('mtime')}, {name('sha256')}, {name('state')} FROM {inventory} "
+                f"WHERE {name('file_id')} = {param}" + ("" if self.is_sqlite else " FOR UPDATE")
+            ),
             "probe": (
                 f"INSERT INTO {operation} ({name('file_id')}, {name('verb')}, {name('started_at')}, "
                 f"{name('owner')}) VALUES (-1, 'READY', 0, 'ready probe')"
@@ -566,20 +570,38 @@ class GatewayCatalog:
             values = (found.size, found.mtime, digest, time.time(), PRESENT, file_id)
             self.db.execute_sql(self._sql["correct"], values)
 
+    def _settle_locked(self, file_id: int, probe: StorageProbe, forget_absent: bool) -> None:
+        """Lock the row of ``file_id``, then make it describe what ``probe`` finds.
+
+        ``forget_absent``: no file means no row (a deletion); otherwise an
+        existing row stays when there is no file (the audit reports it missing).
+        """
+        row = self.db.execute_sql(self._sql["row"], (file_id,)).fetchone()
+        if row is None:
+            # No row to lock: a placeholder locks the key (settled below, never committed as such).
+            self.db.execute_sql(self._sql["upsert"], (file_id, -1, 0.0, None, time.time(), PRESENT))
+            said = None
+        else:
+            size, mtime, digest, state = row
+            said = StoredVersion(size, mtime, bytes.fromhex(digest) if digest else None)
+            if state != PRESENT:
+                said = None  # a LOST row whose file is back gets corrected below
+        found = probe()
+        if found is None and row is not None and not forget_absent:
+            return
+        self._settle(file_id, said, found)
+
     @_translate("cannot settle a file's inventory row")
-    def settle(self, file_id: int, probe: StorageProbe, tokens: tuple[int, ...] = ()) -> None:
+    def settle(self, file_id: int, probe: StorageProbe, tokens: tuple[int, ...], forget_absent: bool) -> None:
         """Make the row of ``file_id`` describe what storage holds now; end markers ``tokens`` with it.
 
         For operations whose process died before recording them (the start-up
-        sweep): the file on storage is complete (only committed files have a
-        name), so it is recorded; no file means no row.
+        sweep): a file on storage is complete (only committed files get their
+        name), so it is recorded. ``forget_absent``: see :meth:`_settle_locked`.
         """
         self._ensure_schema()
-        placeholder = (file_id, -1, 0.0, None, time.time(), PRESENT)
         with self._durable():
-            # Upsert a placeholder (never committed as such) to lock the row even where there is none.
-            self.db.execute_sql(self._sql["upsert"], placeholder)
-            self._settle(file_id, None, probe())
+            self._settle_locked(file_id, probe, forget_absent)
             for token in tokens:
                 self.db.execute_sql(self._sql["end"], (token,))
 
@@ -663,9 +685,7 @@ class GatewayCatalog:
             if probe is None:
                 self.db.execute_sql(self._sql["forget"], (file_id,))
             else:
-                placeholder = (file_id, -1, 0.0, None, time.time(), PRESENT)
-                self.db.execute_sql(self._sql["upsert"], placeholder)
-                self._settle(file_id, None, probe())
+                self._settle_locked(file_id, probe, forget_absent=True)
             self.db.execute_sql(self._sql["end"], (token,))
 
     @_translate("cannot end an operation")

@@ -32,7 +32,7 @@ from conftest import LAST_MODIFIED, LAST_MODIFIED_EPOCH
 from dbservers import scratch_database
 
 from backends import factory
-from backends.base import read_sha256
+from backends.base import SHA256_XATTR, read_sha256
 from pacifica_like import audit
 from pacifica_like.app import build_app
 from pacifica_like.catalog import LOST, PRESENT, GatewayCatalog
@@ -777,6 +777,52 @@ def test_quarantine_on_another_filesystem_copies_then_removes(make_site: Callabl
         shutil.rmtree(quarantine, ignore_errors=True)
 
 
+def test_a_file_whose_size_or_digest_differs_from_its_row_is_a_mismatch(any_site: Site):
+    """Compared by size and the digest xattr (never the bytes); --fix re-records stale rows, not damage."""
+    site = any_site
+    for file_id in (15001, 15002, 15003, 15004):
+        site.put(file_id)
+    catalog = site.catalog()
+    try:
+        inventory = catalog.Inventory
+        # 15001: its row says another digest (as a lost race between two uploads would leave it).
+        inventory.update(sha256="ab" * 32).where(inventory.file_id == 15001).execute()
+        # 15003: its row says another size, the digests agree: the bytes changed after ingest.
+        inventory.update(size=1).where(inventory.file_id == 15003).execute()
+    finally:
+        catalog.close()
+    # 15002: the file on disk records another digest (replaced behind the gateway's back).
+    os.setxattr(site.path(15002), SHA256_XATTR, b"\x01" * 32)
+    result = site.audit("mm", *JUDGE_ALL)
+    assert result.status == 1
+    assert result.summary is not None
+    assert result.summary["verdict"] == "drift"
+    assert result.summary["mismatch"] == {
+        "count": 3,
+        "size_differs": 1,
+        "digest_differs": 2,
+        "file": "mm_mismatch.txt",
+    }
+    assert (site.reports / "mm_mismatch.txt").read_text() == "15001\n15002\n15003\n"
+    assert (result.missing, result.orphan) == ([], [])
+    assert "mismatch 3 (1 size, 2 digest)" in result.out
+
+    fixed = site.audit("mm", *JUDGE_ALL, "--fix")
+    assert fixed.summary is not None
+    results = {a["file"]: (a["action"], a["result"]) for a in fixed.summary["fix"]["actions"]}
+    assert results == {
+        15001: ("rerecord", "re-recorded"),
+        15002: ("rerecord", "re-recorded"),
+        15003: ("skip", "skipped"),
+    }
+    rows = site.rows()
+    assert rows[15001][1] == sha256_hex(payload(15001))
+    assert rows[15002][1] == "01" * 32  # what the file on disk now records
+    again = site.audit("mm2", *JUDGE_ALL)
+    assert again.summary is not None
+    assert (site.reports / "mm2_mismatch.txt").read_text() == "15003\n"
+
+
 def test_report_files_json_output_and_progress(make_site: Callable[..., Site]):
     site = make_site()
     site.put(14001)
@@ -786,6 +832,8 @@ def test_report_files_json_output_and_progress(make_site: Callable[..., Site]):
     assert json.loads(result.out) == result.summary
     assert "listing storage" in result.err  # the progress bar went to stderr
     assert sorted(p.name for p in site.reports.iterdir()) == [
+        "json_leftover.txt",
+        "json_mismatch.txt",
         "json_missing.txt",
         "json_orphan.txt",
         "json_summary.json",
