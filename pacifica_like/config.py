@@ -515,6 +515,7 @@ def load_settings(
     tape["library"] = os.path.abspath(tape["library"])
     sideband = {key: values["sideband", key] for key in SCHEMA["sideband"]}
     bulk = {key: values["bulk", key] for key in SCHEMA["bulk"]}
+    archive["patch_roots"] = _check_patch_roots(archive, tape, sideband, sources)
     return Settings(
         archive=ArchiveSettings(**archive),
         server=ServerSettings(**server),
@@ -525,6 +526,64 @@ def load_settings(
         cpconfig_file=cpconfig_file,
         sources=sources,
     )
+
+
+def _check_patch_roots(
+    archive: Mapping[str, Any],
+    tape: Mapping[str, Any],
+    sideband: Mapping[str, Any],
+    sources: Mapping[tuple[str, str], str],
+) -> tuple[str, ...]:
+    """Return the patch roots as real directories; ConfigError if one overlaps what the gateway keeps.
+
+    PATCH moves files *out* of these roots. A root that contains the archive
+    prefix (or lies inside it) would let a client move archived files and the
+    catalog around; so would one holding the tape library or a SQLite database.
+    Flags arrive unparsed, so every root is resolved here, whatever its source.
+    """
+    where = sources.get(("archive", "patch_roots"), "default [archive] patch_roots")
+    roots = []
+    for root in archive["patch_roots"]:
+        real = os.path.realpath(root)
+        if not os.path.isdir(real):
+            raise ConfigError(f"{where}: {root!r} is not an existing directory")
+        roots.append(real)
+    if not roots:
+        return ()
+
+    def source(section: str, key: str) -> str:
+        return sources.get((section, key), f"default [{section}] {key}")
+
+    # (path, what it is, is a directory): directories overlap either way, files only by lying inside a root.
+    kept: list[tuple[str, str, bool]] = [
+        (archive["prefix"], f"the archive prefix ({source('archive', 'prefix')})", True)
+    ]
+    if sideband["sam_qfs_prefix"]:
+        kept.append(
+            (sideband["sam_qfs_prefix"], f"sam_qfs_prefix ({source('sideband', 'sam_qfs_prefix')})", True)
+        )
+    if ("tape", "library") in sources or os.path.isdir(tape["library"]):
+        kept.append((tape["library"], f"the tape library ({source('tape', 'library')})", True))
+    for section, key, url in (
+        ("archive", "catalog", archive["catalog"]),
+        ("sideband", "database", sideband["database"]),
+    ):
+        if url and url.startswith("sqlite:///"):
+            kept.append((url[len("sqlite://") :], f"the {section} {key} ({source(section, key)})", False))
+    for root in roots:
+        for path, what, is_dir in kept:
+            real = os.path.realpath(path)
+            if _within(real, root) or (is_dir and _within(root, real)):
+                raise ConfigError(
+                    f"{where}: patch root {root} overlaps {what} at {real}; "
+                    "PATCH would move files the gateway keeps"
+                )
+    return tuple(roots)
+
+
+def _within(path: str, directory: str) -> bool:
+    """Say whether ``path`` is ``directory`` or below it (both absolute and normalised)."""
+    return os.path.commonpath([path, directory]) == directory
 
 
 def _read_ini(path: str) -> dict[tuple[str, str], str]:

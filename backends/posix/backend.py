@@ -8,12 +8,22 @@ inode they opened, so an overwrite during a GET never mixes versions.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import os
+import secrets
+import signal
 import stat
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
+from backends import safeopen
 from backends.base import (
     CHUNK_SIZE,
+    SHA256_XATTR,
+    TEMP_SUFFIX,
     AtomicFileWriter,
     Backend,
     ExpectedDigest,
@@ -23,16 +33,14 @@ from backends.base import (
     Reader,
     Writer,
     fsync_dir,
-    hash_file,
-    publish,
     read_sha256,
     record_sha256,
-    resolve_adopt_source,
     status_from_stat,
+    temp_name_prefix,
     translate_os_errors,
 )
 from pacifica_like.config import Settings
-from pacifica_like.errors import ArchiveError, Conflict, FileNotInArchive
+from pacifica_like.errors import ArchiveError, Conflict, FileNotInArchive, InvalidRequest
 from pacifica_like.id2filename import filename2id, id2filename
 
 
@@ -110,48 +118,98 @@ class PosixBackend(Backend):
         return True
 
     def adopt(self, file_id: int, source_path: str) -> int:
-        """Move a server-side file in, committing it like an upload.
+        """Move a server-side file in, committing it like an upload; return the bytes stored.
 
-        On the same filesystem the inode is renamed into place after its
-        digest is recorded and flushed; across filesystems it is copied
-        through AtomicFileWriter and the source removed only after commit.
+        The source is opened once, following no symlink (:mod:`backends.safeopen`),
+        and only that open file is hashed, stamped and moved. The inode itself is
+        renamed in only when that is provably safe (:func:`_claim`): same
+        filesystem, no writer anywhere, owned by this process. Otherwise its bytes
+        are copied from the open descriptor through AtomicFileWriter, which hashes
+        what it writes, so the archived bytes always match their digest; the
+        source name is then removed only if it still names the inode copied.
         """
-        source = resolve_adopt_source(source_path, self.patch_roots)
-        target = self._target(file_id)
-        what = f"cannot move {source_path} to file {file_id}"
-        with translate_os_errors(what, missing=f"PATCH source {source_path} does not exist"):
-            st = os.stat(source)
+        with safeopen.open_adopt_source(source_path, self.patch_roots) as source:
+            target = self._target(file_id)
             target_dir = os.path.dirname(target)
-            os.makedirs(target_dir, exist_ok=True)
-            if st.st_dev == os.stat(target_dir).st_dev:
-                self._rename_in(source, target, hash_file(source))
-            else:
-                self._copy_in(source, target, st.st_mtime)
-            # The source's directory changed too: make its removal durable.
-            fsync_dir(os.path.dirname(source))
-        return st.st_size
+            with translate_os_errors(f"cannot move {source.path} to file {file_id}"):
+                os.makedirs(target_dir, exist_ok=True)
+                target_dir_fd = os.open(target_dir, safeopen.DIRECTORY_FLAGS)
+                try:
+                    same_fs = source.stat.st_dev == os.fstat(target_dir_fd).st_dev
+                    if same_fs and self._rename_in(source, target_dir_fd, target):
+                        return source.stat.st_size
+                finally:
+                    os.close(target_dir_fd)
+                return self._copy_in(source, target)
 
-    def _rename_in(self, source: str, target: str, digest: bytes) -> None:
-        fd = os.open(source, os.O_RDONLY)
+    def _rename_in(self, source: safeopen.AdoptSource, target_dir_fd: int, target: str) -> bool:
+        """Hash, stamp and rename the open source inode to ``target``; False: copy instead.
+
+        Raises (changing nothing) when the name no longer leads to that inode or
+        write-once refuses the id.
+        """
+        claim = _claim(source.fd)
+        if claim is None:
+            return False
+        final_name = os.path.basename(target)
+        published = False
         try:
-            record_sha256(fd, digest)
-            os.fchmod(fd, 0o444)
-            # Digest and data are durable before the archive name points at them.
-            os.fsync(fd)
+            before = os.fstat(source.fd)
+            digest = _hash_fd(source.fd)
+            # No writer could open it under the lease; the stat comparison double-checks that.
+            if not _unchanged(before, os.fstat(source.fd)) or not _still_leased(source.fd):
+                claim.undo(source.fd)
+                return False
+            record_sha256(source.fd, digest)
+            # Digest, mode and data are durable before any archive name points at them.
+            os.fsync(source.fd)
+            temp = temp_name_prefix(final_name) + secrets.token_hex(8) + TEMP_SUFFIX
+            # First to a hidden name beside the target (an upload's temp name, so a sweep after a
+            # crash here knows whose it is): the move is checked there before it is visible.
+            try:
+                os.rename(source.name, temp, src_dir_fd=source.dir_fd, dst_dir_fd=target_dir_fd)
+            except FileNotFoundError:
+                raise InvalidRequest(
+                    f"PATCH source {source.path} was removed while it was being moved; nothing was archived"
+                ) from None
+            if not source.same_inode(os.stat(temp, dir_fd=target_dir_fd, follow_symlinks=False)):
+                # Someone swapped the name after it was opened: give their entry back, archive nothing.
+                _move_back(target_dir_fd, temp, source.dir_fd, source.name)
+                raise InvalidRequest(
+                    f"PATCH source {source.path} was replaced while it was being moved; nothing was archived"
+                )
+            try:
+                _publish_at(target_dir_fd, temp, final_name, replace=not self.write_once)
+            except BaseException:
+                _move_back(target_dir_fd, temp, source.dir_fd, source.name)
+                raise
+            published = True
+            # Both directories changed: make the move durable in each.
+            os.fsync(target_dir_fd)
+            os.fsync(source.dir_fd)
+            if not _still_leased(source.fd):
+                # A writer is waiting to open the inode just published. It cannot write
+                # until the lease is released, so the bytes are still the hashed ones:
+                # publish a private copy in its place and let the writer have the orphan.
+                _copy_from_fd(source, target, replace=True)
+            return True
+        except BaseException:
+            if not published:
+                claim.undo(source.fd)
+            raise
         finally:
-            os.close(fd)
-        publish(source, target, replace=not self.write_once)
+            _release(source.fd)
 
-    def _copy_in(self, source: str, target: str, mtime: float) -> None:
-        with (
-            open(source, "rb", buffering=0) as src,
-            AtomicFileWriter(target, mtime, replace=not self.write_once) as writer,
-        ):
-            while chunk := src.read(CHUNK_SIZE):
-                writer.write(chunk)
-            writer.commit()
-        # Only now is the copy durable in the archive; the source may go.
-        os.unlink(source)
+    def _copy_in(self, source: safeopen.AdoptSource, target: str) -> int:
+        """Copy the open source into the archive, then drop its name if it still names that inode."""
+        size = _copy_from_fd(source, target, replace=not self.write_once)
+        # Only now is the copy durable in the archive; the source may go, but only
+        # the inode that was copied (a name swapped meanwhile is someone else's file).
+        with contextlib.suppress(FileNotFoundError):
+            if source.same_inode(os.stat(source.name, dir_fd=source.dir_fd, follow_symlinks=False)):
+                os.unlink(source.name, dir_fd=source.dir_fd)
+                os.fsync(source.dir_fd)
+        return size
 
     def delete(self, file_id: int) -> None:
         """Unlink the file and flush its directory."""
@@ -198,6 +256,150 @@ class PosixBackend(Backend):
             return file_id if str(file_id) == relpath else None
         except ValueError:
             return None
+
+
+#: fcntl(2) F_SETSIG (Linux; Python's fcntl module does not name it).
+_F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """What :func:`_claim` changed on the source, so a refusal can put it back."""
+
+    uid: int
+    mode: int
+    sha256: bytes | None
+
+    def undo(self, fd: int) -> None:
+        """Restore owner, mode and recorded digest (best effort: the refusal matters more)."""
+        with contextlib.suppress(OSError):
+            if os.fstat(fd).st_uid != self.uid:
+                os.fchown(fd, self.uid, -1)
+            os.fchmod(fd, self.mode)
+            if self.sha256 is None:
+                with contextlib.suppress(OSError):
+                    os.removexattr(fd, SHA256_XATTR)
+            else:
+                record_sha256(fd, self.sha256)
+
+
+def _claim(fd: int) -> _Claim | None:
+    """Make renaming the open inode into the archive safe, or return None (then it is copied).
+
+    Safe means no one can change its bytes after they are hashed:
+    - a read lease (F_SETLEASE F_RDLCK) is refused with EAGAIN while any process
+      has the file open for writing, and while we hold it a new open for writing
+      (or a truncate) waits and breaks it, which :func:`_still_leased` then sees;
+    - the file becomes this process's (fchown, where it may) and 0444, so its
+      former owner cannot chmod it back or reopen it for writing once it is archived.
+    The lease break is signalled to the lease holder: we redirect that signal to
+    SIGPIPE, which Python ignores, and take no lease where it is not ignored
+    (the default SIGIO would kill the worker).
+    """
+    if signal.getsignal(signal.SIGPIPE) != signal.SIG_IGN:
+        return None
+    st = os.fstat(fd)
+    try:
+        fcntl.fcntl(fd, _F_SETSIG, signal.SIGPIPE)
+        # EAGAIN: a writer exists; EACCES: not ours and no CAP_LEASE; EINVAL: no leases on this filesystem.
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError:
+        return None
+    claim = _Claim(st.st_uid, stat.S_IMODE(st.st_mode), _recorded_sha256(fd))
+    try:
+        if st.st_uid != os.geteuid():
+            os.fchown(fd, os.geteuid(), -1)
+        os.fchmod(fd, 0o444)
+    except OSError:
+        claim.undo(fd)
+        _release(fd)
+        return None
+    return claim
+
+
+def _recorded_sha256(fd: int) -> bytes | None:
+    try:
+        return read_sha256(fd)
+    except OSError:
+        return None
+
+
+def _still_leased(fd: int) -> bool:
+    """Say whether our read lease is intact (no writer has tried to open the file since)."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK
+    except OSError:
+        return False
+
+
+def _release(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+
+
+def _unchanged(before: os.stat_result, after: os.stat_result) -> bool:
+    """Say whether nothing wrote to the file between two fstat calls."""
+    return (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
+        after.st_size,
+        after.st_mtime_ns,
+        after.st_ctime_ns,
+    )
+
+
+def _hash_fd(fd: int) -> bytes:
+    """Return the sha-256 of an open file's bytes, read from offset 0 (the offset is not moved)."""
+    digest = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, CHUNK_SIZE, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.digest()
+
+
+def _copy_from_fd(source: safeopen.AdoptSource, target: str, replace: bool) -> int:
+    """Commit the open source's bytes as a new file at ``target``; return the bytes stored.
+
+    AtomicFileWriter hashes what it writes, so even if a writer elsewhere
+    changes the source meanwhile, the stored bytes match the stored digest.
+    """
+    with AtomicFileWriter(target, source.stat.st_mtime, replace=replace) as writer:
+        offset = 0
+        while chunk := os.pread(source.fd, CHUNK_SIZE, offset):
+            writer.write(chunk)
+            offset += len(chunk)
+        return writer.commit()
+
+
+def _publish_at(dir_fd: int, temp: str, final_name: str, replace: bool) -> None:
+    """Give the checked temp entry its archive name (as ``publish``, relative to ``dir_fd``).
+
+    rename() replaces atomically; under write-once, link() refuses an existing name (Conflict).
+    """
+    if replace:
+        os.rename(temp, final_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return
+    try:
+        os.link(temp, final_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except FileExistsError:
+        raise Conflict(f"{final_name} already exists and the archive is write-once") from None
+    os.unlink(temp, dir_fd=dir_fd)
+
+
+def _move_back(from_dir_fd: int, temp: str, to_dir_fd: int, name: str) -> None:
+    """Return an entry to its source directory without replacing anything there.
+
+    link() refuses an existing name; a name taken meanwhile (or a directory,
+    which cannot be linked) gets a fresh ``.patch-returned-*`` name instead.
+    """
+    try:
+        os.link(temp, name, src_dir_fd=from_dir_fd, dst_dir_fd=to_dir_fd, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.EPERM, errno.EISDIR):
+            raise
+        spare = f"{name}.patch-returned-{secrets.token_hex(4)}"
+        os.rename(temp, spare, src_dir_fd=from_dir_fd, dst_dir_fd=to_dir_fd)
+        return
+    os.unlink(temp, dir_fd=from_dir_fd)
 
 
 def _scan(directory: str) -> list[os.DirEntry[str]]:
