@@ -14,7 +14,7 @@ What is whose, and when it may go (docs/decisions/0002-inventory-commit-order.md
   stays. A file of another host, or one named before writers were named, goes
   only when it has not been written for ``stale_after`` seconds;
 * a marker goes when its owner (``host:pid:start:token``, ``pacifica_like.owners``)
-  is certainly dead, or it is older than ``stale_after``. Its file's row is
+  is certainly dead, or runs on another host and is older than ``stale_after``. Its file's row is
   first made to describe what storage holds (the upload may have published just
   before its process died), in the transaction that ends the marker.
 
@@ -39,7 +39,6 @@ from backends.base import TEMP_SUFFIX, Backend
 from pacifica_like.catalog import GatewayCatalog, Operation
 from pacifica_like.errors import ArchiveError
 from pacifica_like.inventory import storage_probe
-from pacifica_like.owners import alive_here, process_start
 
 log = logging.getLogger("pacifica_like.error")
 
@@ -88,21 +87,37 @@ class Leftovers:
         )
 
 
+def running_since(pid: int) -> str:
+    """Return the start time (clock ticks) of process ``pid``; "?" when it does not run.
+
+    Unlike ``owners.process_start``, a zombie counts as not running: a writer
+    killed by a signal is a zombie until its parent (or init) reaps it.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return "?"
+    return "?" if len(fields) < 20 or fields[0] in ("Z", "X", "x") else fields[19]
+
+
 def writer_alive(owner: str) -> bool | None:
     """Tell whether the writer ``<pid>-<start>@<host>`` of a temp file runs; None when it cannot be told."""
     ident, at, host = owner.partition("@")
     pid, dash, start = ident.partition("-")
     if not (at and dash and pid.isdigit()) or host != socket.gethostname():
         return None
-    return process_start(int(pid)) == start
+    return running_since(int(pid)) == start
 
 
-def marker_dead(owner: str) -> bool:
-    """True when the process that wrote a marker certainly no longer runs."""
-    if owner.count(":") == 3:
-        return alive_here(owner) is False
-    host, _, pid = owner.partition(":")  # host:pid, written by older gateways: no start time
-    return host == socket.gethostname() and pid.isdigit() and process_start(int(pid)) == "?"
+def marker_alive(owner: str) -> bool | None:
+    """Tell whether the process that wrote a marker runs; None when it cannot be told (another host)."""
+    parts = owner.split(":")
+    if len(parts) not in (2, 4) or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return None
+    started = running_since(int(parts[1]))
+    # host:pid:start:token; older gateways wrote host:pid (no start time: any process of that pid).
+    return started != "?" if len(parts) == 2 else started == parts[2]
 
 
 def _temp_files(path: str) -> list[str]:
@@ -131,7 +146,10 @@ def find(backend: Backend, catalog: GatewayCatalog, stale_after: float, now: flo
     """Return the dead uploads' temp files and markers (nothing is changed)."""
     found = Leftovers()
     operations = catalog.operations()
-    found.markers = [op for op in operations if marker_dead(op.owner) or op.started_at < now - stale_after]
+    for op in operations:
+        alive = marker_alive(op.owner)
+        if alive is False or (alive is None and op.started_at < now - stale_after):
+            found.markers.append(op)
     path_of = getattr(backend, "path", None)
     prefix = os.path.join(backend.settings.archive.prefix, "")
     if path_of is None:

@@ -12,9 +12,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
+import json
 import os
+import signal
+import socket
 import sqlite3
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +31,7 @@ from backends.base import read_sha256
 from pacifica_like import devserver
 from pacifica_like.config import DEFAULT_CATALOG_NAME
 from pacifica_like.id2filename import id2filename
+from pacifica_like.leftovers import running_since
 
 pytestmark = pytest.mark.live
 TIMEOUT = 30
@@ -53,15 +59,24 @@ if _gate:
 
 
 @contextlib.contextmanager
-def serving(mode: str, prefix: Path, env: dict[str, str] | None = None, processes: int = 4) -> Iterator[str]:
-    """Yield the URL of the gateway on ``prefix`` in run mode ``mode`` (catalog on, delete allowed)."""
+def running(
+    mode: str, prefix: Path, env: dict[str, str] | None = None, processes: int = 4
+) -> Iterator[devserver.RunningServer]:
+    """Run the gateway on ``prefix`` in run mode ``mode`` (catalog on, delete allowed)."""
     env = {"PAI_PREFIX": str(prefix), "PAI_ALLOW_DELETE": "true", **(env or {})}
     if mode == "serve":
-        with devserver.cli_server([], env=env) as running:
-            yield running.url
+        with devserver.cli_server([], env=env) as server:
+            yield server
     else:
-        with devserver.uwsgi_server(env, processes=processes) as running:
-            yield running.url
+        with devserver.uwsgi_server(env, processes=processes) as server:
+            yield server
+
+
+@contextlib.contextmanager
+def serving(mode: str, prefix: Path, env: dict[str, str] | None = None, processes: int = 4) -> Iterator[str]:
+    """Yield the URL of the gateway on ``prefix`` in run mode ``mode``."""
+    with running(mode, prefix, env, processes) as server:
+        yield server.url
 
 
 def catalog_path(prefix: Path) -> Path:
@@ -224,3 +239,123 @@ def test_an_immutable_catalog_is_not_ready_until_writable_again(mode, prefix: Pa
         finally:
             assert chattr("-i", catalog)
         assert ready(url)[0] == 200
+
+
+# -- leftovers of dead uploads -------------------------------------------------------
+
+HALF = 3 << 20
+
+
+def temp_files(prefix: Path, file_id: int) -> list[Path]:
+    path = prefix / id2filename(file_id)[1:]
+    return sorted(path.parent.glob(f".{path.name}.*.part")) if path.parent.exists() else []
+
+
+def wait_for(condition, timeout: float = TIMEOUT) -> None:
+    """Wait until the server has reached a state we can observe (a file on disk, a row)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the server never got there"
+        time.sleep(0.02)
+
+
+def half_upload(url: str, file_id: int, total: int = 2 * HALF) -> socket.socket:
+    """Start a PUT on a raw socket and send only its first HALF bytes; the caller holds the socket."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=TIMEOUT)
+    head = (
+        f"PUT /{file_id} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {total}\r\n"
+        f"Last-Modified: {LAST_MODIFIED}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + b"h" * HALF)
+    return sock
+
+
+def upload_under_way(prefix: Path, file_id: int) -> bool:
+    """The server has its temp file (with data) and its marker: the state a kill -9 freezes."""
+    temps = temp_files(prefix, file_id)
+    return (
+        bool(temps) and temps[0].stat().st_size >= 1 << 20 and any(m[0] == file_id for m in markers(prefix))
+    )
+
+
+def kill_mid_upload(prefix: Path, file_id: int) -> Path:
+    """Store a version of ``file_id``, then kill -9 a uWSGI server in the middle of replacing it."""
+    with running("uwsgi", prefix) as server:
+        assert put(server.url, file_id, b"the version before").status_code == 201
+        with contextlib.closing(half_upload(server.url, file_id)):
+            wait_for(lambda: upload_under_way(prefix, file_id))
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait(timeout=TIMEOUT)
+    # The worker that was writing dies once the signal is delivered (a zombie counts as dead).
+    writer = int(markers(prefix)[0][2].split(":")[1])
+    wait_for(lambda: running_since(writer) == "?")
+    [temp] = temp_files(prefix, file_id)
+    assert temp.stat().st_size >= 1 << 20
+    assert [m[:2] for m in markers(prefix)] == [(file_id, "PUT")]
+    return temp
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_killed_uploads_temp_file_and_marker_are_swept_at_the_next_start(mode, prefix: Path):
+    temp = kill_mid_upload(prefix, 21)
+    with running(mode, prefix) as server:
+        assert not temp.exists()
+        assert temp_files(prefix, 21) == []
+        assert markers(prefix) == []
+        assert assert_row_describes_disk(prefix, 21) == b"the version before"
+        assert put(server.url, 21, b"after").status_code == 201
+        assert "start-up sweep: removed 1 temp file(s)" in server.log()
+
+
+def audit(prefix: Path, reports: Path, name: str, *argv: str) -> tuple[int, dict]:
+    """Run ``pacifica-like audit`` in its own process over ``prefix``; return its status and summary."""
+    reports.mkdir(exist_ok=True)
+    env = {**os.environ, "PAI_PREFIX": str(prefix)}
+    command = [sys.executable, "-m", "pacifica_like", "audit", "--name", name, "--ignore-age", "0", *argv]
+    done = subprocess.run(command, cwd=reports, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode in (0, 1), done.stderr
+    return done.returncode, json.loads((reports / f"{name}_summary.json").read_text())
+
+
+def test_the_audit_reports_a_killed_uploads_leftovers_and_fix_removes_them(prefix: Path, tmp_path: Path):
+    temp = kill_mid_upload(prefix, 22)
+    reports = tmp_path / "reports"
+    status, summary = audit(prefix, reports, "k")
+    assert (status, summary["verdict"]) == (1, "drift")
+    found = summary["leftovers"]
+    assert (found["temp_files"], found["dead_markers"], found["removed"]) == (1, 1, False)
+    assert found["temp_bytes"] == temp.stat().st_size
+    assert (reports / "k_leftover.txt").read_text() == f"{temp.relative_to(prefix)}\n"
+    assert temp.exists() and len(markers(prefix)) == 1  # a report changes nothing
+
+    status, summary = audit(prefix, reports, "k", "--fix")
+    assert summary["fix"]["leftovers_removed"]["temp_files"] == 1
+    assert not temp.exists()
+    assert markers(prefix) == []
+    assert assert_row_describes_disk(prefix, 22) == b"the version before"
+    status, summary = audit(prefix, reports, "k2")
+    assert (status, summary["verdict"], summary["leftovers"]["temp_files"]) == (0, "ok", 0)
+
+
+def test_an_upload_in_flight_in_another_live_process_is_left_alone(prefix: Path, tmp_path: Path):
+    """A second server starting on the archive, and an audit --fix, do not touch a live upload's temp file."""
+    with running("uwsgi", prefix) as first:
+        assert put(first.url, 1, b"x").status_code == 201
+        sock = half_upload(first.url, 23, total=HALF + 5)
+        with contextlib.closing(sock):
+            wait_for(lambda: upload_under_way(prefix, 23))
+            [temp] = temp_files(prefix, 23)
+            with running("serve", prefix) as second:
+                assert "start-up sweep" not in second.log()
+            (prefix / "99").mkdir(exist_ok=True)
+            (prefix / "99" / "stray").write_bytes(b"x")  # some drift, so that --fix acts
+            _, summary = audit(prefix, tmp_path / "reports", "live", "--fix", "--max-orphan-fraction", "1")
+            assert summary["leftovers"]["temp_files"] == 0
+            assert temp.exists()
+            assert [m[:2] for m in markers(prefix)] == [(23, "PUT")]
+            sock.sendall(b"tail!")
+            sock.shutdown(socket.SHUT_WR)
+            assert b" 201 " in sock.recv(65536).split(b"\r\n")[0] + b" "
+    assert assert_row_describes_disk(prefix, 23) == b"h" * HALF + b"tail!"
+    assert temp_files(prefix, 23) == []
