@@ -387,6 +387,10 @@ class GatewayCatalog:
         self._opened.identity = identity
         self._had_file = True
 
+    def may_exist(self) -> bool:
+        """False when the SQLite catalog file does not exist (yet): nothing in it to read."""
+        return self._path is None or os.path.exists(self._path)
+
     def _ensure_schema(self) -> None:
         """Check the SQLite file, then create the tables once per process (several may race: all succeed)."""
         self._check_file()

@@ -204,7 +204,12 @@ def sweep(
 
 
 def sweep_at_start(backend: Backend, catalog: GatewayCatalog) -> Leftovers | None:
-    """Sweep when a gateway process builds its app; log what was removed. Never fails the start."""
+    """Sweep when a gateway process builds its app; log what was removed. Never fails the start.
+
+    A SQLite catalog that does not exist yet is not created here (the first upload creates it).
+    """
+    if not catalog.may_exist():
+        return None
     try:
         found = sweep(backend, catalog)
     except ArchiveError as exc:

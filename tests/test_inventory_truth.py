@@ -26,9 +26,11 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import LAST_MODIFIED
+from dbservers import scratch_database
 
 from backends.base import read_sha256
 from pacifica_like import devserver
+from pacifica_like.catalog import GatewayCatalog
 from pacifica_like.config import DEFAULT_CATALOG_NAME
 from pacifica_like.id2filename import id2filename
 from pacifica_like.leftovers import running_since
@@ -162,6 +164,46 @@ def test_concurrent_uploads_to_one_id_leave_the_row_of_the_version_on_disk(mode,
             answers = list(pool.map(lambda body: put(url, 11, body), bodies))
             assert [a.status_code for a in answers] == [201] * writers
             assert assert_row_describes_disk(prefix, 11) in bodies
+
+
+@pytest.mark.parametrize("kind", ["mysql", "postgresql"])
+def test_commit_order_holds_on_database_servers(kind, prefix: Path, gate):
+    """uWSGI processes on a MariaDB or PostgreSQL catalog: records out of order, then PUTs racing a DELETE."""
+    with scratch_database(kind, "pl_truth") as url:
+        catalog = GatewayCatalog(url)
+
+        def row(file_id: int) -> tuple[int, str | None] | None:
+            entry = catalog.entry(file_id)
+            return None if entry is None else (entry.size, entry.sha256)
+
+        first, second = b"a" * 1000, b"b" * 2000
+        pool = concurrent.futures.ThreadPoolExecutor(4)
+        with serving("uwsgi", prefix, {**gate, "PAI_CATALOG": url}) as url_, pool:
+            held = pool.submit(put, url_, 7, first)
+            with open(Path(gate["PL_TEST_RECORD_GATE"]) / "arrived") as arrived:
+                assert arrived.read() == "published\n"
+            assert put(url_, 7, second).status_code == 201
+            with open(Path(gate["PL_TEST_RECORD_GATE"]) / "release", "w") as release:
+                release.write("go\n")
+            assert held.result(timeout=TIMEOUT).status_code == 201
+            assert row(7) == (2000, hashlib.sha256(second).hexdigest())
+
+            def delete(number: int) -> int:
+                return requests.delete(f"{url_}/12", timeout=TIMEOUT).status_code
+
+            for number in range(10):
+                bodies = [bytes([67 + w]) * (1200 + 10 * w + number) for w in range(3)]
+                puts = [pool.submit(put, url_, 12, body) for body in bodies]
+                deleted = pool.submit(delete, number)
+                assert [p.result().status_code for p in puts] == [201] * 3
+                assert deleted.result() in (200, 404)
+                path = prefix / id2filename(12)[1:]
+                if path.exists():
+                    size, actual, _ = on_disk(prefix, 12)
+                    assert row(12) == (size, actual)
+                else:
+                    assert row(12) is None
+        catalog.close()
 
 
 # -- /ready ------------------------------------------------------------------------
