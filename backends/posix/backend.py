@@ -172,6 +172,12 @@ class PosixBackend(Backend):
                 raise InvalidRequest(
                     f"PATCH source {source.path} was removed while it was being moved; nothing was archived"
                 ) from None
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                # One filesystem seen through two mounts (a bind mount): rename cannot cross; copy.
+                claim.undo(source.fd)
+                return False
             if not source.same_inode(os.stat(temp, dir_fd=target_dir_fd, follow_symlinks=False)):
                 # Someone swapped the name after it was opened: give their entry back, archive nothing.
                 _move_back(target_dir_fd, temp, source.dir_fd, source.name)
@@ -393,6 +399,12 @@ def _move_back(from_dir_fd: int, temp: str, to_dir_fd: int, name: str) -> None:
     """
     try:
         os.link(temp, name, src_dir_fd=from_dir_fd, dst_dir_fd=to_dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        # The source directory itself was removed meanwhile: the entry has no home; drop it
+        # rather than leave someone else's object in the archive.
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=from_dir_fd)
+        return
     except OSError as exc:
         if exc.errno not in (errno.EEXIST, errno.EPERM, errno.EISDIR):
             raise
