@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -56,6 +57,9 @@ SITECUSTOMIZE = textwrap.dedent(
             parent = os.path.dirname(path)
             os.rename(parent, parent + ".orig")
             os.symlink(os.path.join(os.environ["PL_TEST_OUTSIDE"], os.path.basename(parent)), parent)
+            return
+        if path.endswith(".add-hardlink"):
+            os.link(path, outside)
             return
         if not path.endswith((".swap-link", ".swap-fifo", ".swap-device")):
             return
@@ -341,6 +345,25 @@ def test_a_hardlinked_source_is_refused_and_untouched(server: Server):
     assert source.read_bytes() == b"two names" and stat.S_IMODE(source.stat().st_mode) == 0o640
     assert source.stat().st_nlink == 2
     assert server.request("GET", f"/{file_id}")[0] == 404
+
+
+def test_a_hard_link_made_after_the_checks_cannot_change_the_archived_bytes(server: Server):
+    case = fresh_dir(server.incoming, f"late-link-{next(server.ids)}")
+    source = case / "file.add-hardlink"
+    data = os.urandom(1 << 20)
+    source.write_bytes(data)
+    file_id = next(server.ids)
+
+    status, body = server.patch(file_id, source)
+
+    other = server.outside / source.name
+    assert other.exists(), "the hook did not run"
+    assert status in (200, 400), body
+    if status == 200:
+        # Write through the other name, as its owner would after the move.
+        with contextlib.suppress(PermissionError), open(other, "r+b") as handle:
+            handle.write(b"changed through the other name")
+        server.assert_archived_matches_digest(file_id, data)
 
 
 def test_a_source_open_for_writing_is_copied_so_bytes_always_match_the_digest(server: Server):

@@ -156,8 +156,10 @@ class PosixBackend(Backend):
         try:
             before = os.fstat(source.fd)
             digest = _hash_fd(source.fd)
-            # No writer could open it under the lease; the stat comparison double-checks that.
-            if not _unchanged(before, os.fstat(source.fd)) or not _still_leased(source.fd):
+            after = os.fstat(source.fd)
+            # No writer could open it under the lease; the stat comparison double-checks that, and a
+            # second name made since the checks would outlive the move: copy in either case.
+            if not _unchanged(before, after) or after.st_nlink != 1 or not _still_leased(source.fd):
                 claim.undo(source.fd)
                 return False
             record_sha256(source.fd, digest)
