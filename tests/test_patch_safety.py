@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import hashlib
 import http.client
 import itertools
@@ -24,16 +25,20 @@ import os
 import socket
 import stat
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from backends import safeopen
+from backends import factory, safeopen
+from backends.base import read_sha256
+from backends.posix import backend as posix_module
 from pacifica_like import devserver
 from pacifica_like.config import ConfigError, load_settings
-from pacifica_like.errors import FileNotInArchive, Forbidden, InvalidRequest
+from pacifica_like.errors import Conflict, FileNotInArchive, Forbidden, InvalidRequest
 
 TIMEOUT = 10.0
 #: serve's request threads and uWSGI's worker processes in these servers.
@@ -527,3 +532,80 @@ def test_a_server_with_the_prefix_inside_a_patch_root_refuses_to_start(tmp_path:
     with pytest.raises(RuntimeError, match="PAI_PATCH_ROOTS") as raised, starting:
         pass
     assert "overlaps the archive prefix" in str(raised.value)
+
+
+# -- the rename path's own refusals, driven in-process -------------------------------------------------
+
+
+@pytest.fixture
+def posix_backend(tmp_path: Path):
+    """A posix backend on tmp_path/archive with tmp_path/incoming as its patch root."""
+    (tmp_path / "incoming").mkdir()
+    settings = load_settings(
+        flags={
+            "archive": {"prefix": str(tmp_path / "archive"), "patch_roots": (str(tmp_path / "incoming"),)}
+        },
+        env={},
+    )
+    backend = factory.create(settings)
+    yield backend
+    backend.close()
+
+
+def test_a_writer_arriving_during_the_hash_turns_the_move_into_a_copy(
+    posix_backend, tmp_path: Path, monkeypatch
+):
+    source = tmp_path / "incoming" / "file.dat"
+    data = os.urandom(1 << 20)
+    source.write_bytes(data)
+    inode = source.stat().st_ino
+    real_hash = posix_module._hash_fd
+    writer = threading.Thread(target=lambda: source.open("ab").close())
+
+    def hash_then_let_a_writer_in(fd: int) -> bytes:
+        digest = real_hash(fd)
+        writer.start()  # blocks in open(2) until the lease is released, breaking it meanwhile
+        deadline = time.monotonic() + TIMEOUT
+        while fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK and time.monotonic() < deadline:
+            time.sleep(0.001)  # polls a kernel condition; nothing is ordered by the sleep
+        return digest
+
+    monkeypatch.setattr(posix_module, "_hash_fd", hash_then_let_a_writer_in)
+    assert posix_backend.adopt(21, str(source)) == len(data)
+    writer.join(TIMEOUT)
+    stored = Path(posix_backend.path(21))
+    assert stored.stat().st_ino != inode  # copied, not the inode the writer now holds
+    assert stored.read_bytes() == data
+    assert posix_backend.status(21).sha256 == hashlib.sha256(data).digest()
+
+
+def test_losing_a_write_once_race_puts_the_source_back_unchanged(tmp_path: Path, monkeypatch):
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    settings = load_settings(
+        flags={
+            "archive": {"prefix": str(tmp_path / "a"), "patch_roots": (str(incoming),), "write_once": True}
+        },
+        env={},
+    )
+    backend = factory.create(settings)
+    source = incoming / "file.dat"
+    source.write_bytes(b"mine")
+    source.chmod(0o640)
+    real_hash = posix_module._hash_fd
+
+    def hash_while_an_upload_wins(fd: int) -> bytes:
+        with backend.open_writer(22, 0.0) as upload:
+            upload.write(b"theirs")
+            upload.commit()
+        return real_hash(fd)
+
+    monkeypatch.setattr(posix_module, "_hash_fd", hash_while_an_upload_wins)
+    with pytest.raises(Conflict):
+        backend.adopt(22, str(source))
+    backend.close()
+    assert source.read_bytes() == b"mine"
+    assert stat.S_IMODE(source.stat().st_mode) == 0o640
+    assert read_sha256(str(source)) is None
+    assert Path(backend.path(22)).read_bytes() == b"theirs"
+    assert [p.name for p in Path(backend.path(22)).parent.iterdir()] == [Path(backend.path(22)).name]
