@@ -487,6 +487,7 @@ def run_audit(
                 report.orphans.append(
                     OrphanFile(file_id, status.size, status.ctime, status.relpath, off_disk, uploaded)
                 )
+        report.ignored = ignored  # the check below counts files it leaves out there too
         with progress("checking sizes and digests", len(found.present)) as update:
             _check_present(
                 backend, source.catalog, after, found.present, in_flight, young_since, report, update
@@ -541,6 +542,8 @@ def _check_present(
     prefix = os.path.join(backend.settings.archive.prefix, "")
     ignored = report.ignored
     steps = 0
+    # Files whose row or inode changed since the audit began are left out: a PUT
+    # publishing now records its row a moment later.
     for index in present:
         steps += 1
         if steps == PROGRESS_STEP:
@@ -550,18 +553,21 @@ def _check_present(
         if after.stored_at[index] > young_since or file_id in in_flight:
             continue
         path = path_of(file_id)
+        row_key = digests[index]
         try:
-            size = os.stat(path).st_size
-            digest = read_sha256(path)
+            st = os.stat(path)
+            # No digest in the row (a filesystem without xattrs): the size alone is compared.
+            digest = read_sha256(path) if row_key else None
         except OSError:
             continue  # not on disk (a tape file released) or gone: the listing judged it
-        row_key = digests[index]
-        if size == after.sizes[index] and (digest is None or row_key == 0 or digest_key(digest) == row_key):
+        if st.st_ctime > young_since:
+            continue
+        if st.st_size == after.sizes[index] and (digest is None or digest_key(digest) == row_key):
             continue
         entry = catalog.entry(file_id)
         found = stored_version(path)
         if entry is None or entry.stored_at != after.stored_at[index] or found is None:
-            ignored["changed_during_audit"] = ignored.get("changed_during_audit", 0) + 1
+            ignored["changed_during_audit"] += 1
             continue
         disk = found.sha256.hex() if found.sha256 is not None else None
         digest_differs = disk is not None and entry.sha256 is not None and disk != entry.sha256
