@@ -32,8 +32,8 @@ def address(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def read_answer(sock: socket.socket) -> Answer:
-    """Read one response: its head, then Content-Length bytes (or up to the close)."""
+def read_answer(sock: socket.socket, bodiless: bool = False) -> Answer:
+    """Read one response: its head, then Content-Length bytes; ``bodiless`` for answers to HEAD."""
     data = b""
     while b"\r\n\r\n" not in data:
         try:
@@ -53,6 +53,8 @@ def read_answer(sock: socket.socket) -> Answer:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     length = headers.get("content-length")
+    if bodiless or status in (204, 304):
+        return Answer(status, headers, b"")
     if length is not None:
         while len(body) < int(length):
             chunk = sock.recv(65536)
@@ -73,4 +75,4 @@ def exchange(url: str, request: bytes, timeout: float = TIMEOUT, half_close: boo
         sock.sendall(request)
         if half_close:
             sock.shutdown(socket.SHUT_WR)
-        return read_answer(sock)
+        return read_answer(sock, bodiless=request.startswith(b"HEAD "))
