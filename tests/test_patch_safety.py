@@ -248,6 +248,15 @@ def test_a_symlinked_directory_on_the_path_is_refused_and_nothing_changes(server
     assert secret.read_bytes() == b"outside secret" and stat.S_IMODE(secret.stat().st_mode) == 0o600
     assert server.request("GET", f"/{file_id}")[0] == 404
 
+    # A symlink that stays inside the root is refused too: its target can change at any moment.
+    inside = fresh_dir(server.incoming, f"real-{target.name}")
+    (inside / "file.dat").write_bytes(b"inside")
+    alias = server.incoming / f"alias-{target.name}"
+    alias.symlink_to(inside)
+    assert server.patch(file_id, alias / "file.dat")[0] == 403
+    assert (inside / "file.dat").read_bytes() == b"inside"
+    assert server.request("GET", f"/{file_id}")[0] == 404
+
 
 def test_a_symlink_source_is_refused_and_nothing_changes(server: Server):
     secret = outside_secret(server, f"secret-{next(server.ids)}")
@@ -257,6 +266,14 @@ def test_a_symlink_source_is_refused_and_nothing_changes(server: Server):
     assert server.patch(file_id, link)[0] == 403
     assert link.is_symlink() and secret.read_bytes() == b"outside secret"
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert server.request("GET", f"/{file_id}")[0] == 404
+    # Also when it points to a file inside the root (it could point elsewhere by the time it is used).
+    inside = server.incoming / f"{secret.name}.inside"
+    inside.write_bytes(b"inside")
+    inside_link = server.incoming / f"{secret.name}.inside-link"
+    inside_link.symlink_to(inside)
+    assert server.patch(file_id, inside_link)[0] == 403
+    assert inside.read_bytes() == b"inside" and inside_link.is_symlink()
     assert server.request("GET", f"/{file_id}")[0] == 404
 
 
