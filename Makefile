@@ -28,6 +28,8 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff format --check .
 
 test: lint
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light)
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed-test
