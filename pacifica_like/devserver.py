@@ -234,7 +234,7 @@ def production_server(
 
 @contextlib.contextmanager
 def cli_server(args: Sequence[str], env: Mapping[str, str] | None = None) -> Iterator[RunningServer]:
-    """Run ``pacifica-like serve ARGS`` (threaded CherryPy) on a free port."""
+    """Run ``pacifica-like serve ARGS`` (waitress) on a free port."""
     port = free_port()
     command = [sys.executable, "-m", "pacifica_like", "serve", "-a", "127.0.0.1", "-p", str(port), *args]
     with run_server(command, port, env) as server:
