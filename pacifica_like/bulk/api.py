@@ -95,13 +95,20 @@ def _json(payload: Any, status: int = 200) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode("utf-8")
 
 
-def _handler(method: Callable[..., bytes]) -> Callable[..., bytes]:
-    """Expose a handler whose ArchiveErrors become problem+json; anything else is a logged 500."""
+def _handler(method: Callable[[Any, tuple[str, ...], dict[str, Any]], bytes]) -> Callable[..., bytes]:
+    """Expose a handler whose ArchiveErrors become problem+json; anything else is a logged 500.
+
+    CherryPy passes the rest of the path as positional and the query as
+    keyword arguments. The handler gets them as one tuple and one dict: named
+    parameters would collide with the query (``?self=1``, ``?request_id=``
+    given twice) and fail with a TypeError, a 500. Unknown query parameters
+    are ignored, as most HTTP servers do; handlers refuse extra path segments with 404.
+    """
 
     @functools.wraps(method)
-    def run(self: Any, *args: Any, **kwargs: Any) -> bytes:
+    def run(*args: Any, **kwargs: Any) -> bytes:
         try:
-            return method(self, *args, **kwargs)
+            return method(args[0], args[1:], kwargs)
         except ArchiveError as exc:
             if exc.http_status >= 500:
                 log.error("%s: %s", type(exc).__name__, exc.message, exc_info=exc)
@@ -609,20 +616,13 @@ def _eta(started_at: float | None, total: int, done: int, open_files: int) -> in
 
 
 class WellKnownRoot:
-    """``/.well-known/``: CherryPy turns ``-`` and ``.`` in path segments into ``_``.
-
-    Handlers here and in :class:`ApiV1` take the rest of the path as ``*path``
-    and the query as ``**params``: CherryPy passes both as arguments, and a
-    handler without room for them failed with a TypeError (a 500). Unknown
-    query parameters are ignored, as most HTTP servers do; extra path
-    segments are a 404.
-    """
+    """``/.well-known/``: CherryPy turns ``-`` and ``.`` in path segments into ``_``."""
 
     def __init__(self, api: BulkAPI) -> None:
         self._api = api
 
     @_handler
-    def wlcg_tape_rest_api(self, *path: str, **params: Any) -> bytes:
+    def wlcg_tape_rest_api(self, path: tuple[str, ...], params: dict[str, Any]) -> bytes:
         """The discovery document."""
         if path:
             raise cherrypy.NotFound()
@@ -637,11 +637,9 @@ class ApiV1:
         self._api = api
 
     @_handler
-    def stage(self, *path: str, **params: Any) -> bytes:
+    def stage(self, path: tuple[str, ...], params: dict[str, Any]) -> bytes:
         """POST (submit), GET (poll), DELETE, and POST .../cancel."""
         method = cherrypy.serving.request.method
-        # The request id comes from the path only: CherryPy would also fill a named
-        # argument from the query (?request_id=...), even twice (a list).
         if len(path) > 2 or (len(path) == 2 and path[1] != "cancel"):
             raise cherrypy.NotFound()
         if not path:
@@ -657,7 +655,7 @@ class ApiV1:
         return self._api.poll(request_id, params.get("limit"), params.get("cursor"), params.get("state"))
 
     @_handler
-    def release(self, *path: str, **params: Any) -> bytes:
+    def release(self, path: tuple[str, ...], params: dict[str, Any]) -> bytes:
         """POST /api/v1/release/<id>."""
         if len(path) != 1:
             raise cherrypy.NotFound()
@@ -665,7 +663,7 @@ class ApiV1:
         return self._api.release(path[0])
 
     @_handler
-    def archiveinfo(self, *path: str, **params: Any) -> bytes:
+    def archiveinfo(self, path: tuple[str, ...], params: dict[str, Any]) -> bytes:
         """POST /api/v1/archiveinfo."""
         if path:
             raise cherrypy.NotFound()
@@ -673,7 +671,7 @@ class ApiV1:
         return self._api.archiveinfo()
 
     @_handler
-    def queues(self, *path: str, **params: Any) -> bytes:
+    def queues(self, path: tuple[str, ...], params: dict[str, Any]) -> bytes:
         """GET /api/v1/queues."""
         if path:
             raise cherrypy.NotFound()
