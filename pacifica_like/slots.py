@@ -4,26 +4,34 @@ A per-process semaphore does not bound uWSGI, whose workers are processes
 (often of one thread each): eight workers could each let one heavy request
 in and nobody would be left to answer ``GET /``. Here a slot is an exclusive
 ``flock`` on one of N small files in a directory every process of the
-archive sees. Locks belong to open file descriptions, so two threads of one
-process compete like two processes do, and the kernel drops the lock of a
-process that dies, so a killed worker never leaks its slot. Stdlib only: the
-backends import it (a leaf, like ``owners``).
+archive on this host sees (in the temp directory, named after the archive
+prefix: the slots are the host's, and the archive holds only archive data).
+Locks belong to open file descriptions, so two threads of one process
+compete like two processes do, and the kernel drops the lock of a process
+that dies, so a killed worker never leaks its slot. Stdlib only: the backends
+import it (a leaf, like ``owners``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import random
+import stat
+import tempfile
 import threading
 from collections.abc import Iterator
 
 log = logging.getLogger("pacifica_like.error")
 
-#: The directory, under the archive prefix, holding the slot files (hidden: listings skip it).
-DIRECTORY = ".slots"
+
+def directory_for(prefix: str) -> str:
+    """Return the slot directory of the archive at ``prefix`` on this host (per user, per archive)."""
+    digest = hashlib.sha256(os.path.realpath(prefix).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"pacifica_like-slots-{os.getuid()}-{digest}")
 
 
 class SlotPool:
@@ -54,7 +62,7 @@ class SlotPool:
         if self.size <= 0:
             return None
         try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            self._check_directory()
             for path in self._paths():
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
                 try:
@@ -77,6 +85,14 @@ class SlotPool:
                     exc,
                 )
             return -1 if self._fallback.acquire(blocking=False) else None
+
+    def _check_directory(self) -> None:
+        """Create the directory, and refuse one that another user could have prepared (a shared /tmp)."""
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.directory, 0o700)
+        st = os.lstat(self.directory)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise PermissionError(f"{self.directory} is not a private directory of this user")
 
     def release(self, fd: int) -> None:
         """Give back a slot :meth:`try_acquire` returned."""

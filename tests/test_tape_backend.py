@@ -397,6 +397,8 @@ def test_uwsgi_workers_and_the_cli_share_one_library(tape_settings, tmp_path: Pa
     ini.write_text(
         f"[archive]\nbackend = tape\nprefix = {settings.archive.prefix}\n"
         f"[tape]\nlibrary = {settings.tape.library}\ntime_scale = 0\nvolume_capacity = 200000\nvolumes = 4\n"
+        # Every POST below waits for its recall (the default lets 2 wait, the rest answer 202).
+        "stage_waiters = 16\n"
     )
     data = {i: os.urandom(40_000 + i) for i in range(1, 13)}
     env = {"PAI_CONFIG": str(ini)}

@@ -51,8 +51,7 @@ from backends.tape.catalog import CopyInfo, translate_db_errors
 from backends.tape.library import CopyDamaged, MountedDrive, TapeLibrary, owner_alive
 from pacifica_like.config import Settings
 from pacifica_like.errors import Conflict, FileNotInArchive, OfflineOnTape, StorageUnavailable
-from pacifica_like.slots import DIRECTORY as SLOT_DIRECTORY
-from pacifica_like.slots import SlotPool
+from pacifica_like.slots import SlotPool, directory_for
 
 REGULAR, DUAL, OFFLINE, UNMIGRATING = "REGULAR", "DUAL", "OFFLINE", "UNMIGRATING"
 _Result = TypeVar("_Result")
@@ -169,9 +168,7 @@ class TapeBackend(PosixBackend):
         self._recalls_lock = threading.Lock()
         # Background recalls for POST: bounded, since each one holds a drive while it runs.
         self._executor = ThreadPoolExecutor(max_workers=max(2, 2 * settings.tape.drives))
-        self._stage_waits = SlotPool(
-            os.path.join(self.prefix, SLOT_DIRECTORY), "stage", self.tape.stage_waiters
-        )
+        self._stage_waits = SlotPool(directory_for(self.prefix), "stage", self.tape.stage_waiters)
         # Keeps a sideband database's rows true after each change (a no-op unless one is configured).
         self.sideband_upkeep = self._sideband_upkeep(settings)
 

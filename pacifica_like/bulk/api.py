@@ -16,7 +16,6 @@ import functools
 import json
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -48,8 +47,7 @@ from pacifica_like.errors import (
     UnknownRequest,
 )
 from pacifica_like.id2filename import MAX_ID, parse_id
-from pacifica_like.slots import DIRECTORY as SLOT_DIRECTORY
-from pacifica_like.slots import SlotPool
+from pacifica_like.slots import SlotPool, directory_for
 
 log = logging.getLogger("pacifica_like.error")
 
@@ -220,8 +218,9 @@ class BulkAPI:
         self.backend = backend
         self._store = store
         self.max_body = self.policy.max_files_per_request * BODY_BYTES_PER_FILE + BODY_SLACK
-        slots = os.path.join(settings.archive.prefix, SLOT_DIRECTORY)
-        self.heavy_slots = SlotPool(slots, "heavy", self.policy.max_heavy_requests)
+        self.heavy_slots = SlotPool(
+            directory_for(settings.archive.prefix), "heavy", self.policy.max_heavy_requests
+        )
 
     @contextlib.contextmanager
     def heavy(self, what: str, files: int) -> Iterator[None]:
