@@ -444,3 +444,53 @@ def test_finished_requests_past_retention_are_purged_with_their_rows(tmp_path: P
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# -- batched localities of the external sideband HSM -------------------------------------------
+
+
+def test_external_sideband_localities_answer_in_batches_as_status_would(tmp_path: Path, prepare_backend):
+    from backends.base import Backend
+    from backends.sideband.backend import ExternalSidebandBackend
+    from backends.tape import operations
+
+    settings = make_settings(tmp_path, "sideband", prepare_backend)
+    emulated = factory.create(settings)
+    try:
+        for file_id in (50, 51, 53):
+            with emulated.open_writer(file_id, 784111777.0) as writer:
+                writer.write(content(file_id, 300))
+                writer.commit()
+        assert not operations.run_migrate(emulated, operations.plan_migrate(emulated, [50, 51])).failed
+    finally:
+        emulated.close()
+    flags = {"sideband": {"hsm": "external"}, "bulk": {}}
+    external = factory.create(make_settings(tmp_path, "sideband", prepare_backend, **flags))
+    try:
+        assert isinstance(external, ExternalSidebandBackend)
+        # The real HSM released 51 (its inode stays, online = 0); 54 is on disk, unknown to the database.
+        database = sqlite3.connect(settings.sideband_url().removeprefix("sqlite:///"))
+        with database:
+            database.execute(
+                "UPDATE sam_inode SET online = 0 WHERE EXISTS (SELECT 1 FROM sam_path p "
+                "WHERE p.ino = sam_inode.ino AND p.gen = sam_inode.gen AND p.path = ?)",
+                (external.relpath(51),),
+            )
+        database.close()
+        with external.open_writer(54, 784111777.0) as writer:
+            writer.write(b"not recorded yet")
+            writer.commit()
+        ids = [50, 51, 53, 54, *range(1000, 2000)]
+        external.check_ready()  # this thread's pooled connection, opened and kept
+        statements: list[str] = []
+        external.index.db.connection().set_trace_callback(statements.append)
+        found = external.localities(ids)
+        external.index.db.connection().set_trace_callback(None)
+        assert {i: found[i] for i in (50, 51, 53, 54, 1000)} == {
+            50: "DISK_AND_TAPE", 51: "TAPE", 53: "DISK", 54: "UNAVAILABLE", 1000: "NONE",
+        }  # fmt: skip
+        assert found == Backend.localities(external, ids)  # what status() says, file by file
+        # One query per 500 files, not one per file.
+        assert len([s for s in statements if "sam_path" in s]) == 3, len(statements)
+    finally:
+        external.close()
