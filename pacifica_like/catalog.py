@@ -505,11 +505,22 @@ class GatewayCatalog:
             pause = min(2 * pause, 0.05)
 
     def _write_probe(self) -> None:
-        with self.db.atomic() as transaction:
-            if isinstance(self.db, peewee.PostgresqlDatabase):
-                self.db.execute_sql(f"SET LOCAL lock_timeout = {int(READY_LOCK_WAIT * 1000)}")
-            self.db.execute_sql(self._sql["probe"])
-            transaction.rollback()
+        """Insert a marker and roll it back, waiting at most about READY_LOCK_WAIT for a lock."""
+        wait = max(1, round(READY_LOCK_WAIT))
+        if self.is_mysql:
+            # Session-wide on MySQL, so put the server's defaults back for the uploads after us.
+            self.db.execute_sql(f"SET SESSION lock_wait_timeout = {wait}, innodb_lock_wait_timeout = {wait}")
+        try:
+            with self.db.atomic() as transaction:
+                if isinstance(self.db, peewee.PostgresqlDatabase):
+                    self.db.execute_sql(f"SET LOCAL lock_timeout = {int(READY_LOCK_WAIT * 1000)}")
+                self.db.execute_sql(self._sql["probe"])
+                transaction.rollback()
+        finally:
+            if self.is_mysql:
+                self.db.execute_sql(
+                    "SET SESSION lock_wait_timeout = DEFAULT, innodb_lock_wait_timeout = DEFAULT"
+                )
 
     def close(self) -> None:
         """Close this thread's connection (others close when their threads end)."""
