@@ -176,6 +176,18 @@ def digest_key(sha256: str | bytes | None) -> int:
     return int.from_bytes(raw, "big", signed=True) if len(raw) == 8 else 0
 
 
+def _same_version(found: StoredVersion, said: StoredVersion | None) -> bool:
+    """True when a row saying ``said`` describes ``found`` (mtimes within a microsecond).
+
+    A float mtime set with utime() reads back through nanoseconds, not always bit for bit.
+    """
+    return (
+        said is not None
+        and (found.size, found.sha256) == (said.size, said.sha256)
+        and abs(found.mtime - said.mtime) < 1e-6
+    )
+
+
 class _Busy(Exception):
     """Try the transaction again: SQLite was locked, or the server chose it as a deadlock's victim."""
 
@@ -580,7 +592,7 @@ class GatewayCatalog:
         """
         if found is None:
             self.db.execute_sql(self._sql["forget"], (file_id,))
-        elif found != written:
+        elif not _same_version(found, written):
             digest = found.sha256.hex() if found.sha256 is not None else None
             values = (found.size, found.mtime, digest, time.time(), PRESENT, file_id)
             self.db.execute_sql(self._sql["correct"], values)
