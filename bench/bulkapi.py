@@ -19,6 +19,10 @@ Each round times, per case, through :class:`pacifica_like.client.ArchiveClient`:
   under 200 ms), and a summary-only poll (``limit`` 1), which is what
   ``stage_many`` sends while it follows a request.
 
+- ``archiveinfo`` of every id of each case, and of as many ids nobody
+  stored (each of those is also looked up in the inventory for a LOST mark;
+  target under 2 s).
+
 The request is deleted after each round. Rounds are repeated and the median
 is judged, so one slow fsync does not decide the verdict.
 """
@@ -44,6 +48,10 @@ CASES = ("disk", "tape")
 PAGE = 1_000
 TARGET_SUBMIT_SECONDS = 2.0
 TARGET_POLL_SECONDS = 0.2
+TARGET_ARCHIVEINFO_SECONDS = 2.0
+#: archiveinfo is timed on each case's ids and on ids nobody stored (these start here).
+FIRST_UNKNOWN_ID = 1 << 40
+ARCHIVEINFO_CASES = ("disk", "tape", "unknown")
 
 
 def _plant(prefix: Path, ids: range) -> float:
@@ -112,6 +120,7 @@ def run_bulkapi(
     workdir.mkdir(parents=True, exist_ok=True)
     ini = _write_ini(workdir, files)
     ids = {"disk": range(FIRST_ID, FIRST_ID + files), "tape": range(FIRST_TAPE_ID, FIRST_TAPE_ID + files)}
+    ids["unknown"] = range(FIRST_UNKNOWN_ID, FIRST_UNKNOWN_ID + files)
     log(f"bulkapi: planting {files:,} files in the disk cache and {files:,} copies in the tape catalog")
     plant_seconds = _plant(workdir / "cache", ids["disk"])
     if cli_main(["tape", "init", "-c", str(ini)]) != 0:
@@ -159,6 +168,20 @@ def run_bulkapi(
                     f"states {dict(summary.states)}"
                 )
                 client.delete_request(request_id)
+            for case in ARCHIVEINFO_CASES:
+                started = time.perf_counter()
+                answers = client.archiveinfo(ids[case])
+                seconds = time.perf_counter() - started
+                expected_locality = {"disk": "DISK", "tape": "TAPE", "unknown": "NONE"}[case]
+                wrong = sum(1 for a in answers if a.locality != expected_locality)
+                if len(answers) != files or wrong:
+                    results["errors"].append(
+                        f"round {number} archiveinfo ({case}): {wrong} wrong of {len(answers)}"
+                    )
+                results.setdefault("archiveinfo_rounds", []).append(
+                    {"case": case, "seconds": round(seconds, 4)}
+                )
+                log(f"bulkapi: round {number + 1} archiveinfo ({case}): {seconds:.3f} s")
     for case in CASES:
         measured = [r for r in results["rounds"] if r["case"] == case]
         for key in ("submit_seconds", "first_page_seconds", "summary_poll_seconds"):
@@ -168,6 +191,13 @@ def run_bulkapi(
                 "best": min(values),
                 "worst": max(values),
             }
+    for case in ARCHIVEINFO_CASES:
+        values = [r["seconds"] for r in results.get("archiveinfo_rounds", []) if r["case"] == case]
+        results.setdefault("archiveinfo", {})[case] = {
+            "median": statistics.median(values),
+            "best": min(values),
+            "worst": max(values),
+        }
     return results
 
 
@@ -194,6 +224,16 @@ def table(results: dict[str, Any]) -> str:
                 f"  {where:<19} {label:<30} {figures['median'] * scale:9.3f} / "
                 f"{figures['best'] * scale:9.3f} / {figures['worst'] * scale:9.3f} {unit}"
             )
+    for case, where in (
+        ("disk", "files on disk"),
+        ("tape", "files only on tape"),
+        ("unknown", "ids nobody stored"),
+    ):
+        figures = results["archiveinfo"][case]
+        lines.append(
+            f"  {where:<19} {'archiveinfo':<30} {figures['median']:9.3f} / "
+            f"{figures['best']:9.3f} / {figures['worst']:9.3f} s"
+        )
     return "\n".join(lines)
 
 
@@ -216,6 +256,15 @@ def verdicts(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
                 f"{poll * 1000:.1f} ms (median)",
             ),
         ]
+    for case in ARCHIVEINFO_CASES:
+        median = results["archiveinfo"][case]["median"]
+        found.append(
+            (
+                f"archiveinfo of {files:,} paths ({case}) < {TARGET_ARCHIVEINFO_SECONDS:g} s",
+                median < TARGET_ARCHIVEINFO_SECONDS,
+                f"{median:.3f} s (median)",
+            )
+        )
     found.append(
         (
             "bulk answers hold every file submitted",

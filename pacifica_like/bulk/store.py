@@ -441,13 +441,14 @@ class BulkStore:
     def lost(self, file_ids: Sequence[int]) -> set[int]:
         """Return which of ``file_ids`` the inventory marks LOST (an audit found them gone), in batches."""
         self.catalog._ensure_schema()
-        inventory = self.catalog.Inventory
+        left, right = self.db.quote[0], self.db.quote[-1]
+        table = f"{left}{self.catalog.Inventory._meta.table_name}{right}"
+        head = f"SELECT {left}file_id{right} FROM {table} WHERE {left}state{right} = {self.db.param} AND "
         found: set[int] = set()
         for chunk in _chunks(list(file_ids), ID_CHUNK):
-            query = inventory.select(inventory.file_id).where(
-                inventory.file_id.in_(list(chunk)) & (inventory.state == LOST)
-            )
-            found.update(i for (i,) in query.tuples())
+            # Plain SQL: peewee's builder spent ~1 s of CPU on the IN lists of 100,000 ids.
+            sql = f"{head}{left}file_id{right} IN ({', '.join([self.db.param] * len(chunk))})"
+            found.update(i for (i,) in self.db.execute_sql(sql, [LOST, *chunk]))
         return found
 
     @_transaction("cannot read the request")
