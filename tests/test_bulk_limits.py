@@ -494,3 +494,39 @@ def test_external_sideband_localities_answer_in_batches_as_status_would(tmp_path
         assert len([s for s in statements if "sam_path" in s]) == 3, len(statements)
     finally:
         external.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mysql"])
+def test_purge_counts_and_lost_look_ups_on_every_catalog_database(kind: str, tmp_path: Path):
+    from dbservers import scratch_database
+
+    from pacifica_like.bulk.store import COMPLETED, FAILED, SUBMITTED, NewFile
+
+    with contextlib.ExitStack() as stack:
+        if kind == "sqlite":
+            url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+        else:
+            url = stack.enter_context(scratch_database(kind, "pl_limits"))
+        store = BulkStore.open(url)
+        stack.callback(store.close)
+        t0 = 1_800_000_000.0
+        done = store.create_request("alice", [NewFile("/3", COMPLETED, 3, pin_seconds=60.0)], now=t0)
+        failed = store.create_request("alice", [NewFile("/9", FAILED, 9, error="no such file")], now=t0)
+        queued = NewFile("/4", SUBMITTED, 4, 10, "VOL001", 0, pin_seconds=60.0)
+        open_one = store.create_request("alice", [queued], now=t0)
+        kept = store.create_request("bob", [NewFile("/3", COMPLETED, 3, pin_seconds=7 * 86400.0)], now=t0)
+        assert store.stored_requests("alice") == (3, t0)
+        # Not yet past retention: nothing goes.
+        assert store.purge_expired(3600.0, now=t0 + 1800) == 0
+        assert store.purge_expired(3600.0, now=t0 + 7200, client="bob") == 0  # bob's pin still holds
+        assert store.purge_expired(3600.0, now=t0 + 7200) == 2
+        assert store.request(done) is None and store.request(failed) is None
+        assert store.files(done) == ([], None)
+        assert store.request(open_one) is not None and store.request(kept) is not None
+        assert store.stored_requests("alice") == (1, None)
+        assert set(store.pins([3], now=t0 + 7200)) == {3}  # bob's pin on the same file stays
+        catalog = GatewayCatalog(url)
+        stack.callback(catalog.close)
+        assert catalog.record(9, 1, 1.0, None, 2.0) and catalog.mark_lost(9, 2.0)
+        assert store.lost([9, 10, *range(1000, 3000)]) == {9}
+        store.drop_tables()
