@@ -93,6 +93,8 @@ CHUNK_SIZE = 1 << 20
 CONNECT_TIMEOUT = 10.0
 #: Files per page when listing a bulk request's files.
 PAGE_SIZE = 10_000
+#: Times in a row a page refused with 429 (the server busy with heavy requests) is asked for again.
+PAGE_RETRIES = 30
 #: A bulk request's file states; the last three are final.
 FILE_STATES = ("SUBMITTED", "STARTED", "COMPLETED", "FAILED", "CANCELLED")
 TERMINAL_STATES = frozenset(("COMPLETED", "FAILED", "CANCELLED"))
@@ -876,10 +878,24 @@ class ArchiveClient:
     def files(
         self, request_id: str, *, state: str | None = None, page_size: int = PAGE_SIZE
     ) -> Iterator[StagedFile]:
-        """Yield every file of a bulk request (in ``state``), page by page."""
+        """Yield every file of a bulk request (in ``state``), page by page.
+
+        A page of many files is a heavy request: a busy server answers 429
+        with Retry-After, which is waited out and the page asked for again
+        (up to PAGE_RETRIES times in a row; then the 429 is raised).
+        """
         cursor = None
+        refused = 0
         while True:
-            page = self.poll(request_id, limit=page_size, cursor=cursor, state=state)
+            try:
+                page = self.poll(request_id, limit=page_size, cursor=cursor, state=state)
+            except TooManyRequests as exc:
+                refused += 1
+                if refused > PAGE_RETRIES:
+                    raise
+                time.sleep(max(0.05, exc.retry_after or 1))  # type: ignore[attr-defined]
+                continue
+            refused = 0
             yield from page.files
             if page.next_cursor is None or not page.files:
                 return

@@ -45,6 +45,7 @@ from backends import factory
 from backends.tape.backend import TapeBackend
 from pacifica_like.bulk.store import BulkStore
 from pacifica_like.catalog import GatewayCatalog
+from pacifica_like.client import ArchiveClient, TooManyRequests
 from pacifica_like.config import load_settings
 from pacifica_like.devserver import RunningServer, cli_server, uwsgi_binary, uwsgi_server
 
@@ -253,7 +254,7 @@ def test_archiveinfo_answers_100000_paths(archive: Archive):
 def test_heavy_requests_past_the_limit_get_429_while_get_root_answers(archive: Archive):
     url = archive.url
     big = submit_request(url, paths(HEAVY, 1 << 41), client="heavy-poller")
-    with ThreadPoolExecutor(max_workers=MAX_HEAVY) as pool, held(archive.hold) as wait_entered:
+    with ThreadPoolExecutor(max_workers=MAX_HEAVY + 1) as pool, held(archive.hold) as wait_entered:
         in_flight = [
             pool.submit(
                 call, url + "/api/v1/archiveinfo", "POST", {"paths": [f"/{ON_DISK[0]}", *paths(HEAVY)]}
@@ -276,9 +277,24 @@ def test_heavy_requests_past_the_limit_get_429_while_get_root_answers(archive: A
         code, _, _ = call(url + f"/api/v1/stage/{big}?limit=10")
         assert code == 200
         assert all(not f.done() for f in in_flight)
+        # The Python client waits a refused page out (Retry-After) and asks again: it gets its
+        # listing once the held requests are let go below.
+        refused = threading.Event()
+
+        class Watched(ArchiveClient):
+            def poll(self, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    return super().poll(*args, **kwargs)
+                except TooManyRequests:
+                    refused.set()
+                    raise
+
+        listing = pool.submit(lambda: [f.path for f in Watched(url, timeout=30).files(big, page_size=HEAVY)])
+        assert refused.wait(TIMEOUT)
     for future in in_flight:
         code, _, body = future.result(timeout=TIMEOUT)
         assert code == 200 and json.loads(body)[0] == {"path": f"/{ON_DISK[0]}", "locality": "DISK"}
+    assert sorted(listing.result(timeout=TIMEOUT)) == sorted(paths(HEAVY, 1 << 41))
     # The refused submit stored nothing; the slots are free again.
     code, _, body = call(url + f"/api/v1/stage/{big}")
     assert code == 200 and len(json.loads(body)["files"]) == HEAVY
