@@ -4,8 +4,9 @@ A per-process semaphore does not bound uWSGI, whose workers are processes
 (often of one thread each): eight workers could each let one heavy request
 in and nobody would be left to answer ``GET /``. Here a slot is an exclusive
 ``flock`` on one of N small files in a directory every process of the
-archive on this host sees (in the temp directory, named after the archive
-prefix: the slots are the host's, and the archive holds only archive data).
+archive on this host sees: :func:`directory_for` names one in the temp
+directory after the archive prefix (the archive holds only archive data);
+the tape backend keeps its own in the library directory.
 Locks belong to open file descriptions, so two threads of one process
 compete like two processes do, and the kernel drops the lock of a process
 that dies, so a killed worker never leaks its slot. Stdlib only: the backends

@@ -25,6 +25,7 @@ import fcntl
 import json
 import os
 import select
+import shutil
 import sqlite3
 import sys
 import threading
@@ -48,6 +49,7 @@ from pacifica_like.catalog import GatewayCatalog
 from pacifica_like.client import ArchiveClient, TooManyRequests
 from pacifica_like.config import load_settings
 from pacifica_like.devserver import RunningServer, cli_server, uwsgi_binary, uwsgi_server
+from pacifica_like.slots import directory_for
 
 PROBLEM = "application/problem+json"
 TIMEOUT = 20.0
@@ -156,6 +158,8 @@ def archive(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         running = uwsgi_server(env, processes=4)
     with running as server:
         yield Archive(server, settings, hold)
+    # The slot files live outside the archive (in the temp directory): leave none behind.
+    shutil.rmtree(directory_for(settings.archive.prefix), ignore_errors=True)
 
 
 # -- HTTP helpers ------------------------------------------------------------------

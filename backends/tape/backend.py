@@ -51,7 +51,7 @@ from backends.tape.catalog import CopyInfo, translate_db_errors
 from backends.tape.library import CopyDamaged, MountedDrive, TapeLibrary, owner_alive
 from pacifica_like.config import Settings
 from pacifica_like.errors import Conflict, FileNotInArchive, OfflineOnTape, StorageUnavailable
-from pacifica_like.slots import SlotPool, directory_for
+from pacifica_like.slots import SlotPool
 
 REGULAR, DUAL, OFFLINE, UNMIGRATING = "REGULAR", "DUAL", "OFFLINE", "UNMIGRATING"
 _Result = TypeVar("_Result")
@@ -168,7 +168,10 @@ class TapeBackend(PosixBackend):
         self._recalls_lock = threading.Lock()
         # Background recalls for POST: bounded, since each one holds a drive while it runs.
         self._executor = ThreadPoolExecutor(max_workers=max(2, 2 * settings.tape.drives))
-        self._stage_waits = SlotPool(directory_for(self.prefix), "stage", self.tape.stage_waiters)
+        # In the library directory: every process sharing the library on this host sees it.
+        self._stage_waits = SlotPool(
+            os.path.join(self.tape.library, "slots"), "stage", self.tape.stage_waiters
+        )
         # Keeps a sideband database's rows true after each change (a no-op unless one is configured).
         self.sideband_upkeep = self._sideband_upkeep(settings)
 
