@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Entry point of the pacifica-like image.
 #
-#   entrypoint.sh [UWSGI_OPTION...]        run the gateway under uWSGI (the default)
+#   entrypoint.sh [UWSGI_OPTION...]        run the gateway (the default)
 #   entrypoint.sh [pacifica-like] COMMAND  run a pacifica-like sub-command instead,
 #                                          e.g. check-config, serve
 #
@@ -10,13 +10,34 @@
 # else is a sub-command, so maintenance commands added to the CLI later work
 # here without touching this script.
 #
+# The server is the production shape (README "Production", docs/decisions/0003):
+# nginx on PAI_LISTEN holds the clients and hands complete, de-chunked requests
+# to uWSGI on a unix socket in a private runtime directory. nginx runs as a
+# daemon of uWSGI's master (--attach-daemon2), so the two start and stop as one
+# process tree, and it runs unprivileged: no `user` directive, pid file and
+# small temp paths in the runtime directory, error log on stderr. Without nginx
+# the script stops: uWSGI's own HTTP socket would refuse chunked uploads (411)
+# and let a few slow clients hold every worker.
+#
 # Environment (defaults suit the image):
 #   PAI_VENV          the virtualenv install.sh made (default: the one holding this
 #                     script, else /opt/pacifica-like)
 #   PAI_PREFIX        archive root (default /data, unless archive.ini names one)
 #   PAI_BACKEND_TYPE  storage backend (default posix)
-#   PAI_LISTEN        uWSGI --http-socket address (default :8080, all interfaces)
+#   PAI_LISTEN        where nginx listens: :PORT (all IPv4 interfaces; default :8080),
+#                     HOST:PORT, [IPv6]:PORT or a unix socket path
 #   PAI_PROCESSES     uWSGI worker processes (default 4)
+#   PAI_RUN_DIR       private runtime directory: nginx.conf, nginx.pid, uwsgi.sock
+#                     (default: a fresh mktemp -d under TMPDIR; the image sets
+#                     /tmp/pacifica-like-front). Created 0700; must be ours and
+#                     writable by nobody else.
+#   PAI_UPLOAD_TEMP   where nginx buffers request bodies and slow responses
+#                     (default <archive prefix>/.pacifica-like-uploads: the archive's
+#                     filesystem has room for the largest upload, and a hidden entry
+#                     is no archive file). nginx unlinks its temp files on creation,
+#                     so nothing there outlives the process holding it.
+#   PAI_NGINX         the nginx binary (default: nginx on PATH, else /usr/sbin/nginx)
+#   PAI_NGINX_WORKERS nginx worker processes (default 2; each holds thousands of clients)
 # plus every PAI_* setting pacifica_like/config.py reads.
 #
 # The Dockerfile's ENTRYPOINT is this file as install.sh copies it into the
@@ -123,15 +144,69 @@ probe=$(mktemp -p "$data_dir" .entrypoint-probe.XXXXXX 2>/dev/null) \
         "(chown it, or mount the volume read-write)"
 rm -f -- "$probe"
 
+# The front. Paths that reach uWSGI's --attach-daemon2 go through its key=value,
+# comma-separated parser and then `sh -c`, so they are kept to plain characters.
+plain='^[A-Za-z0-9._/+@-]+$'
+nginx=${PAI_NGINX:-$(command -v nginx || true)}
+if [[ -z "$nginx" && -x /usr/sbin/nginx ]]; then
+    nginx=/usr/sbin/nginx
+fi
+[[ -n "$nginx" && -x "$nginx" && ! -d "$nginx" ]] \
+    || die "nginx not found${PAI_NGINX:+ at $PAI_NGINX}: the gateway runs behind nginx" \
+        "(the image installs nginx-light; elsewhere apt-get install nginx-light, or set PAI_NGINX)"
+[[ "$nginx" =~ $plain ]] || die "nginx path $nginx: use a path of letters, digits and ._/+@- only"
+site="$PAI_VENV/deploy/nginx/pacifica-like.conf"
+[[ -f "$site" ]] || die "$site is missing (install with docker/install.sh, which copies deploy/nginx)"
+
+if [[ -n "${PAI_RUN_DIR:-}" ]]; then
+    run_dir=$PAI_RUN_DIR
+    [[ -d "$run_dir" ]] || mkdir -m 0700 -- "$run_dir" 2>/dev/null \
+        || die "cannot create runtime directory $run_dir (PAI_RUN_DIR) as $user"
+else
+    run_dir=$(mktemp -d "${TMPDIR:-/tmp}/pacifica-like-front.XXXXXX") \
+        || die "cannot create a runtime directory in ${TMPDIR:-/tmp} (set PAI_RUN_DIR)"
+fi
+run_dir=$(cd -- "$run_dir" && pwd -P)
+[[ "$run_dir" =~ $plain ]] || die "runtime directory $run_dir: use a path of letters, digits and ._/+@- only"
+# The socket and nginx.conf live here: nobody else may replace them.
+[[ -O "$run_dir" ]] || die "runtime directory $run_dir is not owned by $user"
+[[ -z "$(find "$run_dir" -maxdepth 0 -perm /022)" ]] \
+    || die "runtime directory $run_dir is writable by others (chmod 0700 it, or set PAI_RUN_DIR)"
+
+# Request bodies are buffered whole before a worker sees them: on the archive's filesystem
+# they have the room the archive has, and the prefix's listing skips hidden entries.
+uploads=${PAI_UPLOAD_TEMP:-$data_dir/.pacifica-like-uploads}
+mkdir -p -m 0700 -- "$uploads" 2>/dev/null \
+    || die "cannot create the upload buffer directory $uploads as $user (set PAI_UPLOAD_TEMP)"
+probe=$(mktemp -p "$uploads" .entrypoint-probe.XXXXXX 2>/dev/null) \
+    || die "upload buffer directory $uploads is not writable by $user (set PAI_UPLOAD_TEMP)"
+rm -f -- "$probe"
+# Nothing to sweep there: nginx unlinks each temp file as soon as it creates it, so a
+# front killed mid-upload leaves no name behind, and its space returns with the process.
+
+listen=${PAI_LISTEN:-:8080}
+socket="$run_dir/uwsgi.sock"
+"$PAI_VENV/bin/python" -m pacifica_like.nginxfront --listen "$listen" --upstream "$socket" \
+    --workdir "$run_dir" --site "$site" --upload-dir "$uploads" \
+    --workers "${PAI_NGINX_WORKERS:-2}" >"$run_dir/nginx.conf" \
+    || die "cannot write the nginx configuration (PAI_LISTEN=$listen, PAI_NGINX_WORKERS)"
+front=("$nginx" -c "$run_dir/nginx.conf" -p "$run_dir/" -e stderr)
+# A configuration nginx refuses stops here, with its own message, before uWSGI forks anything.
+"${front[@]}" -t -q || die "nginx refused $run_dir/nginx.conf (above)"
+
+# nginx runs in the foreground under uWSGI's master, which restarts it if it dies and
+# stops it (SIGTERM: close at once; the workers behind it are stopping too) on exit.
+daemons=(--attach-daemon2 "cmd=exec ${front[*]},stopsignal=15")
 # The bulk-staging recall scheduler, as a daemon uWSGI starts, restarts if it dies, and stops.
-daemon=()
 if [[ "$scheduler" == 1 ]]; then
-    daemon=(--attach-daemon2 "cmd=$PAI_VENV/bin/pacifica-like worker,stopsignal=15")
+    daemons+=(--attach-daemon2 "cmd=$PAI_VENV/bin/pacifica-like worker,stopsignal=15")
 fi
 
-echo "entrypoint: $backend archive at $data_dir, uWSGI on ${PAI_LISTEN:-:8080}" >&2
+echo "entrypoint: $backend archive at $data_dir; nginx on $listen in front of uWSGI on $socket" >&2
+# --buffer-size: nginx passes request heads up to 4 x 8 KiB; uWSGI's 4 KiB default would drop them.
 exec "$PAI_VENV/bin/uwsgi" \
-    --http-socket "${PAI_LISTEN:-:8080}" \
+    --socket "$socket" \
+    --chmod-socket=600 \
     --master \
     --processes "${PAI_PROCESSES:-4}" \
     --module pacifica_like.wsgi \
@@ -140,7 +215,6 @@ exec "$PAI_VENV/bin/uwsgi" \
     --die-on-term \
     --disable-logging \
     --socket-timeout 60 \
-    --chunked-input-limit 16777216 \
-    --add-header "Connection: close" \
-    "${daemon[@]}" \
+    --buffer-size 65535 \
+    "${daemons[@]}" \
     "$@"

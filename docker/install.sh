@@ -27,6 +27,7 @@ die() {
 
 [[ -f "$src/setup.py" ]] || die "$src has no setup.py; pass the pacifica-like source directory"
 [[ -f "$src/docker/entrypoint.sh" ]] || die "$src/docker/entrypoint.sh is missing"
+[[ -f "$src/deploy/nginx/pacifica-like.conf" ]] || die "$src/deploy/nginx/pacifica-like.conf is missing"
 
 # setuptools writes build/ and *.egg-info into the tree it builds (the
 # checkout's egg-info may even be tracked), and a stale build/lib can leak
@@ -35,7 +36,7 @@ die() {
 # caches; a working tree may also hold venvs, archives and benchmark output of
 # any size, still being written. Add any top-level file setup.py starts
 # reading to the list below.
-parts=(docker/entrypoint.sh)
+parts=(docker/entrypoint.sh deploy/nginx)
 for path in "$src"/setup.py "$src"/setup.cfg "$src"/pyproject.toml "$src"/MANIFEST.in \
     "$src"/README* "$src"/LICENSE* "$src"/requirements*.txt "$src"/*/__init__.py; do
     # Unmatched globs and absent names stay literal; skip them.
@@ -61,10 +62,12 @@ echo "install.sh: installing ${src}[${extras}] into $venv"
 # index PIP_* points at, including an offline mirror without pip itself.
 "$venv/bin/python" -m pip install --disable-pip-version-check "${staging}[${extras}]"
 
-# The entrypoint travels inside the venv, so the runtime stage gets it with the
-# single COPY of the venv, and the test runs the very file the image runs.
-install -d "$venv/docker"
+# The entrypoint and the nginx settings it includes travel inside the venv, so
+# the runtime stage gets them with the single COPY of the venv, and the test
+# runs the very files the image runs.
+install -d "$venv/docker" "$venv/deploy/nginx"
 install -m 0755 "$staging/docker/entrypoint.sh" "$venv/docker/entrypoint.sh"
+install -m 0644 "$staging"/deploy/nginx/*.conf "$venv/deploy/nginx/"
 
 # Fail the build here, not at first start, if the server cannot run.
 "$venv/bin/uwsgi" --version >/dev/null || die "uwsgi in $venv does not run"

@@ -22,6 +22,8 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from pacifica_like import nginxfront
+
 
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -167,29 +169,8 @@ def nginx_binary() -> str:
 
 def nginx_config(port: int, upstream_socket: str, workdir: str) -> str:
     """Return an nginx.conf serving ``port`` in front of ``upstream_socket`` with the shipped settings."""
-    user = "user root root;" if os.geteuid() == 0 else ""  # workers need the socket and temp dirs
-    return f"""
-{user}
-daemon off;
-worker_processes 2;
-worker_rlimit_nofile 8192;
-pid {workdir}/nginx.pid;
-error_log {workdir}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {workdir}/body;
-    proxy_temp_path {workdir}/proxy;
-    uwsgi_temp_path {workdir}/uwsgi;
-    fastcgi_temp_path {workdir}/fastcgi;
-    scgi_temp_path {workdir}/scgi;
-    upstream pacifica_like_uwsgi {{ server unix:{upstream_socket}; }}
-    server {{
-        listen 127.0.0.1:{port};
-        include {NGINX_SITE};
-    }}
-}}
-"""
+    # The Docker entrypoint renders its front with the same function.
+    return nginxfront.render(f"127.0.0.1:{port}", upstream_socket, workdir, NGINX_SITE)
 
 
 @contextlib.contextmanager

@@ -8,10 +8,13 @@ statically so it cannot drift away from the scripts.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import shutil
+import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -23,8 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from httpwire import address, exchange
 
-from pacifica_like.devserver import RunningServer, free_port, run_server
+from pacifica_like import nginxfront
+from pacifica_like.devserver import NGINX_SITE, RunningServer, free_port, nginx_binary, run_server
+from pacifica_like.id2filename import id2filename
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL_SH = REPO / "docker" / "install.sh"
@@ -99,11 +105,11 @@ class Installed:
         return self.venv / ENTRY_IN_VENV
 
     def run_entrypoint(self, *args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-        """Run the entrypoint to completion (for commands that exit)."""
+        """Run the entrypoint to completion (for commands that exit); its runtime dir goes in ``cwd``."""
         return subprocess.run(
             [str(self.entrypoint), *args],
             cwd=cwd,
-            env=clean_env(**env),
+            env=clean_env(**{"TMPDIR": str(cwd), **env}),
             capture_output=True,
             text=True,
             timeout=60,
@@ -140,15 +146,22 @@ class Served:
     server: RunningServer
     data: Path
     port: int
+    run_dir: Path
 
 
 @pytest.fixture(scope="module")
 def served(installed: Installed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """Run the installed entrypoint (uWSGI) on a free port over a not-yet-created data dir."""
+    """Run the installed entrypoint (nginx, uWSGI) on a free port over a not-yet-created data dir."""
     root = tmp_path_factory.mktemp("served")
     data = root / "data"
+    run_dir = root / "run"
     port = free_port()
-    env = {"PAI_LISTEN": f"127.0.0.1:{port}", "PAI_PREFIX": str(data), "PAI_PROCESSES": "2"}
+    env = {
+        "PAI_LISTEN": f"127.0.0.1:{port}",
+        "PAI_PREFIX": str(data),
+        "PAI_PROCESSES": "2",
+        "PAI_RUN_DIR": str(run_dir),
+    }
     with pytest.MonkeyPatch.context() as patch:
         # run_server layers env over os.environ; no stray PAI_* may leak in.
         for key in [key for key in os.environ if key.startswith("PAI_")]:
@@ -156,7 +169,7 @@ def served(installed: Installed, tmp_path_factory: pytest.TempPathFactory) -> It
         patch.chdir(root)
         command = [str(installed.entrypoint)]
         with run_server(command, port, env, log_path=str(root / "server.log"), timeout=60) as server:
-            yield Served(server, data, port)
+            yield Served(server, data, port, run_dir)
 
 
 # --- the Dockerfile, statically -------------------------------------------------------------
@@ -202,6 +215,23 @@ def test_healthcheck_uses_the_venv_python_without_curl() -> None:
     assert "127.0.0.1" in command[2]
 
 
+def test_runtime_stage_installs_nginx_light_and_cleans_the_apt_lists() -> None:
+    """nginx is the image's front; it must be in the stage that runs, from one tidy RUN."""
+    stage = final_stage(dockerfile_instructions(DOCKERFILE.read_text()))
+    installs = [run for run in arguments_of(stage, "RUN") if "apt-get install" in run]
+    assert installs, "the runtime stage installs no packages"
+    nginx = [run for run in installs if "nginx-light" in run.split()]
+    assert len(nginx) == 1, installs
+    words = nginx[0].split()
+    assert "--no-install-recommends" in words and "-y" in words
+    assert nginx[0].index("apt-get update") < nginx[0].index("apt-get install")
+    assert "rm -rf /var/lib/apt/lists/*" in nginx[0]
+    # The front runs as the image's user: nothing may switch back to root after USER.
+    keywords = [keyword for keyword, _ in stage]
+    assert keywords.index("RUN") < keywords.index("USER")
+    assert not [run for run in arguments_of(stage[keywords.index("USER") :], "RUN") if "nginx" in run]
+
+
 def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
     patterns = {line.strip() for line in DOCKERIGNORE.read_text().splitlines()}
     for needed in (".venv", ".git", "archive-data", "bench/.peer-venv"):
@@ -227,6 +257,8 @@ def test_scripts_are_strict_executable_bash(script: Path) -> None:
 @pytest.mark.live
 def test_install_makes_a_self_contained_venv(installed: Installed, tmp_path: Path) -> None:
     assert installed.entrypoint.read_bytes() == ENTRYPOINT_SH.read_bytes()
+    for conf in sorted((REPO / "deploy" / "nginx").glob("*.conf")):
+        assert (installed.venv / "deploy" / "nginx" / conf.name).read_bytes() == conf.read_bytes()
     assert installed.entrypoint.stat().st_mode & stat.S_IXUSR
     version = subprocess.run(
         [str(installed.venv / "bin" / "uwsgi"), "--version"], capture_output=True, text=True, check=True
@@ -424,7 +456,7 @@ def test_entrypoint_runs_the_recall_scheduler_beside_uwsgi_only_for_tape(
     for key in [key for key in os.environ if key.startswith("PAI_")]:
         monkeypatch.delenv(key)
     port = free_port()
-    env |= {"PAI_LISTEN": f"127.0.0.1:{port}", "PAI_PROCESSES": "2"}
+    env |= {"PAI_LISTEN": f"127.0.0.1:{port}", "PAI_PROCESSES": "2", "TMPDIR": str(tmp_path)}
     command = [str(installed.entrypoint)]
     with run_server(command, port, env, log_path=str(tmp_path / "server.log"), timeout=60) as server:
         deadline = time.monotonic() + 30
@@ -433,3 +465,246 @@ def test_entrypoint_runs_the_recall_scheduler_beside_uwsgi_only_for_tape(
         assert len(workers) == 1, server.log()[-3000:]
         status, body = http("GET", f"{server.url}/.well-known/wlcg-tape-rest-api")
         assert status == 200 and json.loads(body)["endpoints"][0]["version"] == "v1"
+
+
+# --- the front: nginx in front of uWSGI, as the image runs it -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "listen"),
+    [
+        (":8080", "8080"),
+        ("127.0.0.1:9000", "127.0.0.1:9000"),
+        ("[::]:8080", "[::]:8080"),
+        ("/s/a.sock", "unix:/s/a.sock"),
+    ],
+)
+def test_front_listens_where_pai_listen_says(given: str, listen: str) -> None:
+    assert nginxfront.listen_directive(given) == listen
+
+
+@pytest.mark.parametrize(
+    "given", ["8080", "bogus", ":0", ":65536", ":\uff18\uff10", "host;evil:80", "[::1:80", ""]
+)
+def test_front_refuses_an_address_it_cannot_listen_on(given: str) -> None:
+    with pytest.raises(ValueError):
+        nginxfront.listen_directive(given)
+
+
+def test_front_config_with_odd_paths_passes_nginx_t(tmp_path: Path) -> None:
+    """Paths are quoted: a space or a semicolon in a directory name must not end a directive."""
+    work = tmp_path / "run dir;x"
+    uploads = tmp_path / "up loads"
+    work.mkdir()
+    uploads.mkdir()
+    config = work / "nginx.conf"
+    config.write_text(
+        nginxfront.render(f":{free_port()}", str(work / "u.sock"), str(work), NGINX_SITE, str(uploads))
+    )
+    checked = subprocess.run(
+        [nginx_binary(), "-t", "-c", str(config), "-p", f"{work}/", "-e", "stderr"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert (uploads / "body").is_dir()  # nginx made its body buffer where it was told
+    with pytest.raises(ValueError, match="longer than"):
+        nginxfront.render(":8080", "/" + "s" * 120, str(work), NGINX_SITE)
+
+
+def chunked(payload: bytes, size: int) -> bytes:
+    """Return ``payload`` as a chunked body of ``size``-byte chunks (one with an extension)."""
+    pieces = [payload[at : at + size] for at in range(0, len(payload), size)]
+    framed = [
+        f"{len(piece):x}{';ext=1' if n == 1 else ''}\r\n".encode() + piece + b"\r\n"
+        for n, piece in enumerate(pieces)
+    ]
+    return b"".join(framed) + b"0\r\n\r\n"
+
+
+def put_head(file_id: int, *fields: str) -> bytes:
+    lines = [f"PUT /{file_id} HTTP/1.1", "Host: archive", f"Last-Modified: {LAST_MODIFIED}", *fields]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.mark.live
+def test_entrypoint_stores_a_chunked_upload_whole(served: Served) -> None:
+    """uWSGI's own HTTP socket answered 411 here; nginx de-chunks and the whole body is stored."""
+    payload = bytes(range(256)) * 6000  # 1.5 MB: past client_body_buffer_size, so via the temp file
+    answer = exchange(
+        served.server.url, put_head(4242, "Transfer-Encoding: chunked") + chunked(payload, 65_536)
+    )
+    assert answer.status == 201, answer.describe()
+    assert json.loads(answer.body)["total_bytes"] == len(payload)
+    assert (served.data / id2filename(4242).lstrip("/")).read_bytes() == payload
+    assert http("GET", served.server.url + "/4242") == (200, payload)
+
+
+@pytest.mark.live
+@pytest.mark.parametrize(
+    ("fields", "body"),
+    [
+        (["Transfer-Encoding: chunked"], b"zz\r\nabc\r\n0\r\n\r\n"),
+        (["Transfer-Encoding: chunked"], b"2\r\nhello\r\n0\r\n\r\n"),
+        (["Content-Length: 15", "Transfer-Encoding: chunked"], b"5\r\nhello\r\n0\r\n\r\n"),
+    ],
+    ids=["size-not-hex", "chunk-longer-than-its-size", "content-length-beside-chunked"],
+)
+def test_entrypoint_refuses_malformed_chunked_uploads_and_stores_nothing(
+    served: Served, fields: list[str], body: bytes
+) -> None:
+    old = b"the good old version\n"
+    assert http("PUT", served.server.url + "/4243", old, **{"Last-Modified": LAST_MODIFIED})[0] == 201
+    answer = exchange(served.server.url, put_head(4243, *fields) + body)
+    assert answer.status == 400, answer.describe()
+    assert json.loads(answer.body)["status"] == 400
+    assert http("GET", served.server.url + "/4243") == (200, old)
+    assert not [path for path in served.data.rglob("*") if path.name.endswith(".part")]
+
+
+def wait_for(predicate, what: str, seconds: float = 15.0) -> None:
+    """Poll ``predicate`` until it holds (another process's state has no event to wait on)."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"still waiting after {seconds} s for {what}"
+        time.sleep(0.05)
+
+
+def open_files_under(directory: Path) -> list[str]:
+    """Return what processes hold open below ``directory`` (nginx unlinks its temp files at once)."""
+    held = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{entry}/fd"):
+                    with contextlib.suppress(OSError):
+                        target = os.readlink(f"/proc/{entry}/fd/{fd}")
+                        if target.startswith(f"{directory}/"):
+                            held.append(target)
+    return held
+
+
+@pytest.mark.live
+def test_front_buffers_upload_bodies_on_the_data_volume(served: Served) -> None:
+    """An upload in flight is nginx's temp file beside the archive, not a worker, and goes when abandoned."""
+    body_dir = served.data / ".pacifica-like-uploads" / "body"
+    assert body_dir.is_dir() and os.stat(body_dir).st_dev == os.stat(served.data).st_dev
+    with socket.create_connection(address(served.server.url), timeout=10) as sock:
+        # Past client_body_buffer_size (1 MiB), so nginx spills the body to a temp file.
+        sock.sendall(put_head(4244, f"Content-Length: {4 << 20}") + b"x" * (3 << 19))
+        wait_for(lambda: open_files_under(body_dir), "nginx's temp file of the half-sent upload")
+        assert http("GET", served.server.url + "/")[0] == 200  # no worker is held meanwhile
+    wait_for(lambda: not open_files_under(body_dir), "nginx to drop the abandoned upload's temp file")
+    assert not list(body_dir.iterdir())  # unlinked when created: a killed nginx leaves nothing either
+    assert http("GET", served.server.url + "/4244")[0] == 404
+
+
+@pytest.mark.live
+def test_slow_clients_do_not_stop_the_entrypoint(served: Served) -> None:
+    """400 connections with half a request (most of them half a head) do not keep GET / waiting."""
+    payload = b"small\n"
+    assert http("PUT", served.server.url + "/4245", payload, **{"Last-Modified": LAST_MODIFIED})[0] == 201
+    held: list[socket.socket] = []
+    try:
+        for number in range(400):
+            sock = socket.create_connection(address(served.server.url), timeout=10)
+            held.append(sock)
+            if number % 4:
+                sock.sendall(b"GET /4245 HTTP/1.1\r\nHost: archive\r\nX-Slow: ")
+            else:
+                sock.sendall(put_head(5000 + number, "Content-Length: 100000") + b"partial")
+        slowest = 0.0
+        for _ in range(5):
+            began = time.monotonic()
+            assert http("GET", served.server.url + "/")[0] == 200
+            assert http("GET", served.server.url + "/4245") == (200, payload)
+            slowest = max(slowest, time.monotonic() - began)
+        # Generous for a loaded machine; uWSGI's own socket with 2 workers does not answer at all.
+        assert slowest < 5.0, f"GET / and a small GET took {slowest:.2f} s beside 400 slow clients"
+    finally:
+        for sock in held:
+            sock.close()
+    assert http("GET", served.server.url + "/5000")[0] == 404
+
+
+def front_processes(config: Path) -> dict[int, str]:
+    """Return pid -> command line of the nginx master started with ``config`` and its workers.
+
+    Workers name no config on their command line; they share the master's
+    session (uWSGI starts each daemon in a session of its own).
+    """
+    sessions: dict[int, int] = {}
+    commands: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
+                sessions[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[3])
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                commands[int(entry)] = handle.read().decode(errors="replace").replace("\0", " ").strip()
+        except (OSError, ValueError, IndexError):
+            continue
+    masters = {
+        pid
+        for pid, command in commands.items()
+        if command.startswith("nginx: master") and str(config) in command
+    }
+    return {
+        pid: commands[pid]
+        for pid, session in sessions.items()
+        if session in masters and commands.get(pid, "").startswith("nginx")
+    }
+
+
+@pytest.mark.live
+def test_entrypoint_stops_nginx_with_uwsgi(
+    installed: Installed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`docker stop` signals only PID 1 (uWSGI's master): nginx must go with it, workers and all."""
+    for key in [key for key in os.environ if key.startswith("PAI_")]:
+        monkeypatch.delenv(key)
+    run_dir = tmp_path / "run"
+    port = free_port()
+    env = {
+        "PAI_LISTEN": f"127.0.0.1:{port}",
+        "PAI_PREFIX": str(tmp_path / "data"),
+        "PAI_PROCESSES": "1",
+        "PAI_RUN_DIR": str(run_dir),
+        "PAI_NGINX_WORKERS": "1",
+    }
+    command = [str(installed.entrypoint)]
+    with run_server(command, port, env, log_path=str(tmp_path / "server.log"), timeout=60) as server:
+        front = front_processes(run_dir / "nginx.conf")
+        assert len(front) == 2, front  # master and PAI_NGINX_WORKERS=1 worker
+        assert (run_dir / "uwsgi.sock").is_socket()
+        os.kill(server.process.pid, signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0, server.log()[-3000:]
+    assert front_processes(run_dir / "nginx.conf") == {}
+    assert not [pid for pid in front if os.path.exists(f"/proc/{pid}")], front
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+@pytest.mark.live
+def test_entrypoint_refuses_to_start_without_nginx(installed: Installed, tmp_path: Path) -> None:
+    missing = tmp_path / "no-nginx-here"
+    result = installed.run_entrypoint(cwd=tmp_path, PAI_PREFIX=str(tmp_path / "data"), PAI_NGINX=str(missing))
+    assert result.returncode != 0
+    assert f"nginx not found at {missing}" in result.stderr and "nginx-light" in result.stderr
+    assert "uWSGI on" not in result.stderr
+
+
+@pytest.mark.live
+def test_entrypoint_refuses_a_runtime_dir_others_can_write(installed: Installed, tmp_path: Path) -> None:
+    """The socket and nginx.conf live there; a directory others can write would let them swap both."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    result = installed.run_entrypoint(
+        cwd=tmp_path, PAI_PREFIX=str(tmp_path / "data"), PAI_RUN_DIR=str(shared)
+    )
+    assert result.returncode != 0
+    assert f"runtime directory {shared} is writable by others" in result.stderr
+    assert not (shared / "nginx.conf").exists()
