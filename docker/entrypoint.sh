@@ -25,7 +25,8 @@
 #   PAI_PREFIX        archive root (default /data, unless archive.ini names one)
 #   PAI_BACKEND_TYPE  storage backend (default posix)
 #   PAI_LISTEN        where nginx listens: :PORT (all IPv4 interfaces; default :8080),
-#                     HOST:PORT, [IPv6]:PORT or a unix socket path
+#                     HOST:PORT, [IPv6]:PORT or a unix socket path (the image's
+#                     HEALTHCHECK needs a port)
 #   PAI_PROCESSES     uWSGI worker processes (default 4)
 #   PAI_RUN_DIR       private runtime directory: nginx.conf, nginx.pid, uwsgi.sock
 #                     (default: a fresh mktemp -d under TMPDIR; the image sets
@@ -166,7 +167,7 @@ else
     run_dir=$(mktemp -d "${TMPDIR:-/tmp}/pacifica-like-front.XXXXXX") \
         || die "cannot create a runtime directory in ${TMPDIR:-/tmp} (set PAI_RUN_DIR)"
 fi
-run_dir=$(cd -- "$run_dir" && pwd -P)
+run_dir=$(cd -- "$run_dir" && pwd -P) || die "cannot enter runtime directory $run_dir as $user"
 [[ "$run_dir" =~ $plain ]] || die "runtime directory $run_dir: use a path of letters, digits and ._/+@- only"
 # The socket and nginx.conf live here: nobody else may replace them.
 [[ -O "$run_dir" ]] || die "runtime directory $run_dir is not owned by $user"
@@ -176,7 +177,7 @@ run_dir=$(cd -- "$run_dir" && pwd -P)
 # Request bodies are buffered whole before a worker sees them: on the archive's filesystem
 # they have the room the archive has, and the prefix's listing skips hidden entries.
 uploads=${PAI_UPLOAD_TEMP:-$data_dir/.pacifica-like-uploads}
-mkdir -p -m 0700 -- "$uploads" 2>/dev/null \
+[[ -d "$uploads" ]] || mkdir -m 0700 -- "$uploads" 2>/dev/null \
     || die "cannot create the upload buffer directory $uploads as $user (set PAI_UPLOAD_TEMP)"
 probe=$(mktemp -p "$uploads" .entrypoint-probe.XXXXXX 2>/dev/null) \
     || die "upload buffer directory $uploads is not writable by $user (set PAI_UPLOAD_TEMP)"
