@@ -287,7 +287,8 @@ def test_a_catalog_that_cannot_take_a_write_is_not_ready_until_it_can(mode, pref
             assert "not writable" in document["checks"]["catalog"]
         finally:
             assert chattr("-i", catalog)
-        assert ready(url)[0] == 200
+        status, document = ready(url)
+        assert status == 200, document
 
 
 # -- leftovers of dead uploads -------------------------------------------------------
