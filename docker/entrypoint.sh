@@ -196,8 +196,14 @@ front=("$nginx" -c "$run_dir/nginx.conf" -p "$run_dir/" -e stderr)
 "${front[@]}" -t -q || die "nginx refused $run_dir/nginx.conf (above)"
 
 # nginx runs in the foreground under uWSGI's master, which restarts it if it dies and
-# stops it (SIGTERM: close at once; the workers behind it are stopping too) on exit.
-daemons=(--attach-daemon2 "cmd=exec ${front[*]},stopsignal=15")
+# stops it on exit (SIGTERM to the daemon's process group: nginx closes at once, the
+# workers behind it are stopping too). The shell around nginx keeps that group whole:
+# it waits for nginx's master through a stop, and when the master dies any other way
+# (kill -9, the OOM killer) it kills the workers left behind, which would otherwise
+# hold the port against the master uWSGI starts next, and outlive uWSGI. No ',' or '='
+# in it: uWSGI's key=value parser reads the option.
+supervised="${front[*]} & trap 'kill -TERM \$! && wait' TERM; wait; kill -KILL 0"
+daemons=(--attach-daemon2 "cmd=$supervised,stopsignal=15")
 # The bulk-staging recall scheduler, as a daemon uWSGI starts, restarts if it dies, and stops.
 if [[ "$scheduler" == 1 ]]; then
     daemons+=(--attach-daemon2 "cmd=$PAI_VENV/bin/pacifica-like worker,stopsignal=15")

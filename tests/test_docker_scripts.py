@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -646,26 +646,46 @@ def front_processes(config: Path) -> dict[int, str]:
                 commands[int(entry)] = handle.read().decode(errors="replace").replace("\0", " ").strip()
         except (OSError, ValueError, IndexError):
             continue
-    masters = {
-        pid
+    front_sessions = {
+        sessions[pid]
         for pid, command in commands.items()
-        if command.startswith("nginx: master") and str(config) in command
+        if command.startswith("nginx: master") and str(config) in command and pid in sessions
     }
     return {
         pid: commands[pid]
         for pid, session in sessions.items()
-        if session in masters and commands.get(pid, "").startswith("nginx")
+        if session in front_sessions and commands.get(pid, "").startswith("nginx")
     }
 
 
+def alive(pids: Iterable[int]) -> list[int]:
+    """Return those of ``pids`` that still run (a zombie counts as gone)."""
+    running = []
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            if handle.read().rsplit(")", 1)[1].split()[0] != "Z":
+                running.append(pid)
+    return running
+
+
+def answers(url: str) -> bool:
+    """Whether ``GET url`` is a 200 now (a refused or reset connection is a no)."""
+    try:
+        return http("GET", url)[0] == 200
+    except OSError:
+        return False
+
+
 @pytest.mark.live
-def test_entrypoint_stops_nginx_with_uwsgi(
+def test_entrypoint_restarts_a_killed_nginx_and_stops_it_with_uwsgi(
     installed: Installed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`docker stop` signals only PID 1 (uWSGI's master): nginx must go with it, workers and all."""
+    """One process tree: a killed nginx master takes its workers along and comes back; `docker stop`
+    (SIGTERM to PID 1, uWSGI's master) takes nginx down, workers and all."""
     for key in [key for key in os.environ if key.startswith("PAI_")]:
         monkeypatch.delenv(key)
     run_dir = tmp_path / "run"
+    config = run_dir / "nginx.conf"
     port = free_port()
     env = {
         "PAI_LISTEN": f"127.0.0.1:{port}",
@@ -676,15 +696,24 @@ def test_entrypoint_stops_nginx_with_uwsgi(
     }
     command = [str(installed.entrypoint)]
     with run_server(command, port, env, log_path=str(tmp_path / "server.log"), timeout=60) as server:
-        front = front_processes(run_dir / "nginx.conf")
-        assert len(front) == 2, front  # master and PAI_NGINX_WORKERS=1 worker
+        first = front_processes(config)
+        assert len(first) == 2, first  # master and PAI_NGINX_WORKERS=1 worker
         assert (run_dir / "uwsgi.sock").is_socket()
+        master = int((run_dir / "nginx.pid").read_text())
+        os.kill(master, signal.SIGKILL)
+        # Its orphaned worker would keep the port, and the next master could never bind it.
+        wait_for(lambda: not alive(first), "the killed master's worker to go")
+        wait_for(lambda: len(front_processes(config)) == 2, "uWSGI to start nginx again")
+        second = front_processes(config)
+        assert not set(second) & set(first)
+        wait_for(lambda: answers(server.url + "/"), "the new nginx to answer")
         os.kill(server.process.pid, signal.SIGTERM)
         assert server.process.wait(timeout=30) == 0, server.log()[-3000:]
-    assert front_processes(run_dir / "nginx.conf") == {}
-    assert not [pid for pid in front if os.path.exists(f"/proc/{pid}")], front
+    assert front_processes(config) == {}
+    assert not alive(second), second
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    assert "bind()" not in server.log(), server.log()[-3000:]
 
 
 @pytest.mark.live
