@@ -132,6 +132,10 @@ def serve(settings: Settings) -> int:
     from pacifica_like.bulk.scheduler import run_in_engine
 
     run_in_engine(settings, backend)
+    # Close the backend when the engine stops, after the HTTP server and the scheduler (higher
+    # priority runs later): engine.block() then joins every non-daemon thread, and the tape
+    # backend's recall executor ends only in close(), so closing after block() never returned.
+    cherrypy.engine.subscribe("stop", backend.close, priority=90)
     print(
         f"pacifica-like {__version__}: {settings.archive.backend} archive at {settings.archive.prefix}, "
         f"serving http://{host}:{port}/",
@@ -140,7 +144,6 @@ def serve(settings: Settings) -> int:
     cherrypy.engine.signals.subscribe()
     cherrypy.engine.start()
     cherrypy.engine.block()
-    backend.close()
     return 0
 
 

@@ -486,3 +486,24 @@ def test_a_failed_or_cancelled_recall_leaves_no_pin(archive):
     (request_id,) = {r.id for r in store.Request.select()}
     store.cancel(request_id, [f"/{second.file_id}"])
     assert store.pins([second.file_id]) == {}
+
+
+def test_a_tape_serve_that_recalled_a_file_stops_on_sigterm(tmp_path: Path, prepare_backend):
+    """The recall executor's threads once kept `engine.block()` waiting for ever after a POST /<id>."""
+    tape = prepare_backend("tape")["tape"]
+    ini = write_ini(tmp_path / "archive.ini", str(tmp_path / "archive"), tape["library"], None)
+    settings = load_settings(config_file=str(ini), env={})
+    backend = factory.create(settings)
+    try:
+        store_offline(backend, {1: 1 << 10})
+    finally:
+        backend.close()
+    with cli_server(["--config", str(ini)]) as server:
+        # A SIGTERM before the engine has started exits 70 by CherryPy's design; wait for the start.
+        assert wait_for(lambda: "Bus STARTED" in server.log())
+        request = urllib.request.Request(f"{server.url}/1", method="POST")
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert answer.status == 200
+        os.killpg(server.process.pid, signal.SIGTERM)
+        # The server's own stop path, not the harness's SIGKILL after 15 s, must end it.
+        assert server.process.wait(timeout=10) == 0, server.log()[-2000:]
