@@ -14,7 +14,7 @@ Plugin API (what a backend implements and the web layer calls):
   tape order (:meth:`Backend.open_volume`).
 
 Helpers (not part of the API, shared so every backend commits the same way):
-:class:`AtomicFileWriter`, :class:`FileReader`, :func:`translate_os_errors`,
+:class:`AtomicFileWriter`, :class:`UploadDigests`, :class:`FileReader`, :func:`translate_os_errors`,
 :func:`read_sha256`, :func:`fsync_dir`. Opening a PATCH source safely lives in
 :mod:`backends.safeopen`.
 
@@ -489,6 +489,38 @@ def temp_name_prefix(name: str) -> str:
     return f".{name}.{pid}-{start}@{socket.gethostname()}."
 
 
+class UploadDigests:
+    """Hash an upload as it arrives: sha-256 (recorded with the file) and every algorithm the client claimed.
+
+    Shared by the writers of every backend, so all of them accept and refuse
+    the same uploads with the same message.
+    """
+
+    def __init__(self, expect: Sequence[ExpectedDigest] = ()) -> None:
+        self._expect = list(expect)
+        self._sha256 = hashlib.sha256()
+        self._extra = {e.algorithm: hashlib.new(e.algorithm) for e in self._expect}
+        self._extra.pop("sha256", None)
+
+    def update(self, chunk: bytes) -> None:
+        """Hash ``chunk`` with every algorithm."""
+        self._sha256.update(chunk)
+        for hasher in self._extra.values():
+            hasher.update(chunk)
+
+    def verify(self, bytes_received: int) -> bytes:
+        """Return the sha-256 of what was hashed; DigestMismatch unless every claim matches."""
+        digest = self._sha256.digest()
+        for claim in self._expect:
+            actual = digest if claim.algorithm == "sha256" else self._extra[claim.algorithm].digest()
+            if not hmac.compare_digest(actual, claim.value):
+                raise DigestMismatch(
+                    f"{claim.header}: {claim.algorithm} of the {bytes_received} bytes received "
+                    "does not match the digest sent; nothing was stored"
+                )
+        return digest
+
+
 class AtomicFileWriter(Writer):
     """Write a file under a temporary name beside its target, then publish it.
 
@@ -507,12 +539,9 @@ class AtomicFileWriter(Writer):
     ) -> None:
         self.final_path = final_path
         self._mtime = mtime
-        self._expect = list(expect)
         self._replace = replace
         self._mode = mode
-        self._sha256 = hashlib.sha256()
-        self._extra = {e.algorithm: hashlib.new(e.algorithm) for e in self._expect}
-        self._extra.pop("sha256", None)
+        self._digests = UploadDigests(expect)
         self.bytes_written = 0
         self._written_back = 0
         self._committed = False
@@ -528,9 +557,7 @@ class AtomicFileWriter(Writer):
         """Append and hash ``chunk``; start write-out every WRITEBACK_STEP bytes."""
         with translate_os_errors("cannot write upload"):
             self._file.write(chunk)
-            self._sha256.update(chunk)
-            for hasher in self._extra.values():
-                hasher.update(chunk)
+            self._digests.update(chunk)
             self.bytes_written += len(chunk)
             if self.bytes_written - self._written_back >= WRITEBACK_STEP:
                 self._file.flush()
@@ -541,14 +568,7 @@ class AtomicFileWriter(Writer):
 
     def commit(self) -> int:
         """Verify digests, then fsync, rename and fsync the directory; return bytes stored."""
-        digest = self._sha256.digest()
-        for claim in self._expect:
-            actual = digest if claim.algorithm == "sha256" else self._extra[claim.algorithm].digest()
-            if not hmac.compare_digest(actual, claim.value):
-                raise DigestMismatch(
-                    f"{claim.header}: {claim.algorithm} of the {self.bytes_written} bytes received "
-                    "does not match the digest sent; nothing was stored"
-                )
+        digest = self._digests.verify(self.bytes_written)
         with translate_os_errors("cannot store upload"):
             # Flush Python's buffer first: metadata calls below act on the fd.
             self._file.flush()

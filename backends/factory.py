@@ -18,6 +18,7 @@ REGISTRY: dict[str, str] = {
     "posix": "backends.posix.backend:PosixBackend",
     "tape": "backends.tape.backend:TapeBackend",
     "sideband": "backends.sideband.backend:SidebandBackend",
+    "memory": "backends.memory.backend:MemoryBackend",
 }
 ALIASES: dict[str, str] = {"hpss": "tape", "hsm_sideband": "sideband"}
 

@@ -169,6 +169,16 @@ class AdoptSource:
         """Say whether ``other`` describes the inode that was opened."""
         return (other.st_dev, other.st_ino) == (self.stat.st_dev, self.stat.st_ino)
 
+    def remove_if_unchanged(self) -> None:
+        """Drop the source's name once its bytes are safely archived, if it still names the inode opened.
+
+        A name swapped meanwhile is someone else's file and stays; a name already gone is fine.
+        """
+        with contextlib.suppress(FileNotFoundError):
+            if self.same_inode(os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)):
+                os.unlink(self.name, dir_fd=self.dir_fd)
+                os.fsync(self.dir_fd)
+
     def close(self) -> None:
         """Close the file and its directory."""
         for fd in (self.fd, self.dir_fd):

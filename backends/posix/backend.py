@@ -213,10 +213,7 @@ class PosixBackend(Backend):
         size = _copy_from_fd(source, target, replace=not self.write_once)
         # Only now is the copy durable in the archive; the source may go, but only
         # the inode that was copied (a name swapped meanwhile is someone else's file).
-        with contextlib.suppress(FileNotFoundError):
-            if source.same_inode(os.stat(source.name, dir_fd=source.dir_fd, follow_symlinks=False)):
-                os.unlink(source.name, dir_fd=source.dir_fd)
-                os.fsync(source.dir_fd)
+        source.remove_if_unchanged()
         return size
 
     def delete(self, file_id: int) -> None:
