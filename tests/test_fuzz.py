@@ -186,10 +186,12 @@ def start(mode: str, prefix: Path):
     env = {"PAI_PREFIX": str(prefix)}
     if mode == "serve":
         return devserver.cli_server([], env=env)
+    if mode == "uwsgi":  # uWSGI's own HTTP socket, as the benchmark runs it
+        return devserver.uwsgi_server(env, processes=2)
     return devserver.production_server(env, processes=2)
 
 
-@pytest.fixture(scope="module", params=["serve", "production"])
+@pytest.fixture(scope="module", params=["serve", "production", "uwsgi"])
 def fuzzed(request, tmp_path_factory) -> Iterator[tuple[str, Path]]:
     prefix = tmp_path_factory.mktemp("fuzz-" + request.param) / "archive"
     with start(request.param, prefix) as server:
