@@ -3,8 +3,8 @@
 Hypothesis draws methods, request targets (valid ids, near-misses of the
 pre-stored ids, every API path with odd suffixes and queries), headers and
 bodies (bytes, JSON nested deep or holding huge numbers, bulk-API documents
-with odd paths), sends each as raw HTTP/1.1 to `pacifica-like serve` and to
-nginx + uWSGI, and checks every answer. The pre-stored files must be byte for
+with odd paths), sends each as raw HTTP/1.1 to `pacifica-like serve`, to
+nginx + uWSGI and to uWSGI's own HTTP socket, and checks every answer. The pre-stored files must be byte for
 byte the same afterwards: nothing the fuzz sends may name them. The seed is
 fixed (``derandomize``), so a failure reproduces on every run.
 """
