@@ -71,10 +71,11 @@ def _on_cache(settings: Settings) -> Settings:
 class SidebandIndex:
     """The read side of the sideband database: status, tape positions, readiness, metrics.
 
-    Safe to share between threads: each query checks a connection out of the
-    process's pool and returns it; one whose server went away is discarded and
-    the query tried once more on a fresh connection, so a restarted database
-    costs no failed request and a dead one a prompt 503.
+    Safe to share between threads: each thread takes a connection from the
+    process's pool on its first query and keeps it for the next ones (no
+    check-in per query); one whose server went away is discarded and the query
+    tried once more on a fresh connection, so a restarted database costs no
+    failed request and a dead one a prompt 503.
     """
 
     def __init__(self, db: peewee.Database, offline_on_disk: bool) -> None:
