@@ -219,6 +219,8 @@ def _translate(what: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
 
         wrapper.__name__ = method.__name__
         wrapper.__doc__ = method.__doc__
+        # The functools convention, so a test can see a method is translated once, not twice.
+        wrapper.__wrapped__ = method  # type: ignore[attr-defined]
         return wrapper
 
     return decorate
@@ -457,7 +459,6 @@ class GatewayCatalog:
                 os.close(fd)
             self._synced_wal_inode = inode
 
-    @_translate("cannot reach the database")
     @_translate("cannot record the audit result")
     def record_audit(self, name: str, verdict: str, missing: int | None, orphans: int, listed: int) -> None:
         """Store one finished audit's outcome (``missing`` None: not judged)."""
@@ -492,14 +493,20 @@ class GatewayCatalog:
         ``-wal`` and its directory are writable (an immutable or read-only file
         refuses new connections, which the open one would not notice).
         """
-        with self.translate_errors("cannot take a write"):
-            self._ensure_schema()
-            if self._path is not None:
-                for what in (self._path, self._path + "-wal", os.path.dirname(self._path) or "."):
-                    if os.path.exists(what) and not os.access(what, os.W_OK):
-                        raise StorageUnavailable(
-                            f"catalog database {self.display_url}: {what} is not writable"
-                        )
+        try:
+            with self.translate_errors("cannot take a write"):
+                self._ensure_schema()
+                if self._path is not None:
+                    for what in (self._path, self._path + "-wal", os.path.dirname(self._path) or "."):
+                        if os.path.exists(what) and not os.access(what, os.W_OK):
+                            raise StorageUnavailable(
+                                f"catalog database {self.display_url}: {what} is not writable"
+                            )
+        except _Busy as busy:
+            # Creating the schema found SQLite locked: not ready now (a 503), never the internal _Busy.
+            raise StorageUnavailable(
+                f"catalog database {self.display_url}: cannot take a write: the database is locked"
+            ) from busy.__cause__
         deadline = time.monotonic() + READY_LOCK_WAIT
         pause = LOCK_PAUSE
         while True:
@@ -542,8 +549,8 @@ class GatewayCatalog:
 
     @_translate("cannot drop the tables")
     def drop_tables(self) -> None:
-        """Remove both tables (tests and benchmarks clean up with this)."""
-        self.db.drop_tables([self.Inventory, self.Operation], safe=True)
+        """Remove the catalog's tables (tests and benchmarks clean up with this)."""
+        self.db.drop_tables([self.Inventory, self.Operation, self.AuditRun], safe=True)
         self._schema_ready = False
 
     # -- what the gateway records --------------------------------------------------

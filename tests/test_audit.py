@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ from pacifica_like.app import build_app
 from pacifica_like.catalog import LOST, PRESENT, GatewayCatalog
 from pacifica_like.cli import main
 from pacifica_like.config import ConfigError, load_settings
+from pacifica_like.errors import StorageUnavailable
 from pacifica_like.id2filename import id2filename
 from pacifica_like.inventory import InventoryBackend
 
@@ -907,3 +909,44 @@ def test_the_inventory_and_the_audit_on_a_database_server(
     assert (result.status, result.missing, result.orphan) == (1, [ids[3]], [15999])
     assert site.rows()[ids[3]][2] == LOST
     assert (site.prefix / ".quarantine" / "server" / id2filename(15999)[1:]).read_bytes() == b"orphan"
+
+
+def test_catalog_methods_are_translated_once():
+    """record_audit was wrapped twice: two nested retry loops, the outer one's message never used."""
+    for name, member in vars(GatewayCatalog).items():
+        inner = getattr(member, "__wrapped__", None)
+        if inner is not None:
+            assert not hasattr(inner, "__wrapped__"), name
+    assert GatewayCatalog.record_audit.__wrapped__.__name__ == "record_audit"
+
+
+def test_check_ready_turns_every_database_error_into_storage_unavailable(tmp_path: Path):
+    """A catalog that cannot be opened is a StorageUnavailable naming the write, not a raw driver error."""
+    (tmp_path / "a-directory").mkdir()
+    (tmp_path / "a-file").write_bytes(b"")
+    for where in (tmp_path / "a-directory", tmp_path / "a-file" / "catalog.db"):
+        with pytest.raises(StorageUnavailable, match="cannot take a write"):
+            GatewayCatalog(f"sqlite:///{where}").check_ready()
+
+
+def test_drop_tables_drops_the_audit_table_too(tmp_path: Path):
+    catalog = GatewayCatalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    catalog.record_audit("nightly", "clean", 0, 0, 3)
+    assert "audit_run" in catalog.db.get_tables()
+    catalog.drop_tables()
+    assert catalog.db.get_tables() == []
+    catalog.close()
+
+
+def test_check_ready_on_a_locked_catalog_without_tables_is_storage_unavailable(tmp_path: Path):
+    """Creating the schema while another connection holds SQLite's write lock: a 503's error, not _Busy."""
+    path = tmp_path / "catalog.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("PRAGMA journal_mode=WAL")
+        holder.execute("CREATE TABLE unrelated (a)")
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StorageUnavailable, match="cannot take a write: the database is locked"):
+            GatewayCatalog(f"sqlite:///{path}").check_ready()
+    finally:
+        holder.close()
