@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import sys
 from pathlib import Path
+
+import pytest
 
 from backends import base
 
@@ -22,12 +27,20 @@ def test_large_uploads_start_write_out_as_they_arrive(tmp_path: Path, monkeypatc
     assert (tmp_path / "big").stat().st_size == steps * step + len(chunk)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range(2) is Linux's")
 def test_the_real_sync_file_range_binding_accepts_a_file(tmp_path: Path):
-    """The ctypes binding runs against a real descriptor without raising."""
+    """The ctypes binding reaches the system call: success on a file, EBADF on a closed descriptor."""
     target = tmp_path / "f"
     target.write_bytes(b"x" * 4096)
     with open(target, "rb+") as handle:
+        ctypes.set_errno(0)
         base.start_writeback(handle.fileno(), 0, 4096)
+        assert ctypes.get_errno() == 0
+        closed = handle.fileno()
+    # A no-op fallback or a binding that never calls the kernel would leave errno at 0.
+    ctypes.set_errno(0)
+    base.start_writeback(closed, 0, 4096)
+    assert ctypes.get_errno() == errno.EBADF
 
 
 def test_temp_files_are_hidden_beside_the_target(tmp_path: Path):
