@@ -217,7 +217,8 @@ def make_site(
 @pytest.fixture(params=["posix", "sideband", "tape"])
 def any_site(request: pytest.FixtureRequest, make_site: Callable[..., Site]) -> Site:
     """A Site for each registered backend."""
-    assert sorted(factory.REGISTRY) == ["posix", "sideband", "tape"], (
+    # memory keeps its files in the serving process: an audit run as another process cannot see them.
+    assert sorted(set(factory.REGISTRY) - {"memory"}) == ["posix", "sideband", "tape"], (
         "a new backend needs its audit case here"
     )
     return make_site(request.param)
