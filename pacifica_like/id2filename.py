@@ -81,3 +81,8 @@ def filename2id(path: str) -> int:
     if id2filename(file_id) != "/" + path.lstrip("/"):
         raise ValueError(f"not an archive path: {path!r}")
     return file_id
+
+
+def relative_path(file_id: int, sharded: bool) -> str:
+    """Return where ``file_id`` lives under the archive prefix: sharded, or the flat decimal name."""
+    return id2filename(file_id)[1:] if sharded else str(file_id)

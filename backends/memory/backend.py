@@ -38,7 +38,7 @@ from backends.base import (
 )
 from pacifica_like.config import ConfigError, Settings
 from pacifica_like.errors import Conflict, FileNotInArchive
-from pacifica_like.id2filename import id2filename
+from pacifica_like.id2filename import relative_path
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ class MemoryBackend(Backend):
 
     def relpath(self, file_id: int) -> str:
         """Where ``file_id`` would live under the prefix, as posix names it (HEAD reports it)."""
-        return id2filename(file_id)[1:] if self.sharded else str(file_id)
+        return relative_path(file_id, self.sharded)
 
     def _get(self, file_id: int) -> _Stored:
         stored = self._archive.files.get(file_id)  # one dict lookup: atomic, no lock needed

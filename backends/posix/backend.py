@@ -41,7 +41,7 @@ from backends.base import (
 )
 from pacifica_like.config import Settings
 from pacifica_like.errors import ArchiveError, Conflict, FileNotInArchive, InvalidRequest
-from pacifica_like.id2filename import filename2id, id2filename
+from pacifica_like.id2filename import filename2id, relative_path
 
 
 class PosixBackend(Backend):
@@ -64,7 +64,7 @@ class PosixBackend(Backend):
 
     def relpath(self, file_id: int) -> str:
         """Return where ``file_id`` lives, relative to the prefix."""
-        return id2filename(file_id)[1:] if self.sharded else str(file_id)
+        return relative_path(file_id, self.sharded)
 
     def path(self, file_id: int) -> str:
         """Return the absolute path of ``file_id``."""
