@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 .PHONY: run test lint bench clean
 
 # One stamp per install set, so `make run` does not compile uWSGI.
-$(VENV)/.installed: setup.py pyproject.toml backends/tape/stager.c
+$(VENV)/.installed: setup.py pyproject.toml pacifica_like/storage/tape/stager.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e .

@@ -34,11 +34,11 @@ setup(
     version="0.1.0",
     description="REST archive gateway for hierarchical storage, wire-compatible with Pacifica",
     python_requires=">=3.11",
-    packages=find_packages(include=["pacifica_like", "pacifica_like.*", "backends", "backends.*"]),
+    packages=find_packages(include=["pacifica_like", "pacifica_like.*"]),
     ext_modules=[
         CLibrary(
-            "backends.tape.libstager",
-            ["backends/tape/stager.c"],
+            "pacifica_like.storage.tape.libstager",
+            ["pacifica_like/storage/tape/stager.c"],
             # sha-256 through OpenSSL's EVP interface (libssl-dev to build, libssl3 to run).
             libraries=["crypto"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
@@ -52,7 +52,7 @@ setup(
         # The Python client (pacifica_like.client, `pacifica-like client`).
         "requests>=2.31",
         "tqdm>=4.66",
-        # The HTTP server of `pacifica-like serve` (pacifica_like/httpserver.py); 3.0.1 closed
+        # The HTTP server of `pacifica-like serve` (pacifica_like/web/httpserver.py); 3.0.1 closed
         # the last request-smuggling holes in its parser.
         "waitress>=3.0.1,<4",
     ],
@@ -73,5 +73,5 @@ setup(
         "mysql": ["PyMySQL>=1.1"],
         "postgres": ["psycopg2-binary>=2.9"],
     },
-    entry_points={"console_scripts": ["pacifica-like = pacifica_like.cli:main"]},
+    entry_points={"console_scripts": ["pacifica-like = pacifica_like.cli.main:main"]},
 )

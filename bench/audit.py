@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pacifica_like.catalog import GatewayCatalog
-from pacifica_like.config import DEFAULT_CATALOG_NAME
-from pacifica_like.id2filename import id2filename
+from pacifica_like.core.config import DEFAULT_CATALOG_NAME
+from pacifica_like.core.ids import id2filename
+from pacifica_like.gateway.catalog import GatewayCatalog
 
 REPO = Path(__file__).resolve().parents[1]
 #: The audit must compare a million entries with a million files within this, using less than this.

@@ -35,9 +35,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pacifica_like import devserver
 from pacifica_like.client import ArchiveClient
-from pacifica_like.id2filename import id2filename
+from pacifica_like.core.ids import id2filename
+from pacifica_like.web import devserver
 
 FILES = 100_000
 ROUNDS = 3
@@ -115,7 +115,7 @@ def run_bulkapi(
     workdir: Path, log: Callable[[str], None], files: int = FILES, rounds: int = ROUNDS
 ) -> dict[str, Any]:
     """Plant the files, serve them, and time submit and poll ``rounds`` times."""
-    from pacifica_like.cli import main as cli_main
+    from pacifica_like.cli.main import main as cli_main
 
     workdir.mkdir(parents=True, exist_ok=True)
     ini = _write_ini(workdir, files)

@@ -40,7 +40,7 @@ from bench import (
     tape,
 )
 from bench.content import SMALL_SIZE
-from pacifica_like.devserver import RunningServer, uwsgi_binary
+from pacifica_like.web.devserver import RunningServer, uwsgi_binary
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"

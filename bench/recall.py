@@ -27,14 +27,14 @@ from typing import Any
 
 import webtest
 
-from backends import factory
-from backends.tape import operations
-from backends.tape.backend import TapeBackend
-from backends.tape.library import DriveInfo
-from backends.tape.stager import HEADER_SIZE
-from pacifica_like.app import build_app
 from pacifica_like.bulk.scheduler import Scheduler
-from pacifica_like.config import Settings, TapeSettings, load_settings
+from pacifica_like.core.config import Settings, TapeSettings, load_settings
+from pacifica_like.storage import registry
+from pacifica_like.storage.tape import operations
+from pacifica_like.storage.tape.backend import TapeBackend
+from pacifica_like.storage.tape.library import DriveInfo
+from pacifica_like.storage.tape.stager import HEADER_SIZE
+from pacifica_like.web.app import build_app
 
 MTIME = 784111777.0
 #: Bulk must mount at least this many times fewer cartridges than FIFO.
@@ -181,13 +181,13 @@ def run_recall(workdir: Path, workload: RecallWorkload, log: Callable[[str], Non
     # Room for an even share of every record, plus slack for the random spread.
     capacity = int((workload.files + filler) * (mean + HEADER_SIZE) / workload.volumes * 1.6) + (1 << 20)
     settings = _settings(workdir, workload, capacity)
-    from backends.tape.library import TapeLibrary
     from pacifica_like.bulk.store import BulkStore
+    from pacifica_like.storage.tape.library import TapeLibrary
 
     library = TapeLibrary(settings.tape, require_stager=False)
     library.initialise()
     library.catalog.close()
-    backend = factory.create(settings)
+    backend = registry.create(settings)
     assert isinstance(backend, TapeBackend)
     try:
         started = time.monotonic()

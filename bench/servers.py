@@ -1,6 +1,6 @@
 """Start the two servers under test with the same uWSGI command line.
 
-Both use ``pacifica_like.devserver.uwsgi_command`` (our deployment flags); the
+Both use ``pacifica_like.web.devserver.uwsgi_command`` (our deployment flags); the
 peer only adds ``--home`` and swaps ``--module``. Each gets its own data
 directory on the benchmark's filesystem.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import peer
-from pacifica_like.devserver import RunningServer, free_port, run_server, uwsgi_command
+from pacifica_like.web.devserver import RunningServer, free_port, run_server, uwsgi_command
 
 OURS = "ours"
 PEER = "peer"

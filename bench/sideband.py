@@ -20,15 +20,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from backends.base import SHA256_XATTR
-from backends.sideband import models
-from backends.sideband.identity import ParentCache, read_disk_file
-from backends.sideband.updater import _Statements, desired_rows
 from bench import smallfiles
 from bench.content import SMALL_SIZE, small_content
-from pacifica_like.config import load_settings
-from pacifica_like.devserver import free_port, run_server, uwsgi_command
-from pacifica_like.id2filename import id2filename
+from pacifica_like.core.config import load_settings
+from pacifica_like.core.ids import id2filename
+from pacifica_like.storage.contract import SHA256_XATTR
+from pacifica_like.storage.sideband import models
+from pacifica_like.storage.sideband.identity import ParentCache, read_disk_file
+from pacifica_like.storage.sideband.updater import _Statements, desired_rows
+from pacifica_like.web.devserver import free_port, run_server, uwsgi_command
 
 FILES = 100_000
 CONNECTIONS = 16
@@ -121,7 +121,7 @@ def run_sideband(
     library = workdir / "library"
     qfs.mkdir(parents=True)
     write_files(qfs, files, log)
-    from backends.tape.library import TapeLibrary
+    from pacifica_like.storage.tape.library import TapeLibrary
 
     settings = load_settings(flags={"tape": {"library": str(library), "volumes": 1}}, env={})
     TapeLibrary(settings.tape, require_stager=False).initialise()

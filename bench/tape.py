@@ -23,14 +23,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends import factory
-from backends.tape import operations
-from backends.tape.backend import TapeBackend
-from backends.tape.library import TapeLibrary
-from backends.tape.stager import HEADER_SIZE
 from bench.content import CHUNK_SIZE, large_chunks
-from pacifica_like.config import Settings, load_settings
-from pacifica_like.errors import ArchiveError
+from pacifica_like.core.config import Settings, load_settings
+from pacifica_like.core.errors import ArchiveError
+from pacifica_like.storage import registry
+from pacifica_like.storage.tape import operations
+from pacifica_like.storage.tape.backend import TapeBackend
+from pacifica_like.storage.tape.library import TapeLibrary
+from pacifica_like.storage.tape.stager import HEADER_SIZE
 
 MIB = 1 << 20
 #: Verification with every drive must take at most this share of the one-drive time.
@@ -224,7 +224,7 @@ def run_tape(workdir: Path, workload: Workload, log: Callable[[str], None]) -> d
             f"mounts {phase.counters.get('mounts', 0)} failed {len(phase.failed)}"
         )
 
-    backend = factory.create(settings)
+    backend = registry.create(settings)
     assert isinstance(backend, TapeBackend)
     try:
         log(

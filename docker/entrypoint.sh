@@ -39,7 +39,7 @@
 #                     so nothing there outlives the process holding it.
 #   PAI_NGINX         the nginx binary (default: nginx on PATH, else /usr/sbin/nginx)
 #   PAI_NGINX_WORKERS nginx worker processes (default 2; each holds thousands of clients)
-# plus every PAI_* setting pacifica_like/config.py reads.
+# plus every PAI_* setting pacifica_like/core/config.py reads.
 #
 # The Dockerfile's ENTRYPOINT is this file as install.sh copies it into the
 # venv, and tests/test_docker_scripts.py runs that same copy outside Docker.
@@ -73,7 +73,7 @@ export PAI_VENV
 resolve_settings() {
     "$PAI_VENV/bin/python" -c '
 import sys
-from pacifica_like.config import ConfigError, load_settings
+from pacifica_like.core.config import ConfigError, load_settings
 
 IMAGE_DEFAULTS = {"backend": ("PAI_BACKEND_TYPE", "posix"), "prefix": ("PAI_PREFIX", "/data")}
 try:
@@ -90,10 +90,10 @@ print(f"BACKEND={backend}")
 print(f"DATA_DIR={prefix}")
 # uWSGI workers serve the bulk API but run no recall scheduler: a tape-backed archive gets
 # one `pacifica-like worker` beside them, unless [bulk] scheduler = off or there is no catalog.
-from backends import factory
-from backends.tape.backend import TapeBackend
+from pacifica_like.storage import registry
+from pacifica_like.storage.tape.backend import TapeBackend
 try:
-    tape_backed = issubclass(factory.resolve(backend), TapeBackend)
+    tape_backed = issubclass(registry.resolve(backend), TapeBackend)
 except KeyError:
     tape_backed = False
 wanted = tape_backed and settings.bulk.scheduler == "in-process" and settings.archive.catalog is not None
@@ -187,7 +187,7 @@ rm -f -- "$probe"
 
 listen=${PAI_LISTEN:-:8080}
 socket="$run_dir/uwsgi.sock"
-"$PAI_VENV/bin/python" -m pacifica_like.nginxfront --listen "$listen" --upstream "$socket" \
+"$PAI_VENV/bin/python" -m pacifica_like.web.nginxfront --listen "$listen" --upstream "$socket" \
     --workdir "$run_dir" --site "$site" --upload-dir "$uploads" \
     --workers "${PAI_NGINX_WORKERS:-2}" >"$run_dir/nginx.conf" \
     || die "cannot write the nginx configuration (PAI_LISTEN=$listen, PAI_NGINX_WORKERS)"

@@ -2,6 +2,6 @@
 
 import sys
 
-from pacifica_like.cli import main
+from pacifica_like.cli.main import main
 
 sys.exit(main())

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from pacifica_like.config import ConfigError, Settings, load_settings
+from pacifica_like.core.config import ConfigError, Settings, load_settings
 
 #: Name prefix of the directories the uWSGI master makes when no metrics_dir is configured.
 METRICS_TEMP_PREFIX = "pacifica-like-metrics-"
@@ -43,11 +43,11 @@ class LazyApplication:
         if self._app is None:
             with self._lock:
                 if self._app is None:
-                    from backends import factory
-                    from pacifica_like.app import build_app
+                    from pacifica_like.storage import registry
+                    from pacifica_like.web.app import build_app
 
                     settings = self._settings_factory()
-                    self._app = build_app(settings, factory.create(settings))
+                    self._app = build_app(settings, registry.create(settings))
         return self._app
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -138,14 +138,14 @@ if _under_uwsgi():  # pragma: no cover - exercised by the uWSGI live tests
     _settings = load_settings()
     # Before anything imports prometheus_client: it picks its mode from this variable at import.
     prepare_metrics_dir(_settings, in_master=uwsgi.worker_id() == 0, processes=uwsgi.numproc)
-    from pacifica_like import metrics
+    from pacifica_like.web import metrics
 
     metrics.identify_processes_by(uwsgi.worker_id)
     import cherrypy
 
-    # Our access log (pacifica_like.logs) has every request; CherryPy's would double the probes'.
+    # Our access log (pacifica_like.web.logs) has every request; CherryPy's would double the probes'.
     cherrypy.config.update({"log.screen": False, "engine.autoreload.on": False, "checker.on": False})
     logging.getLogger("cherrypy.access").propagate = False
-    from backends import factory
+    from pacifica_like.storage import registry
 
-    factory.check(_settings)
+    registry.check(_settings)

@@ -10,13 +10,13 @@ from typing import Any
 
 import webtest
 
-from backends import factory
-from backends.base import Backend
-from backends.tape import operations
-from backends.tape.backend import TapeBackend
-from pacifica_like.app import build_app
 from pacifica_like.bulk.scheduler import Scheduler
-from pacifica_like.config import Settings, load_settings
+from pacifica_like.core.config import Settings, load_settings
+from pacifica_like.storage import registry as factory
+from pacifica_like.storage.contract import Backend
+from pacifica_like.storage.tape import operations
+from pacifica_like.storage.tape.backend import TapeBackend
+from pacifica_like.web.app import build_app
 
 MTIME = 784111777.0
 #: [bulk] settings for tests: every queue is worth a mount, passes come quickly.

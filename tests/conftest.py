@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import webtest
 
-from backends import factory
-from backends.base import Backend
-from pacifica_like.app import build_app
-from pacifica_like.config import DEFAULT_CATALOG_NAME, Settings, load_settings
+from pacifica_like.core.config import DEFAULT_CATALOG_NAME, Settings, load_settings
+from pacifica_like.storage import registry as factory
+from pacifica_like.storage.contract import Backend
+from pacifica_like.web.app import build_app
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -89,7 +89,7 @@ def flip_byte(path: str | Path, offset: int) -> None:
 
 def corrupt(backend: Any, file_id: int) -> None:
     """Flip one byte in the middle of the file's current tape copy on its volume (a tape backend)."""
-    from backends.tape.stager import HEADER_SIZE
+    from pacifica_like.storage.tape.stager import HEADER_SIZE
 
     copy = backend.catalog.current_copies(file_id)[0]
     flip_byte(backend.library.volume_path(copy.vsn), copy.offset + HEADER_SIZE + copy.size // 2)
@@ -97,7 +97,7 @@ def corrupt(backend: Any, file_id: int) -> None:
 
 def init_tape_library(settings: Settings) -> Settings:
     """Create (or extend) the tape library the settings name, as `tape init` does; return them."""
-    from backends.tape.library import TapeLibrary
+    from pacifica_like.storage.tape.library import TapeLibrary
 
     library = TapeLibrary(settings.tape, require_stager=False)
     library.initialise()
@@ -129,7 +129,7 @@ def tape_settings(tmp_path: Path) -> Callable[..., Settings]:
 @pytest.fixture
 def make_tape(tape_settings: Callable[..., Settings]) -> Iterator[Callable[..., Backend]]:
     """Build tape backends over one library and cache in tmp_path (closed at the end of the test)."""
-    from backends.tape.backend import TapeBackend
+    from pacifica_like.storage.tape.backend import TapeBackend
 
     built: list[Backend] = []
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pacifica_like.catalog import GatewayCatalog
+from pacifica_like.gateway.catalog import GatewayCatalog
 
 POSTGRES_URL = os.environ.get("PL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MYSQL_URL = os.environ.get("PL_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test")

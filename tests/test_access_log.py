@@ -22,10 +22,10 @@ import requests
 import webtest
 from conftest import LAST_MODIFIED, put
 
-from backends import factory
-from pacifica_like import devserver, logs
-from pacifica_like.app import build_app
-from pacifica_like.config import Settings
+from pacifica_like.core.config import Settings
+from pacifica_like.storage import registry
+from pacifica_like.web import devserver, logs
+from pacifica_like.web.app import build_app
 
 TIMEOUT = 30
 GENERATED_ID = re.compile(r"[0-9a-f]{16}")
@@ -103,7 +103,7 @@ def test_errors_carry_the_request_id_too(app, capsys):
 
 def test_a_500_is_logged_as_json_with_traceback_and_request_id(make_settings, capsys):
     settings = make_settings()
-    backend = factory.create(settings)
+    backend = registry.create(settings)
 
     def broken(file_id: int) -> None:
         raise RuntimeError(f"bug while staging {file_id}")
@@ -151,13 +151,13 @@ def with_access_log(settings: Settings, access_log: str) -> Settings:
 
 def test_text_format_and_off(make_settings, capsys):
     settings = with_access_log(make_settings(), "text")
-    app = webtest.TestApp(build_app(settings, factory.create(settings)))
+    app = webtest.TestApp(build_app(settings, registry.create(settings)))
     rid = app.get("/", headers={"X-Request-Id": "plain-1"}).headers["X-Request-Id"]
     (line,) = capsys.readouterr().err.splitlines()
     assert re.fullmatch(rf"\S+Z None {rid} 'GET' '/' 200 in=0 out=56 \d+\.\d{{3}}ms", line), line
 
     off = with_access_log(settings, "off")
-    backend = factory.create(off)
+    backend = registry.create(off)
     backend.stage = lambda file_id: 1 / 0  # type: ignore[method-assign]
     app = webtest.TestApp(build_app(off, backend))
     app.get("/")

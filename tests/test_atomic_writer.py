@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from backends import base
+from pacifica_like.storage import contract as base
 
 
 def test_large_uploads_start_write_out_as_they_arrive(tmp_path: Path, monkeypatch):

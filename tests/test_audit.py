@@ -32,16 +32,16 @@ import webtest
 from conftest import LAST_MODIFIED, LAST_MODIFIED_EPOCH
 from dbservers import scratch_database
 
-from backends import factory
-from backends.base import SHA256_XATTR, read_sha256
-from pacifica_like import audit
-from pacifica_like.app import build_app
-from pacifica_like.catalog import LOST, PRESENT, GatewayCatalog
-from pacifica_like.cli import main
-from pacifica_like.config import ConfigError, load_settings
-from pacifica_like.errors import StorageUnavailable
-from pacifica_like.id2filename import id2filename
-from pacifica_like.inventory import InventoryBackend
+from pacifica_like.cli.main import main
+from pacifica_like.core.config import ConfigError, load_settings
+from pacifica_like.core.errors import StorageUnavailable
+from pacifica_like.core.ids import id2filename
+from pacifica_like.gateway import audit
+from pacifica_like.gateway.catalog import LOST, PRESENT, GatewayCatalog
+from pacifica_like.gateway.inventory import InventoryBackend
+from pacifica_like.storage import registry
+from pacifica_like.storage.contract import SHA256_XATTR, read_sha256
+from pacifica_like.web.app import build_app
 
 REPO = Path(__file__).resolve().parents[1]
 DAY = 86400.0
@@ -106,7 +106,7 @@ class Site:
         """The real WSGI app over this archive (built on first use after each configure)."""
         if self._app is None:
             settings = self.settings()
-            self._app = webtest.TestApp(build_app(settings, factory.create(settings)))
+            self._app = webtest.TestApp(build_app(settings, registry.create(settings)))
             self._apps.append(self._app)
         return self._app
 
@@ -218,7 +218,7 @@ def make_site(
 def any_site(request: pytest.FixtureRequest, make_site: Callable[..., Site]) -> Site:
     """A Site for each registered backend."""
     # memory keeps its files in the serving process: an audit run as another process cannot see them.
-    assert sorted(set(factory.REGISTRY) - {"memory"}) == ["posix", "sideband", "tape"], (
+    assert sorted(set(registry.REGISTRY) - {"memory"}) == ["posix", "sideband", "tape"], (
         "a new backend needs its audit case here"
     )
     return make_site(request.param)
@@ -424,7 +424,7 @@ def test_young_files_are_left_out(make_site: Callable[..., Site]):
 
     # The same archive, judged two days later.
     settings = site.settings()
-    backend = factory.create(settings)
+    backend = registry.create(settings)
     catalog = GatewayCatalog(settings.archive.catalog)
     try:
         options = audit.AuditOptions("later", max_orphan_fraction=1.0)
@@ -467,7 +467,7 @@ def test_files_stored_and_deleted_during_the_listing_are_not_drift(make_site: Ca
         site.put(16003, b"stored again")  # its row now describes another version
 
     settings = site.settings()
-    backend = factory.create(settings)
+    backend = registry.create(settings)
     catalog = GatewayCatalog(settings.archive.catalog)
     try:
         options = audit.AuditOptions("live", ignore_age=0, max_orphan_fraction=1.0)

@@ -1,4 +1,4 @@
-"""The backend contract (backends/base.py), run against every registered backend.
+"""The backend contract (pacifica_like/storage/contract.py), run against every registered backend.
 
 A backend is done when this suite passes for it. Each case calls the contract
 directly and checks real outcomes: bytes read back, statuses, and that failed
@@ -14,11 +14,17 @@ from pathlib import Path
 import pytest
 from conftest import backend_cases
 
-from backends import factory
-from backends.base import Backend, FileStatus
-from pacifica_like.config import load_settings
-from pacifica_like.errors import Conflict, DigestMismatch, FileNotInArchive, Forbidden, StorageUnavailable
-from pacifica_like.httpheaders import ExpectedDigest
+from pacifica_like.core.config import load_settings
+from pacifica_like.core.errors import (
+    Conflict,
+    DigestMismatch,
+    FileNotInArchive,
+    Forbidden,
+    StorageUnavailable,
+)
+from pacifica_like.core.httpfields import ExpectedDigest
+from pacifica_like.storage import registry
+from pacifica_like.storage.contract import Backend, FileStatus
 
 MTIME = 784111777.0
 
@@ -32,7 +38,7 @@ def make_backend(request, tmp_path: Path, prepare_backend):
         name = request.param.partition("@")[0]
         archive = {"backend": name, "prefix": str(tmp_path / "archive"), **archive}
         settings = load_settings(flags={"archive": archive, **prepare_backend(request.param)}, env={})
-        built.append(factory.create(settings))
+        built.append(registry.create(settings))
         return built[-1]
 
     yield build

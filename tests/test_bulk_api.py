@@ -25,8 +25,8 @@ from bulk_helpers import (
 )
 from conftest import corrupt
 
-from backends import factory
-from pacifica_like.config import load_settings
+from pacifica_like.core.config import load_settings
+from pacifica_like.storage import registry as factory
 
 TIMEOUT = 60
 TAPE_BACKED = tape_backed_names()

@@ -30,12 +30,12 @@ from bulk_helpers import (
 )
 from dbservers import scratch_database
 
-from backends import factory
-from backends.tape import operations
 from pacifica_like.bulk.store import BulkStore, make_owner
-from pacifica_like.config import load_settings
-from pacifica_like.devserver import cli_server, uwsgi_binary, uwsgi_server
-from pacifica_like.errors import StorageUnavailable
+from pacifica_like.core.config import load_settings
+from pacifica_like.core.errors import StorageUnavailable
+from pacifica_like.storage import registry
+from pacifica_like.storage.tape import operations
+from pacifica_like.web.devserver import cli_server, uwsgi_binary, uwsgi_server
 
 TIMEOUT = 60
 
@@ -47,7 +47,7 @@ def archive(tmp_path: Path, prepare_backend):
 
     def build(bulk: dict | None = None, **sections: dict):
         settings = make_settings(tmp_path, "tape", prepare_backend, bulk, **sections)
-        backend = factory.create(settings)
+        backend = registry.create(settings)
         built.append(backend)
         return settings, backend
 
@@ -240,7 +240,7 @@ def test_two_workers_on_one_database_recall_each_file_once(kind, tmp_path: Path,
             time_scale=0.02, mount_seconds=1, unmount_seconds=1, locate_seconds=0,
         )  # fmt: skip
         settings = load_settings(config_file=str(ini), flags={"tape": {"time_scale": 0.0}}, env={})
-        backend = factory.create(settings)
+        backend = registry.create(settings)
         try:
             sizes = {i: 2000 + i for i in range(1, 41)}
             store_offline(backend, sizes, spread=4)
@@ -284,7 +284,7 @@ def test_a_server_killed_mid_recall_finishes_every_file_after_restart(tmp_path: 
         time_scale=1, mount_seconds=0, unmount_seconds=0, locate_seconds=0, read_mib_s=4,
     )  # fmt: skip
     settings = load_settings(config_file=str(ini), flags={"tape": {"time_scale": 0.0}}, env={})
-    backend = factory.create(settings)
+    backend = registry.create(settings)
     try:
         sizes = {i: (1 << 20) + i for i in range(1, 9)}
         store_offline(backend, sizes, spread=2)
@@ -320,7 +320,7 @@ def test_uwsgi_serves_the_api_and_a_worker_beside_it_recalls(tmp_path: Path, pre
     tape = prepare_backend("tape")["tape"]
     ini = write_ini(tmp_path / "archive.ini", str(tmp_path / "archive"), tape["library"], None)
     settings = load_settings(config_file=str(ini), env={})
-    backend = factory.create(settings)
+    backend = registry.create(settings)
     try:
         sizes = {i: 3000 + i for i in range(1, 6)}
         store_offline(backend, sizes, spread=2)
@@ -493,7 +493,7 @@ def test_a_tape_serve_that_recalled_a_file_stops_on_sigterm(tmp_path: Path, prep
     tape = prepare_backend("tape")["tape"]
     ini = write_ini(tmp_path / "archive.ini", str(tmp_path / "archive"), tape["library"], None)
     settings = load_settings(config_file=str(ini), env={})
-    backend = factory.create(settings)
+    backend = registry.create(settings)
     try:
         store_offline(backend, {1: 1 << 10})
     finally:

@@ -10,7 +10,7 @@ Through real servers in both run modes (``pacifica-like serve`` and uWSGI):
 - past ``max_requests_per_client`` stored requests, a client gets 429;
 - the bulk API's former 500s (query parameters, deep JSON, huge numbers, odd types) are 4xx problem+json.
 
-Heavy requests are held in flight by a hook (``pacifica_like.bulk.api.HEAVY_HOOK``)
+Heavy requests are held in flight by a hook (``pacifica_like.web.bulkapi.HEAVY_HOOK``)
 that a ``sitecustomize`` installs in the server processes: it reports entry
 through a FIFO and waits on a file lock the test holds. Recalls are held by
 the test itself holding every drive of the tape library, as a busy library would.
@@ -42,14 +42,14 @@ import pytest
 from bulk_helpers import content, http, make_settings, scheduler, store_offline
 from conftest import init_tape_library
 
-from backends import factory
-from backends.tape.backend import TapeBackend
 from pacifica_like.bulk.store import BulkStore
-from pacifica_like.catalog import GatewayCatalog
 from pacifica_like.client import ArchiveClient, TooManyRequests
-from pacifica_like.config import load_settings
-from pacifica_like.devserver import RunningServer, cli_server, uwsgi_binary, uwsgi_server
-from pacifica_like.slots import directory_for
+from pacifica_like.core.config import load_settings
+from pacifica_like.core.slots import directory_for
+from pacifica_like.gateway.catalog import GatewayCatalog
+from pacifica_like.storage import registry
+from pacifica_like.storage.tape.backend import TapeBackend
+from pacifica_like.web.devserver import RunningServer, cli_server, uwsgi_binary, uwsgi_server
 
 PROBLEM = "application/problem+json"
 TIMEOUT = 20.0
@@ -65,7 +65,7 @@ STAGE_WAITERS = 2
 #: Installed in the server processes: hold each heavy request until the test lets it go.
 HOOK = """
 import fcntl, os
-from pacifica_like.bulk import api
+from pacifica_like.web import bulkapi as api
 
 HOLD = os.environ.get("PL_TEST_HOLD")
 
@@ -118,7 +118,7 @@ def _prepare(root: Path) -> Any:
     init_tape_library(load_settings(flags={"tape": {"library": library}}, env={}))
     ini = _write_ini(root, library)
     settings = load_settings(config_file=str(ini), env={})
-    backend = factory.create(settings)
+    backend = registry.create(settings)
     try:
         store_offline(backend, {i: 2000 + i for i in (*range(1, STAGED + 1), *OFFLINE)})
         for file_id in ON_DISK:
@@ -318,7 +318,7 @@ def submit_request(url: str, names: list[str], client: str) -> str:
 
 def test_posts_of_released_files_past_the_waiters_answer_202_at_once(archive: Archive):
     url = archive.url
-    backend = factory.create(archive.settings)
+    backend = registry.create(archive.settings)
     assert isinstance(backend, TapeBackend)
     try:
         vsns = [v.vsn for v in backend.catalog.Volume.select()]
@@ -426,7 +426,7 @@ def test_finished_requests_past_retention_are_purged_with_their_rows(tmp_path: P
         tmp_path, "tape", prepare_backend,
         bulk={"retention_seconds": 3600.0, "max_wait_seconds": 1e9, "mount_min_files": 1000},
     )  # fmt: skip
-    backend = factory.create(settings)
+    backend = registry.create(settings)
     try:
         store_offline(backend, {1: 100, 2: 100})
         with backend.open_writer(3, 784111777.0) as writer:
@@ -470,12 +470,12 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 def test_external_sideband_localities_answer_in_batches_as_status_would(tmp_path: Path, prepare_backend):
-    from backends.base import Backend
-    from backends.sideband.backend import ExternalSidebandBackend
-    from backends.tape import operations
+    from pacifica_like.storage.contract import Backend
+    from pacifica_like.storage.sideband.backend import ExternalSidebandBackend
+    from pacifica_like.storage.tape import operations
 
     settings = make_settings(tmp_path, "sideband", prepare_backend)
-    emulated = factory.create(settings)
+    emulated = registry.create(settings)
     try:
         for file_id in (50, 51, 53):
             with emulated.open_writer(file_id, 784111777.0) as writer:
@@ -485,7 +485,7 @@ def test_external_sideband_localities_answer_in_batches_as_status_would(tmp_path
     finally:
         emulated.close()
     flags = {"sideband": {"hsm": "external"}, "bulk": {}}
-    external = factory.create(make_settings(tmp_path, "sideband", prepare_backend, **flags))
+    external = registry.create(make_settings(tmp_path, "sideband", prepare_backend, **flags))
     try:
         assert isinstance(external, ExternalSidebandBackend)
         # The real HSM released 51 (its inode stays, online = 0); 54 is on disk, unknown to the database.

@@ -26,8 +26,7 @@ from typing import Any
 
 import pytest
 
-from pacifica_like import devserver
-from pacifica_like.cli import main
+from pacifica_like.cli.main import main
 from pacifica_like.client import (
     ArchiveClient,
     AsyncArchiveClient,
@@ -37,7 +36,7 @@ from pacifica_like.client import (
     TransportError,
     UnknownRequest,
 )
-from pacifica_like.errors import (
+from pacifica_like.core.errors import (
     ArchiveError,
     Conflict,
     DigestMismatch,
@@ -51,6 +50,7 @@ from pacifica_like.errors import (
     StorageUnavailable,
     UnsupportedMediaType,
 )
+from pacifica_like.web import devserver
 
 pytestmark = pytest.mark.live
 TIMEOUT = 30.0
@@ -490,7 +490,7 @@ def test_cli_put_stat_get_and_failures(posix: tuple[str, Path, Path], tmp_path: 
 # -- bulk staging -------------------------------------------------------------------------------------------
 
 needs_bulk = pytest.mark.skipif(
-    importlib.util.find_spec("pacifica_like.bulk.api") is None, reason="the bulk API is not built yet"
+    importlib.util.find_spec("pacifica_like.web.bulkapi") is None, reason="the bulk API is not built yet"
 )
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from backends import factory
-from pacifica_like.config import ConfigError, load_settings
+from pacifica_like.core.config import ConfigError, load_settings
+from pacifica_like.storage import registry
 
 
 def write_ini(path: Path, text: str) -> str:
@@ -95,13 +95,13 @@ def test_missing_files_fail_fast(tmp_path: Path):
 def test_unknown_backend_names_its_source(tmp_path: Path):
     ini = write_ini(tmp_path / "archive.ini", "[archive]\nbackend = floppy\n")
     with pytest.raises(ConfigError, match=r"archive.ini \[archive\] backend: unknown backend 'floppy'"):
-        factory.create(load_settings(env={}, config_file=ini))
+        registry.create(load_settings(env={}, config_file=ini))
 
 
 def test_the_example_archive_ini_loads(tmp_path: Path):
     repo = Path(__file__).resolve().parent.parent
     settings = load_settings(env={}, config_file=str(repo / "archive.ini"))
-    factory.check(settings)
+    registry.check(settings)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pacifica_like import devserver
-from pacifica_like.catalog import GatewayCatalog
+from pacifica_like.gateway.catalog import GatewayCatalog
+from pacifica_like.web import devserver
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE_TIMEOUT = 600

@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 from httpwire import address, exchange
 
-from pacifica_like import nginxfront
-from pacifica_like.devserver import NGINX_SITE, RunningServer, free_port, nginx_binary, run_server
-from pacifica_like.id2filename import id2filename
+from pacifica_like.core.ids import id2filename
+from pacifica_like.web import nginxfront
+from pacifica_like.web.devserver import NGINX_SITE, RunningServer, free_port, nginx_binary, run_server
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL_SH = REPO / "docker" / "install.sh"

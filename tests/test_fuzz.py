@@ -23,7 +23,7 @@ from httpwire import exchange
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from pacifica_like import devserver
+from pacifica_like.web import devserver
 
 pytestmark = pytest.mark.live
 TIMEOUT = 10

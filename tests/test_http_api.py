@@ -183,11 +183,11 @@ def test_paths_given_to_cherrypy_answer_json(make_settings):
     import cherrypy
     import webtest
 
-    from backends import factory
-    from pacifica_like.app import build_app
+    from pacifica_like.storage import registry
+    from pacifica_like.web.app import build_app
 
     settings = make_settings()
-    api = build_app(settings, factory.create(settings)).app
+    api = build_app(settings, registry.create(settings)).app
     # Not a mounted API (/api is the bulk API, whose errors are problem+json): CherryPy's own 404.
     api.fallback_names = frozenset({"extra"})
     response = webtest.TestApp(api).get("/extra/v1/nothing", expect_errors=True)

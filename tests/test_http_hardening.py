@@ -20,7 +20,7 @@ import requests
 from conftest import LAST_MODIFIED
 from httpwire import Answer, address, exchange, read_answer
 
-from pacifica_like import devserver
+from pacifica_like.web import devserver
 
 pytestmark = pytest.mark.live
 TIMEOUT = 10

@@ -3,7 +3,7 @@
 Real servers on loopback in both run modes (``pacifica-like serve`` and uWSGI
 with several processes), the real SQLite catalog read with ``sqlite3``, digests
 read from the stored files. Races are ordered by a gate installed in the server
-(``pacifica_like.inventory.before_record``, through a ``sitecustomize`` on the
+(``pacifica_like.gateway.inventory.before_record``, through a ``sitecustomize`` on the
 server's PYTHONPATH) that blocks on FIFOs, never by sleeping.
 """
 
@@ -28,12 +28,12 @@ import requests
 from conftest import LAST_MODIFIED
 from dbservers import scratch_database
 
-from backends.base import read_sha256
-from pacifica_like import devserver
-from pacifica_like.catalog import GatewayCatalog
-from pacifica_like.config import DEFAULT_CATALOG_NAME
-from pacifica_like.id2filename import id2filename
-from pacifica_like.leftovers import running_since
+from pacifica_like.core.config import DEFAULT_CATALOG_NAME
+from pacifica_like.core.ids import id2filename
+from pacifica_like.gateway.catalog import GatewayCatalog
+from pacifica_like.gateway.leftovers import running_since
+from pacifica_like.storage.contract import read_sha256
+from pacifica_like.web import devserver
 
 pytestmark = pytest.mark.live
 TIMEOUT = 30
@@ -44,7 +44,7 @@ import os
 
 _gate = os.environ.get("PL_TEST_RECORD_GATE")
 if _gate:
-    import pacifica_like.inventory as _inventory
+    import pacifica_like.gateway.inventory as _inventory
 
     _hold = int(os.environ["PL_TEST_RECORD_GATE_SIZE"])
 

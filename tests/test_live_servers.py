@@ -21,7 +21,7 @@ import pytest
 import requests
 from conftest import LAST_MODIFIED, files_under
 
-from pacifica_like import devserver
+from pacifica_like.web import devserver
 
 pytestmark = pytest.mark.live
 TIMEOUT = 30

@@ -14,10 +14,10 @@ import requests
 import webtest
 from conftest import LAST_MODIFIED, LAST_MODIFIED_EPOCH
 
-from backends import factory
-from pacifica_like import devserver
-from pacifica_like.app import build_app
-from pacifica_like.config import load_settings
+from pacifica_like.core.config import load_settings
+from pacifica_like.storage import registry as factory
+from pacifica_like.web import devserver
+from pacifica_like.web.app import build_app
 
 
 def memory_settings(prefix: Path, **archive):

@@ -27,14 +27,15 @@ from conftest import LAST_MODIFIED, put
 from prometheus_client.parser import text_string_to_metric_families
 from test_storage_faults import tiny_filesystem
 
-from backends import factory
-from backends.tape import operations
-from backends.tape.backend import TapeBackend
-from backends.tape.library import TapeLibrary
-from backends.tape.stager import HEADER_SIZE
-from pacifica_like import devserver, wsgi
-from pacifica_like.app import build_app
-from pacifica_like.config import ConfigError, load_settings
+from pacifica_like import wsgi
+from pacifica_like.core.config import ConfigError, load_settings
+from pacifica_like.storage import registry as factory
+from pacifica_like.storage.tape import operations
+from pacifica_like.storage.tape.backend import TapeBackend
+from pacifica_like.storage.tape.library import TapeLibrary
+from pacifica_like.storage.tape.stager import HEADER_SIZE
+from pacifica_like.web import devserver
+from pacifica_like.web.app import build_app
 
 TIMEOUT = 30
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -33,12 +33,12 @@ from pathlib import Path
 
 import pytest
 
-from backends import factory, safeopen
-from backends.base import read_sha256
-from backends.posix import backend as posix_module
-from pacifica_like import devserver
-from pacifica_like.config import ConfigError, load_settings
-from pacifica_like.errors import Conflict, FileNotInArchive, Forbidden, InvalidRequest
+from pacifica_like.core.config import ConfigError, load_settings
+from pacifica_like.core.errors import Conflict, FileNotInArchive, Forbidden, InvalidRequest
+from pacifica_like.storage import posix as posix_module
+from pacifica_like.storage import registry, safeopen
+from pacifica_like.storage.contract import read_sha256
+from pacifica_like.web import devserver
 
 TIMEOUT = 10.0
 #: serve's request threads and uWSGI's worker processes in these servers.
@@ -50,7 +50,7 @@ SITECUSTOMIZE = textwrap.dedent(
     import os
     import stat
 
-    from backends import safeopen
+    from pacifica_like.storage import safeopen
 
     if os.environ.get("PL_TEST_NO_OPENAT2"):
         safeopen.openat2_supported = lambda: False
@@ -123,7 +123,7 @@ class Server:
 
 
 def id2path(file_id: int) -> str:
-    from pacifica_like.id2filename import id2filename
+    from pacifica_like.core.ids import id2filename
 
     return id2filename(file_id)[1:]
 
@@ -564,7 +564,7 @@ def posix_backend(tmp_path: Path):
         },
         env={},
     )
-    backend = factory.create(settings)
+    backend = registry.create(settings)
     yield backend
     backend.close()
 
@@ -605,7 +605,7 @@ def test_losing_a_write_once_race_puts_the_source_back_unchanged(tmp_path: Path,
         },
         env={},
     )
-    backend = factory.create(settings)
+    backend = registry.create(settings)
     source = incoming / "file.dat"
     source.write_bytes(b"mine")
     source.chmod(0o640)

@@ -27,16 +27,16 @@ from conftest import LAST_MODIFIED, LAST_MODIFIED_EPOCH, corrupt, init_tape_libr
 from dbservers import scratch_database
 from playhouse.db_url import connect
 
-from backends import factory
-from backends.sideband.backend import ExternalSidebandBackend, SidebandBackend
-from backends.sideband.identity import generation, name_hash
-from backends.tape import operations
-from backends.tape.backend import TapeBackend
-from pacifica_like.app import build_app
-from pacifica_like.cli import main
-from pacifica_like.config import load_settings
-from pacifica_like.devserver import uwsgi_binary, uwsgi_server
-from pacifica_like.errors import StorageUnavailable
+from pacifica_like.cli.main import main
+from pacifica_like.core.config import load_settings
+from pacifica_like.core.errors import StorageUnavailable
+from pacifica_like.storage import registry
+from pacifica_like.storage.sideband.backend import ExternalSidebandBackend, SidebandBackend
+from pacifica_like.storage.sideband.identity import generation, name_hash
+from pacifica_like.storage.tape import operations
+from pacifica_like.storage.tape.backend import TapeBackend
+from pacifica_like.web.app import build_app
+from pacifica_like.web.devserver import uwsgi_binary, uwsgi_server
 
 TIMEOUT = 10
 
@@ -74,7 +74,7 @@ def make_sideband(tmp_path: Path) -> Iterator[Callable[..., Any]]:
             },
         }
         settings = init_tape_library(load_settings(flags=flags, env={}))
-        built.append(factory.create(settings))
+        built.append(registry.create(settings))
         return built[-1]
 
     yield build
@@ -278,7 +278,7 @@ def test_tape_backend_with_a_sideband_database_keeps_it_too(make_tape, tmp_path:
         },
         env={},
     )
-    with_db = factory.create(settings)
+    with_db = registry.create(settings)
     try:
         store(with_db, 5, b"kept")
         migrate(with_db, 5)

@@ -1,4 +1,4 @@
-"""The tape stager (backends/tape/stager.c through its ctypes binding), on real files.
+"""The tape stager (pacifica_like/storage/tape/stager.c through its ctypes binding), on real files.
 
 Every test runs the library the install built. Volumes and sources live in
 ``tmp_path``; outcomes are checked on the bytes, headers and file lengths left
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import flip_byte
 
-from backends.tape import stager as stager_module
-from backends.tape.stager import HEADER_SIZE, Stager, StagerLoadError
+from pacifica_like.storage.tape import stager as stager_module
+from pacifica_like.storage.tape.stager import HEADER_SIZE, Stager, StagerLoadError
 
 MIB = 1 << 20
 CAPACITY = 64 * MIB

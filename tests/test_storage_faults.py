@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import files_under, put
 
-from backends.base import translate_os_errors
-from pacifica_like.errors import InsufficientStorage
+from pacifica_like.core.errors import InsufficientStorage
+from pacifica_like.storage.contract import translate_os_errors
 
 
 @contextlib.contextmanager
@@ -118,8 +118,8 @@ def test_a_directory_where_a_file_should_be_is_404(app, prefix: Path):
 def test_unexpected_errors_are_a_json_500_without_traceback(make_settings, capsys):
     import webtest
 
-    from backends import factory
-    from pacifica_like.app import build_app
+    from pacifica_like.storage import registry as factory
+    from pacifica_like.web.app import build_app
 
     settings = make_settings()
     backend = factory.create(settings)
@@ -143,7 +143,7 @@ def test_unexpected_errors_are_a_json_500_without_traceback(make_settings, capsy
 
 def test_backends_factory_does_not_import_the_web_layer():
     code = (
-        "import json, sys, backends.factory, backends.posix.backend; "
+        "import json, sys, pacifica_like.storage.registry, pacifica_like.storage.posix; "
         "print(json.dumps([m for m in sys.modules if m.split('.')[0] in ('cherrypy', 'pacifica_like')]))"
     )
     result = subprocess.run(
@@ -153,7 +153,13 @@ def test_backends_factory_does_not_import_the_web_layer():
     assert "cherrypy" not in loaded
     assert set(loaded) <= {
         "pacifica_like",
-        "pacifica_like.config",
-        "pacifica_like.errors",
-        "pacifica_like.id2filename",
+        "pacifica_like.core",
+        "pacifica_like.storage",
+        "pacifica_like.storage.registry",
+        "pacifica_like.storage.contract",
+        "pacifica_like.storage.posix",
+        "pacifica_like.storage.safeopen",
+        "pacifica_like.core.config",
+        "pacifica_like.core.errors",
+        "pacifica_like.core.ids",
     }

@@ -21,14 +21,14 @@ import requests
 import webtest
 from conftest import LAST_MODIFIED, corrupt, files_under
 
-from backends import factory
-from backends.tape import operations
-from backends.tape.backend import TapeBackend
-from backends.tape.library import TapeLibrary
-from pacifica_like import devserver
-from pacifica_like.app import build_app
-from pacifica_like.config import ConfigError, load_settings
-from pacifica_like.errors import Conflict, FileNotInArchive, OfflineOnTape
+from pacifica_like.core.config import ConfigError, load_settings
+from pacifica_like.core.errors import Conflict, FileNotInArchive, OfflineOnTape
+from pacifica_like.storage import registry
+from pacifica_like.storage.tape import operations
+from pacifica_like.storage.tape.backend import TapeBackend
+from pacifica_like.storage.tape.library import TapeLibrary
+from pacifica_like.web import devserver
+from pacifica_like.web.app import build_app
 
 TIMEOUT = 30
 
@@ -272,7 +272,7 @@ def test_preflight_names_a_missing_stager(tape_settings, tmp_path: Path):
     missing = str(tmp_path / "nowhere" / "libstager.so")
     settings = tape_settings(stager=missing)
     with pytest.raises(ConfigError, match=missing):
-        factory.check(settings)
+        registry.check(settings)
 
 
 def test_preflight_names_an_uninitialised_library(tmp_path: Path):
@@ -282,7 +282,7 @@ def test_preflight_names_an_uninitialised_library(tmp_path: Path):
         env={},
     )
     with pytest.raises(ConfigError, match="tape init"):
-        factory.check(settings)
+        registry.check(settings)
 
 
 def test_reading_an_offline_file_without_auto_stage_raises_offline(make_tape):
@@ -351,12 +351,12 @@ def test_one_cartridge_is_mounted_once_for_many_concurrent_recalls(make_tape):
 KILLED_RECALL = textwrap.dedent(
     """
     import sys
-    from backends import factory
-    from pacifica_like.config import load_settings
+    from pacifica_like.storage import registry
+    from pacifica_like.core.config import load_settings
     flags = {"archive": {"backend": "tape", "prefix": sys.argv[1]},
              "tape": {"library": sys.argv[2], "time_scale": 1.0, "read_mib_s": 1.0,
                       "mount_seconds": 0.0, "volume_capacity": 64 << 20, "volumes": 4}}
-    factory.create(load_settings(flags=flags, env={})).recall(int(sys.argv[3]))
+    registry.create(load_settings(flags=flags, env={})).recall(int(sys.argv[3]))
     """
 )
 

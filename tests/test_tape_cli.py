@@ -2,7 +2,7 @@
 
 Each test writes its own archive.ini in ``tmp_path`` with ``time_scale = 0`` (no
 modelled delays: behaviour is judged by counters, never clocks), runs the real
-``pacifica_like.cli.main`` and checks what the command left behind: exit status,
+``pacifica_like.cli.main.main`` and checks what the command left behind: exit status,
 printed text and JSON, files in the disk cache, catalog rows, drive counters and
 the records in the volume files, walked byte by byte.
 """
@@ -26,14 +26,14 @@ from typing import Any
 import pytest
 from conftest import flip_byte
 
-from backends import factory
-from backends.base import read_sha256
-from backends.tape import operations
-from backends.tape.backend import DUAL, OFFLINE, REGULAR, TapeBackend
-from backends.tape.catalog import CopyInfo, to_info
-from backends.tape.stager import HEADER_SIZE
-from pacifica_like.cli import main
-from pacifica_like.config import load_settings
+from pacifica_like.cli.main import main
+from pacifica_like.core.config import load_settings
+from pacifica_like.storage import registry
+from pacifica_like.storage.contract import read_sha256
+from pacifica_like.storage.tape import operations
+from pacifica_like.storage.tape.backend import DUAL, OFFLINE, REGULAR, TapeBackend
+from pacifica_like.storage.tape.catalog import CopyInfo, to_info
+from pacifica_like.storage.tape.stager import HEADER_SIZE
 
 MIB = 1 << 20
 KIB = 1 << 10
@@ -122,7 +122,7 @@ class Archive:
     @contextmanager
     def backend(self) -> Iterator[TapeBackend]:
         """Open the archive the way the service does; closed on leaving the block."""
-        backend = factory.create(load_settings(config_file=str(self.ini), env={}))
+        backend = registry.create(load_settings(config_file=str(self.ini), env={}))
         assert isinstance(backend, TapeBackend)
         try:
             yield backend

@@ -20,11 +20,11 @@ import pytest
 import webtest
 from conftest import LAST_MODIFIED
 
-import backends.tape.backend as tape_backend_module
-from backends.tape import operations
-from backends.tape.backend import TapeBackend
-from pacifica_like.app import build_app
-from pacifica_like.errors import Conflict, FileNotInArchive
+import pacifica_like.storage.tape.backend as tape_backend_module
+from pacifica_like.core.errors import Conflict, FileNotInArchive
+from pacifica_like.storage.tape import operations
+from pacifica_like.storage.tape.backend import TapeBackend
+from pacifica_like.web.app import build_app
 
 
 def store(backend: TapeBackend, file_id: int, data: bytes) -> None:

@@ -33,10 +33,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from backends.base import Backend
 from pacifica_like.bulk.store import COMPLETED, FAILED, BulkStore, Job, VolumeQueue, make_owner
-from pacifica_like.config import Settings
-from pacifica_like.errors import ArchiveError
+from pacifica_like.core.config import Settings
+from pacifica_like.core.errors import ArchiveError
+from pacifica_like.storage.contract import Backend
 
 log = logging.getLogger("pacifica_like.bulk")
 

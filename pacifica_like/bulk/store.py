@@ -35,10 +35,10 @@ from typing import Any, NamedTuple, TypeVar
 
 import peewee
 
-from pacifica_like.catalog import LOST, GatewayCatalog, _Busy
-from pacifica_like.dbschema import create_tables
-from pacifica_like.errors import StorageUnavailable
-from pacifica_like.owners import alive_here, owner_name
+from pacifica_like.core.errors import StorageUnavailable
+from pacifica_like.core.owners import alive_here, owner_name
+from pacifica_like.db.schema import create_tables
+from pacifica_like.gateway.catalog import LOST, GatewayCatalog, _Busy
 
 SUBMITTED, STARTED, COMPLETED, FAILED, CANCELLED = "SUBMITTED", "STARTED", "COMPLETED", "FAILED", "CANCELLED"
 FILE_STATES = (SUBMITTED, STARTED, COMPLETED, FAILED, CANCELLED)

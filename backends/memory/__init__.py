@@ -1,1 +1,0 @@
-"""In-memory storage: a test double and the proof that the backend contract is the only coupling."""

@@ -1,1 +1,0 @@
-"""Plain filesystem storage: files under the archive prefix."""

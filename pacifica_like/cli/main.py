@@ -1,0 +1,194 @@
+"""The ``pacifica-like`` command line: ``serve``, ``check-config`` and the tape maintenance commands.
+
+Flags beat PAI_* variables, which beat archive.ini, which beats server.conf
+for the listening address, which beats the built-in defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from pacifica_like import __version__
+from pacifica_like.cli import (
+    audit as audit_cli,
+)
+from pacifica_like.cli import bulk as bulk_cli
+from pacifica_like.cli import (
+    client as client_cli,
+)
+from pacifica_like.cli import (
+    sideband as sideband_cli,
+)
+from pacifica_like.cli import (
+    tape as tape_cli,
+)
+from pacifica_like.core.config import SCHEMA, ConfigError, Settings, load_settings, redact_url
+
+#: Modules adding maintenance sub-commands: each has ``COMMANDS``, ``add_commands(commands,
+#: add_settings)`` and ``run(args, settings) -> exit status``.
+COMMAND_MODULES = (tape_cli, audit_cli, client_cli, sideband_cli, bulk_cli)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser for every sub-command."""
+    from pacifica_like.storage import registry
+
+    parser = argparse.ArgumentParser(
+        prog="pacifica-like", description="REST archive gateway for hierarchical storage."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the HTTP service (the default command)")
+    add_serve_arguments(serve, registry.available())
+    check = commands.add_parser("check-config", help="load and validate the settings, then print them")
+    add_serve_arguments(check, registry.available())
+    for module in COMMAND_MODULES:
+        module.add_commands(commands, lambda command: add_settings_arguments(command, registry.available()))
+    return parser
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, backends: Sequence[str]) -> None:
+    """Add the flags that choose the archive: config file, backend and prefix."""
+    parser.add_argument(
+        "-c", "--config", help="archive.ini path (default: $PAI_CONFIG, else built-in defaults)"
+    )
+    parser.add_argument("-t", "--type", dest="backend", choices=backends, help="storage backend")
+    parser.add_argument("--prefix", help="archive root directory (the disk cache)")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser, backends: Sequence[str]) -> None:
+    """Add the flags that select settings (shared by serve and check-config)."""
+    add_settings_arguments(parser, backends)
+    parser.add_argument(
+        "--cpconfig",
+        "--cherrypy-config",
+        dest="cpconfig",
+        help="CherryPy server.conf path (default: $PAI_CPCONFIG)",
+    )
+    parser.add_argument("-a", "--address", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("-p", "--port", type=int, help="port to listen on (default 8080)")
+    parser.add_argument("--threads", type=int, help="request threads (default 16)")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Merge the parsed flags with env, files and defaults."""
+    for name in ("address", "port", "threads", "cpconfig"):
+        if not hasattr(args, name):
+            setattr(args, name, None)
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: outside 0-65535")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: must be positive")
+    return load_settings(
+        flags={
+            "archive": {"backend": args.backend, "prefix": args.prefix},
+            "server": {"address": args.address, "port": args.port, "threads": args.threads},
+        },
+        config_file=args.config,
+        cpconfig_file=args.cpconfig,
+    )
+
+
+def serve(settings: Settings) -> int:
+    """Run the service under waitress (``pacifica_like.web.httpserver``) until interrupted.
+
+    CherryPy's engine runs the process: signals, the in-process bulk scheduler,
+    and the HTTP server through its public ServerAdapter.
+    """
+    import cherrypy
+    from cherrypy.process.servers import ServerAdapter
+
+    from pacifica_like.storage import registry
+    from pacifica_like.web.app import build_app
+    from pacifica_like.web.httpserver import WaitressServer
+
+    backend = registry.create(settings)
+    app = build_app(settings, backend)
+    listen = {
+        "server.socket_host": ("address", settings.server.address),
+        "server.socket_port": ("port", settings.server.port),
+        "server.thread_pool": ("threads", settings.server.threads),
+        "server.socket_timeout": ("idle_timeout", settings.server.idle_timeout),
+    }
+    cherrypy.config.update(
+        {
+            "engine.autoreload.on": False,
+            "checker.on": False,
+            "log.screen": True,
+            **{option: value for option, (_, value) in listen.items()},
+        }
+    )
+    # server.conf beats the built-in defaults; archive.ini, env and flags beat server.conf.
+    if settings.cpconfig_file:
+        cherrypy.config.update(settings.cpconfig_file)
+    explicit = {key for (section, key) in settings.sources if section == "server"}
+    cherrypy.config.update({option: value for option, (key, value) in listen.items() if key in explicit})
+    # CherryPy prints its engine log itself; passing it on to the root logger would print it twice.
+    logging.getLogger("cherrypy").propagate = False
+    host, port = cherrypy.config["server.socket_host"], cherrypy.config["server.socket_port"]
+    http = WaitressServer(
+        app,
+        host=host,
+        port=port,
+        threads=cherrypy.config["server.thread_pool"],
+        connection_limit=settings.server.connection_limit,
+        idle_timeout=int(cherrypy.config["server.socket_timeout"]),
+    )
+    # cheroot, CherryPy's default server, is replaced, not run beside ours.
+    cherrypy.server.unsubscribe()
+    ServerAdapter(cherrypy.engine, http, (host, port)).subscribe()
+    # [bulk] scheduler = in-process: recalls for bulk requests run in this process, with the engine.
+    from pacifica_like.bulk.scheduler import run_in_engine
+
+    run_in_engine(settings, backend)
+    # Close the backend when the engine stops, after the HTTP server and the scheduler (higher
+    # priority runs later): engine.block() then joins every non-daemon thread, and the tape
+    # backend's recall executor ends only in close(), so closing after block() never returned.
+    cherrypy.engine.subscribe("stop", backend.close, priority=90)
+    print(
+        f"pacifica-like {__version__}: {settings.archive.backend} archive at {settings.archive.prefix}, "
+        f"serving http://{host}:{port}/",
+        flush=True,
+    )
+    cherrypy.engine.signals.subscribe()
+    cherrypy.engine.start()
+    cherrypy.engine.block()
+    return 0
+
+
+def check_config(settings: Settings) -> int:
+    """Validate the settings and the backend name; print the effective values."""
+    from pacifica_like.storage import registry
+
+    registry.check(settings)
+    for section in SCHEMA:
+        for key, value in vars(getattr(settings, section)).items():
+            if (section, key) in (("archive", "catalog"), ("sideband", "database")) and value:
+                value = redact_url(value)  # a database URL may carry a password
+            print(f"[{section}] {key} = {value}    ({settings.source_of(section, key)})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen command; return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "serve")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = settings_from_args(args)
+        if args.command == "check-config":
+            return check_config(settings)
+        for module in COMMAND_MODULES:
+            if args.command in module.COMMANDS:
+                return module.run(args, settings)
+        return serve(settings)
+    except ConfigError as exc:
+        print(f"pacifica-like: configuration error: {exc}", file=sys.stderr)
+        return 2

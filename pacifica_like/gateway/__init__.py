@@ -1,0 +1,1 @@
+"""The gateway's own state over storage: the inventory catalog, audits, leftovers."""

@@ -1,0 +1,639 @@
+"""The backend contract, and helpers every backend shares.
+
+Plugin API (what a backend implements and the web layer calls):
+
+* :class:`Backend` - one instance per process, shared by all request threads,
+  holding no per-request state. It hands out per-request handles:
+* :class:`Reader` - an open, seekable view of one stored file and its status;
+* :class:`Writer` - a pending upload that becomes visible only on ``commit()``;
+* :class:`FileStatus` - what HEAD reports, as a frozen value;
+* :class:`MetricSample` - one value a backend reports when ``/metrics`` is scraped;
+* :class:`TapePosition` - where a file that is only on tape would be recalled from
+  (backends with tape behind the disk; the bulk-staging scheduler orders by it);
+* :class:`VolumeSession` - a drive held with one volume mounted, for recalls in
+  tape order (:meth:`Backend.open_volume`).
+
+Helpers (not part of the API, shared so every backend commits the same way):
+:class:`AtomicFileWriter`, :class:`UploadDigests`, :class:`FileReader`, :func:`translate_os_errors`,
+:func:`read_sha256`, :func:`fsync_dir`. Opening a PATCH source safely lives in
+:mod:`pacifica_like.storage.safeopen`.
+
+Backends raise only :mod:`pacifica_like.core.errors` types. OS errors are translated
+in one place, :func:`translate_os_errors`, keeping the cause.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import hmac
+import os
+import socket
+import stat
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+from pacifica_like.core.config import ConfigError, Settings
+from pacifica_like.core.errors import (
+    ArchiveError,
+    Conflict,
+    DigestMismatch,
+    FileNotInArchive,
+    Forbidden,
+    InsufficientStorage,
+    InvalidRequest,
+    StorageUnavailable,
+)
+
+#: Extended attribute holding the raw sha-256 of a stored file's bytes.
+SHA256_XATTR = "user.pacifica_like.sha256"
+#: Bytes moved per read/write call; large enough for syscall cost to vanish,
+#: small enough that memory stays flat whatever the file size.
+CHUNK_SIZE = 1 << 20
+
+
+#: Dirty bytes an upload accumulates before we ask the kernel to start writing them.
+WRITEBACK_STEP = 8 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int], None]:
+    """Bind Linux's sync_file_range(2); elsewhere return a no-op.
+
+    Python's os module lacks it. It starts write-out of a range without waiting,
+    so a large upload streams to disk while it arrives and the commit's fsync
+    finds little left to flush (instead of all of it at once).
+    """
+    name = ctypes.util.find_library("c")
+    function = getattr(ctypes.CDLL(name, use_errno=True), "sync_file_range", None) if name else None
+    if function is None:
+        return lambda fd, offset, length: None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+
+    def start_writeback(fd: int, offset: int, length: int) -> None:
+        # Advisory: a failure here only means the final fsync does all the work.
+        function(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+    return start_writeback
+
+
+start_writeback = _load_sync_file_range()
+
+
+#: Called by ``Backend.list_ids`` with where the listing failed and the error.
+ListingErrorHandler = Callable[[str, ArchiveError], None]
+
+
+class ExpectedDigest(Protocol):
+    """A client's claim about the upload (see ``pacifica_like.core.httpfields``)."""
+
+    algorithm: str
+    value: bytes
+    header: str
+
+
+@dataclass(frozen=True)
+class ArchiveCopy:
+    """One tape copy of a file's current version, as HEAD lists it (``copy:vsn:position``)."""
+
+    copy: int
+    vsn: str
+    position: int
+
+
+@dataclass(frozen=True)
+class FileStatus:
+    """What the archive knows about one stored file, as HEAD reports it.
+
+    ``bytes_per_level`` is (bytes on disk, bytes on tape); ``media`` is
+    ``"disk"`` unless the data is only on tape; ``relpath`` is relative to the
+    archive prefix, never an absolute server path; ``sha256`` is the digest
+    recorded at ingest (None when the storage could not record one); ``state``
+    is the HSM state (``REGULAR``, ``DUAL``, ``OFFLINE``, ``UNMIGRATING``) on
+    backends with tape behind the disk, None elsewhere; ``copies`` lists the
+    archive copies of this version where the backend knows them (sideband), else None.
+    """
+
+    size: int
+    mtime: float
+    ctime: float
+    bytes_per_level: tuple[int, ...]
+    media: str
+    relpath: str
+    sha256: bytes | None = None
+    state: str | None = None
+    copies: tuple[ArchiveCopy, ...] | None = None
+
+
+@dataclass(frozen=True)
+class MetricSample:
+    """One value a backend reports at scrape time (see :meth:`Backend.metrics_snapshot`).
+
+    ``name`` is a Prometheus-style name without the service prefix
+    (``tape_mounts``); ``kind`` is ``"counter"`` for a value that only grows
+    (mounts, bytes read; exposed with a ``_total`` suffix) or ``"gauge"``;
+    ``labels`` tell apart the samples of one name (drive, volume). Every sample
+    of one name carries the same ``help``, ``kind`` and label names.
+    """
+
+    name: str
+    value: float
+    help: str
+    kind: str = "gauge"
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, order=True)
+class TapePosition:
+    """Where the recall of a file that is only on tape reads from.
+
+    Ordered by (``vsn``, ``position``): the order a drive reads a volume in one
+    pass. ``position`` is a byte offset on the volume, ``size`` the file's bytes.
+    """
+
+    vsn: str
+    position: int
+    file_id: int
+    size: int
+
+
+#: What archiveinfo reports per file (the WLCG Tape REST API's localities).
+LOCALITIES = ("DISK", "TAPE", "DISK_AND_TAPE", "LOST", "NONE", "UNAVAILABLE")
+
+
+class VolumeSession(abc.ABC):
+    """A drive held with one volume mounted (see :meth:`Backend.open_volume`); one thread uses it."""
+
+    @abc.abstractmethod
+    def recall(self, file_id: int) -> bool | None:
+        """Copy ``file_id`` from this volume to disk.
+
+        Returns True when it was recalled now, False when it was on disk
+        already, and None when another process is recalling it (try again
+        later: waiting here could need the drive this session holds). Raises
+        ArchiveError when the recall failed.
+        """
+
+
+class StagingSession(VolumeSession):
+    """The session of a backend without drives to hold: each file is staged on its own."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def recall(self, file_id: int) -> bool | None:
+        """Stage the file; None while the backend reports it still under way."""
+        return None if not self.backend.stage(file_id) else True
+
+
+class Reader(abc.ABC):
+    """An open stored file. The web layer closes it when the response ends."""
+
+    status: FileStatus
+
+    @property
+    def size(self) -> int:
+        """Bytes in the file as opened (a concurrent overwrite does not change it)."""
+        return self.status.size
+
+    @abc.abstractmethod
+    def read(self, size: int = CHUNK_SIZE) -> bytes:
+        """Return up to ``size`` bytes; ``b""`` at end of file."""
+
+    @abc.abstractmethod
+    def seek(self, offset: int) -> None:
+        """Move to ``offset`` bytes from the start."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the handle; safe to call twice."""
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Writer(abc.ABC):
+    """A pending upload: nothing is visible at the id until ``commit()``.
+
+    Leaving the ``with`` block without committing discards every byte written,
+    so an error anywhere (client gone, short body, digest mismatch, full disk)
+    leaves the previous version of the file untouched.
+    """
+
+    sha256: bytes | None = None
+
+    @abc.abstractmethod
+    def write(self, chunk: bytes) -> None:
+        """Append ``chunk`` to the pending file."""
+
+    @abc.abstractmethod
+    def commit(self) -> int:
+        """Verify, make durable and publish the file; return bytes stored."""
+
+    @abc.abstractmethod
+    def discard(self) -> None:
+        """Drop the pending file if it was not committed; safe to call twice."""
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.discard()
+
+
+class Backend(abc.ABC):
+    """The storage contract the web layer and the maintenance CLI rely on.
+
+    One instance serves every thread of a process, so implementations keep
+    no per-request state on ``self``; per-request state lives in the handles.
+    """
+
+    #: The registry name (``pacifica_like.storage.registry.REGISTRY``).
+    name: ClassVar[str]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @abc.abstractmethod
+    def open_reader(self, file_id: int) -> Reader:
+        """Open a stored file for reading; FileNotInArchive if there is none."""
+
+    @abc.abstractmethod
+    def open_writer(self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()) -> Writer:
+        """Start an upload that will store ``file_id`` with modification time ``mtime``.
+
+        ``expect`` lists digests the client claimed; commit() raises
+        DigestMismatch unless the bytes match all of them. Raises Conflict up
+        front when the archive is write-once and the id is taken.
+        """
+
+    @abc.abstractmethod
+    def status(self, file_id: int) -> FileStatus:
+        """Return the status of a stored file; FileNotInArchive if there is none."""
+
+    @classmethod
+    def preflight(cls, settings: Settings) -> None:
+        """Check what the backend needs outside the settings (libraries, directories).
+
+        Called where a service starts (the uWSGI master, ``check-config``), so a
+        broken deployment fails there naming the path. Raises ConfigError.
+        """
+        return None
+
+    @abc.abstractmethod
+    def stage(self, file_id: int) -> bool:
+        """Make the file's bytes readable from disk.
+
+        Returns True when they are on disk now, False when a recall was started
+        (or is under way) and has not finished within the backend's wait.
+        """
+
+    @abc.abstractmethod
+    def adopt(self, file_id: int, source_path: str) -> int:
+        """Move a file already on the server into the archive (PATCH); return its size."""
+
+    @abc.abstractmethod
+    def delete(self, file_id: int) -> None:
+        """Remove a stored file; FileNotInArchive if there is none."""
+
+    @abc.abstractmethod
+    def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
+        """Yield the id of every stored file, in no particular order (for audits).
+
+        ``on_error(where, error)`` is called for each part of the storage that
+        cannot be listed (an unreadable directory: ``where`` is its path), and the
+        listing goes on without it; without a handler the error is raised.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
+        """Release process-wide resources (connections, libraries)."""
+
+    def check_ready(self) -> None:
+        """Raise StorageUnavailable, with the reason, unless the backend can serve requests now.
+
+        Called by ``GET /ready`` (a readiness probe, so it must stay cheap and
+        write nothing). Checks that the archive prefix is a directory this
+        process may write, then repeats :meth:`preflight` (for the tape backend:
+        a fresh catalog connection and query, the stager library, the library
+        directory), so storage that vanished or broke after start is reported.
+        """
+        prefix = self.settings.archive.prefix
+        try:
+            st = os.stat(prefix)
+        except OSError as exc:
+            raise StorageUnavailable(f"archive prefix {prefix}: {exc.strerror or exc}") from exc
+        if not stat.S_ISDIR(st.st_mode):
+            raise StorageUnavailable(f"archive prefix {prefix} is not a directory")
+        if not os.access(prefix, os.W_OK | os.X_OK):
+            raise StorageUnavailable(f"archive prefix {prefix} is not writable by this process")
+        try:
+            type(self).preflight(self.settings)
+        except ConfigError as exc:
+            raise StorageUnavailable(str(exc)) from exc
+
+    def tape_positions(self, file_ids: Iterable[int]) -> dict[int, TapePosition]:
+        """Return where each of ``file_ids`` that is only on tape would be recalled from.
+
+        Ids on disk, unknown ids and ids whose every tape copy is damaged are
+        left out. Backends without tape have nothing to recall: the default is empty.
+        """
+        return {}
+
+    def localities(self, file_ids: Iterable[int]) -> dict[int, str]:
+        """Return where each file's bytes are: one of :data:`LOCALITIES` per id.
+
+        DISK, TAPE or DISK_AND_TAPE; LOST when the archive knows the file but
+        cannot produce its bytes (every tape copy damaged); NONE when there is
+        no such file; UNAVAILABLE when the storage cannot tell now. The default
+        asks :meth:`status` per id; backends answer in batches where they can.
+        """
+        found: dict[int, str] = {}
+        for file_id in file_ids:
+            try:
+                status = self.status(file_id)
+            except FileNotInArchive:
+                found[file_id] = "NONE"
+            except ArchiveError:
+                found[file_id] = "UNAVAILABLE"
+            else:
+                on_disk, on_tape = status.media == "disk", sum(status.bytes_per_level[1:]) > 0
+                found[file_id] = "DISK_AND_TAPE" if on_disk and on_tape else "DISK" if on_disk else "TAPE"
+        return found
+
+    @contextlib.contextmanager
+    def open_volume(self, vsn: str) -> Iterator[VolumeSession]:
+        """Hold a drive with volume ``vsn`` mounted while the caller recalls files from it.
+
+        The bulk-staging scheduler recalls a volume's files in position order
+        inside one session, so the cartridge is mounted once. Raises
+        StorageUnavailable when the volume cannot be mounted. The default,
+        for backends without drives to hold, stages each file on its own.
+        """
+        yield StagingSession(self)
+
+    def metrics_snapshot(self) -> list[MetricSample]:
+        """Return the backend's own metrics, read now from shared state; none by default.
+
+        Called on every ``GET /metrics`` in whichever process serves it, so the
+        values must come from state every process shares (a catalog database),
+        never from per-process memory.
+        """
+        return []
+
+
+@contextlib.contextmanager
+def translate_os_errors(what: str, missing: str | None = None) -> Iterator[None]:
+    """Turn OSError into the archive error that names the failure.
+
+    ``what`` prefixes the message; ``missing`` is the message for ENOENT
+    (FileNotInArchive); without it ENOENT is a storage fault.
+    """
+    try:
+        yield
+    except ArchiveError:
+        raise
+    except OSError as exc:
+        code = exc.errno
+        reason = exc.strerror or str(exc)
+        if code in (errno.ENOENT, errno.ENOTDIR) and missing is not None:
+            raise FileNotInArchive(missing) from exc
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage(f"{what}: storage is full ({reason})") from exc
+        if code in (errno.EACCES, errno.EPERM):
+            raise Forbidden(f"{what}: permission denied") from exc
+        if code in (errno.EIO, errno.EROFS, errno.ESTALE, errno.ENODEV, errno.ENXIO):
+            raise StorageUnavailable(f"{what}: storage unavailable ({reason})") from exc
+        if code in (errno.ENAMETOOLONG, errno.EISDIR):
+            raise InvalidRequest(f"{what}: {reason}") from exc
+        raise ArchiveError(f"{what}: {reason}") from exc
+
+
+def fsync_dir(path: str) -> None:
+    """Flush a directory's entries so a rename or unlink in it survives a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(source: str, target: str, replace: bool) -> None:
+    """Give a durable file its archive name, then make the new name durable.
+
+    ``replace``: rename() swaps the name atomically, so readers see the old
+    file or the new one. Otherwise link() refuses an existing name (Conflict),
+    so two racing write-once commits cannot both win.
+    """
+    if replace:
+        os.rename(source, target)
+    else:
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            raise Conflict(
+                f"{os.path.basename(target)} already exists and the archive is write-once"
+            ) from None
+        os.unlink(source)
+    # The new entry lives in the directory: flush it so the name survives a crash.
+    fsync_dir(os.path.dirname(target))
+
+
+def read_sha256(fd_or_path: int | str) -> bytes | None:
+    """Return the sha-256 recorded with a file at ingest, or None if there is none."""
+    try:
+        value = os.getxattr(fd_or_path, SHA256_XATTR)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return None
+        raise
+    return value if len(value) == 32 else None
+
+
+def record_sha256(fd: int, digest: bytes) -> None:
+    """Store the digest with the file; filesystems without user xattrs keep none."""
+    try:
+        os.setxattr(fd, SHA256_XATTR, digest)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+
+
+#: Suffix of an upload's temp file; its full name is :func:`temp_name_prefix` + random + suffix.
+TEMP_SUFFIX = ".part"
+_process_starts: dict[int, str] = {}
+
+
+def temp_name_prefix(name: str) -> str:
+    """Return the start of the temp file name of an upload to ``name``: ``.<name>.<pid>-<start>@<host>.``.
+
+    The writer's pid, start time and host are in the name so that a sweep
+    (``pacifica_like.gateway.leftovers``) can tell the temp file of a dead upload from
+    one another live process is still writing.
+    """
+    pid = os.getpid()
+    start = _process_starts.get(pid)
+    if start is None:  # read once per process: uWSGI forks after import, hence the pid key
+        from pacifica_like.core.owners import process_start  # a leaf; loaded only by writers
+
+        start = _process_starts[pid] = process_start(pid)
+    return f".{name}.{pid}-{start}@{socket.gethostname()}."
+
+
+class UploadDigests:
+    """Hash an upload as it arrives: sha-256 (recorded with the file) and every algorithm the client claimed.
+
+    Shared by the writers of every backend, so all of them accept and refuse
+    the same uploads with the same message.
+    """
+
+    def __init__(self, expect: Sequence[ExpectedDigest] = ()) -> None:
+        self._expect = list(expect)
+        self._sha256 = hashlib.sha256()
+        self._extra = {e.algorithm: hashlib.new(e.algorithm) for e in self._expect}
+        self._extra.pop("sha256", None)
+
+    def update(self, chunk: bytes) -> None:
+        """Hash ``chunk`` with every algorithm."""
+        self._sha256.update(chunk)
+        for hasher in self._extra.values():
+            hasher.update(chunk)
+
+    def verify(self, bytes_received: int) -> bytes:
+        """Return the sha-256 of what was hashed; DigestMismatch unless every claim matches."""
+        digest = self._sha256.digest()
+        for claim in self._expect:
+            actual = digest if claim.algorithm == "sha256" else self._extra[claim.algorithm].digest()
+            if not hmac.compare_digest(actual, claim.value):
+                raise DigestMismatch(
+                    f"{claim.header}: {claim.algorithm} of the {bytes_received} bytes received "
+                    "does not match the digest sent; nothing was stored"
+                )
+        return digest
+
+
+class AtomicFileWriter(Writer):
+    """Write a file under a temporary name beside its target, then publish it.
+
+    The temp file lives in the target directory (same filesystem, so the
+    final rename is atomic) under a hidden name that listings skip. Bytes are
+    hashed as they arrive; nothing reads the file back.
+    """
+
+    def __init__(
+        self,
+        final_path: str,
+        mtime: float,
+        expect: Sequence[ExpectedDigest] = (),
+        replace: bool = True,
+        mode: int = 0o444,
+    ) -> None:
+        self.final_path = final_path
+        self._mtime = mtime
+        self._replace = replace
+        self._mode = mode
+        self._digests = UploadDigests(expect)
+        self.bytes_written = 0
+        self._written_back = 0
+        self._committed = False
+        directory, name = os.path.split(final_path)
+        with translate_os_errors(f"cannot store {name}"):
+            os.makedirs(directory, exist_ok=True)
+            fd, self._temp_path = tempfile.mkstemp(
+                dir=directory, prefix=temp_name_prefix(name), suffix=TEMP_SUFFIX
+            )
+        self._file = os.fdopen(fd, "wb", buffering=CHUNK_SIZE)
+
+    def write(self, chunk: bytes) -> None:
+        """Append and hash ``chunk``; start write-out every WRITEBACK_STEP bytes."""
+        with translate_os_errors("cannot write upload"):
+            self._file.write(chunk)
+            self._digests.update(chunk)
+            self.bytes_written += len(chunk)
+            if self.bytes_written - self._written_back >= WRITEBACK_STEP:
+                self._file.flush()
+                start_writeback(
+                    self._file.fileno(), self._written_back, self.bytes_written - self._written_back
+                )
+                self._written_back = self.bytes_written
+
+    def commit(self) -> int:
+        """Verify digests, then fsync, rename and fsync the directory; return bytes stored."""
+        digest = self._digests.verify(self.bytes_written)
+        with translate_os_errors("cannot store upload"):
+            # Flush Python's buffer first: metadata calls below act on the fd.
+            self._file.flush()
+            fd = self._file.fileno()
+            # Record the digest and times before fsync so one flush makes them durable together.
+            record_sha256(fd, digest)
+            os.fchmod(fd, self._mode)
+            os.utime(fd, (self._mtime, self._mtime))
+            # Data and metadata reach the disk before any name points at them.
+            os.fsync(fd)
+            self._file.close()
+            publish(self._temp_path, self.final_path, replace=self._replace)
+            self._committed = True
+        self.sha256 = digest
+        return self.bytes_written
+
+    def discard(self) -> None:
+        """Close and remove the temp file unless it was committed."""
+        if not self._file.closed:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        if not self._committed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._temp_path)
+            self._committed = True  # nothing left to clean up
+
+
+class FileReader(Reader):
+    """A Reader over an open file descriptor of a regular file."""
+
+    def __init__(self, fd: int, status: FileStatus) -> None:
+        self._file = os.fdopen(fd, "rb", buffering=0)
+        self.status = status
+
+    def read(self, size: int = CHUNK_SIZE) -> bytes:
+        """Return up to ``size`` bytes."""
+        with translate_os_errors("cannot read file"):
+            return self._file.read(size)
+
+    def seek(self, offset: int) -> None:
+        """Move to ``offset``."""
+        self._file.seek(offset)
+
+    def close(self) -> None:
+        """Close the descriptor."""
+        self._file.close()
+
+
+def status_from_stat(st: os.stat_result, relpath: str, sha256: bytes | None) -> FileStatus:
+    """Build the status of a file that is fully on disk."""
+    return FileStatus(
+        size=st.st_size,
+        mtime=st.st_mtime,
+        ctime=st.st_ctime,
+        bytes_per_level=(st.st_size, 0),
+        media="disk",
+        relpath=relpath,
+        sha256=sha256,
+    )
+
+
+def hash_file(path: str) -> bytes:
+    """Return the sha-256 of a file's bytes, reading in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as handle:
+        while chunk := handle.read(CHUNK_SIZE):
+            digest.update(chunk)
+    return digest.digest()

@@ -1,0 +1,450 @@
+"""The sideband backend: files under ``sam_qfs_prefix``, HEAD answered from the sideband database.
+
+Two variants, chosen by ``[sideband] hsm`` (:meth:`SidebandBackend.for_settings`):
+
+* ``emulator`` (:class:`SidebandBackend`): our tape library plays the HSM. It
+  is the tape backend with ``sam_qfs_prefix`` as its disk cache, and every
+  change it makes (store, migrate, release, recall, delete) refreshes the
+  file's rows (``pacifica_like.storage.sideband.updater``), as Oracle HSM's updater does;
+* ``external`` (:class:`ExternalSidebandBackend`): a real HSM owns the
+  filesystem and keeps the database. The gateway reads and writes files
+  through the filesystem (posix semantics) and never writes the tables.
+
+In both, HEAD (``status``) reads the database only (one query joining path,
+inode and archive copies on ``(ino, gen)``) plus one ``lstat`` of the name to
+catch a database that is out of step with the filesystem; no file data is
+touched, so HEAD never triggers a recall. GET reads the disk and works
+while the database is down (the emulator's state is in its own tape catalog;
+the external variant then serves only data that is resident).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import peewee
+
+from pacifica_like.core.config import Settings
+from pacifica_like.core.errors import (
+    ArchiveError,
+    FileNotInArchive,
+    OfflineOnTape,
+    StatusMismatch,
+    StorageUnavailable,
+)
+from pacifica_like.storage.contract import (
+    ArchiveCopy,
+    Backend,
+    ExpectedDigest,
+    FileStatus,
+    MetricSample,
+    Reader,
+    TapePosition,
+    Writer,
+)
+from pacifica_like.storage.posix import PosixBackend
+from pacifica_like.storage.sideband import models
+from pacifica_like.storage.sideband.updater import SidebandUpdater, SidebandUpkeep, _Statements
+from pacifica_like.storage.tape.backend import DUAL, OFFLINE, REGULAR, TapeBackend
+
+#: Paths per query when looking up tape positions (below SQLite's bound-parameter limit).
+POSITION_BATCH = 500
+_T = TypeVar("_T")
+
+
+def _on_cache(settings: Settings) -> Settings:
+    """Return settings whose archive prefix is ``sam_qfs_prefix``: the disk the backend serves."""
+    return dataclasses.replace(
+        settings, archive=dataclasses.replace(settings.archive, prefix=settings.sam_qfs_prefix)
+    )
+
+
+class SidebandIndex:
+    """The read side of the sideband database: status, tape positions, readiness, metrics.
+
+    Safe to share between threads: each thread takes a connection from the
+    process's pool on its first query and keeps it for the next ones (no
+    check-in per query); one whose server went away is discarded and the query
+    tried once more on a fresh connection, so a restarted database costs no
+    failed request and a dead one a prompt 503.
+    """
+
+    def __init__(self, db: peewee.Database, offline_on_disk: bool) -> None:
+        self.db = db
+        self.sql = _Statements(db)
+        #: True (external HSM): an offline file keeps its inode and name on disk, as on SAM-QFS.
+        #: False (emulator): a released file has no disk file at all.
+        self.offline_on_disk = offline_on_disk
+        self.display_url: str = db.display_url  # type: ignore[attr-defined]
+        self.prepare: Callable[[], None] = lambda: None
+        #: The pid whose ``prepare()`` succeeded (tables checked once per process, after any fork).
+        self._prepared_in: int | None = None
+
+    def query(self, what: str, run: Callable[[], _T]) -> _T:
+        """Run ``run()`` on a pooled connection, retrying once on a fresh one; StorageUnavailable if down.
+
+        Only a connection kept from an earlier request that failed at once is
+        retried (the server restarted and dropped it). A fresh connection that
+        failed, or one that timed out, is not: the second try would only fail
+        the same way and double the time the request waits.
+        """
+        started = time.monotonic()
+        reused = not self.db.is_closed()
+        try:
+            if self._prepared_in != os.getpid():
+                with models.translate_errors(self.db, what):
+                    self.prepare()
+                self._prepared_in = os.getpid()
+            if reused:
+                # The common case, kept free of context managers: a HEAD's query costs ~10 µs on SQLite.
+                try:
+                    return run()
+                except (peewee.PeeweeException, OSError):
+                    with models.translate_errors(self.db, what):
+                        raise
+            with models.translate_errors(self.db, what), models.connected(self.db):
+                return run()
+        except StorageUnavailable as first:
+            quick = time.monotonic() - started < self.db.connect_timeout / 2  # type: ignore[attr-defined]
+            broken = isinstance(first.__cause__, peewee.InterfaceError | peewee.OperationalError)
+            if not (reused and quick and broken):
+                raise
+        with models.translate_errors(self.db, what), models.connected(self.db):
+            return run()
+
+    def rows(self, relpath: str) -> list[tuple]:
+        """Return the status rows of the file at ``relpath`` (one per live archive copy, at least one)."""
+        return self.query(
+            f"cannot look up {relpath}", lambda: self.db.execute_sql(self.sql.status, (relpath,)).fetchall()
+        )
+
+    def status(self, file_id: int, relpath: str, path: str) -> FileStatus:
+        """Return the file's status from its rows; FileNotInArchive or StatusMismatch as the checks find."""
+        return self.status_of(file_id, relpath, path, self.rows(relpath))
+
+    def rows_of(self, relpaths: Sequence[str]) -> dict[str, list[tuple]]:
+        """Return the status rows of many files by relpath, in batches (archiveinfo asks about 100,000)."""
+        left, right = self.db.quote[0], self.db.quote[-1]
+
+        def q(identifier: str) -> str:
+            return f"{left}{identifier}{right}"
+
+        # HEAD's query (``_Statements.status``: the same columns in the same order) for a list of
+        # paths, with the path added last to tell the files apart.
+        head = (
+            f"SELECT i.{q('ino')}, i.{q('gen')}, i.{q('size')}, i.{q('online')}, i.{q('csum')}, "
+            f"i.{q('create_time')}, i.{q('modify_time')}, a.{q('copy')}, a.{q('vsn')}, a.{q('position')}, "
+            f"a.{q('media_type')}, p.{q('path')} "
+            f"FROM {q('sam_path')} p JOIN {q('sam_inode')} i ON i.{q('ino')} = p.{q('ino')} "
+            f"AND i.{q('gen')} = p.{q('gen')} "
+            f"LEFT JOIN {q('sam_archive')} a ON a.{q('ino')} = i.{q('ino')} AND a.{q('gen')} = i.{q('gen')} "
+            f"AND a.{q('stale')} = 0 WHERE p.{q('path')} IN "
+        )
+        found: dict[str, list[tuple]] = {}
+        for start in range(0, len(relpaths), POSITION_BATCH):
+            batch = list(relpaths[start : start + POSITION_BATCH])
+            sql = f"{head}({', '.join([self.db.param] * len(batch))}) ORDER BY a.{q('copy')}"
+            for row in self.query("cannot look up files", _fetch(self.db, sql, batch)):
+                found.setdefault(row[-1], []).append(row[:-1])
+        return found
+
+    def status_of(self, file_id: int, relpath: str, path: str, rows: list[tuple]) -> FileStatus:
+        """Return the file's status from ``rows`` (its status rows) and its name on disk."""
+        try:
+            st: os.stat_result | None = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            if exc.errno != errno.ENOTDIR:
+                raise StorageUnavailable(f"cannot look at {relpath}: {exc.strerror}") from exc
+            st = None
+        on_disk = st is not None and stat.S_ISREG(st.st_mode)
+        if not rows:
+            if on_disk:
+                raise StatusMismatch(
+                    f"file {file_id} is on disk ({relpath}) but not in the sideband database "
+                    f"{self.display_url}: the HSM's database has not recorded it; it catches up by itself "
+                    "if its updater is running behind, else `pacifica-like sideband load` rebuilds the rows"
+                )
+            raise FileNotInArchive(f"file {file_id} is not in the archive")
+        ino, gen, size, online, csum, create_time, modify_time = rows[0][:7]
+        where = f"file {file_id} ({relpath}, inode {ino} generation {gen})"
+        if not on_disk and (online or self.offline_on_disk):
+            raise StatusMismatch(
+                f"the sideband database {self.display_url} lists {where} as "
+                f"{'online' if online else 'offline'}, but it is not on disk: the database is behind "
+                "the filesystem (the file was removed or the updater missed it); "
+                "`pacifica-like sideband load` rebuilds the rows"
+            )
+        if on_disk and st is not None and (st.st_ino != ino or not (online or self.offline_on_disk)):
+            raise StatusMismatch(
+                f"{where} in the sideband database {self.display_url} is not the file on disk "
+                f"(inode {st.st_ino}{'' if online or self.offline_on_disk else ', not released'}): "
+                "the database is behind the filesystem; `pacifica-like sideband load` rebuilds the rows"
+            )
+        copies = tuple(ArchiveCopy(int(r[7]), r[8], int(r[9])) for r in rows if r[7] is not None)
+        size = int(size)
+        if online:
+            state, level, media = (DUAL if copies else REGULAR), (size, size if copies else 0), "disk"
+        else:
+            state, level, media = OFFLINE, (0, size), "tape"
+        return FileStatus(
+            size=size,
+            mtime=float(modify_time),
+            ctime=float(create_time),
+            bytes_per_level=level,
+            media=media,
+            relpath=relpath,
+            sha256=bytes.fromhex(csum) if csum else None,
+            state=state,
+            copies=copies,
+        )
+
+    def online(self, relpath: str) -> bool | None:
+        """Return the file's online flag (None: no row)."""
+        rows = self.rows(relpath)
+        return bool(rows[0][3]) if rows else None
+
+    def tape_positions(self, paths: dict[str, int]) -> dict[int, TapePosition]:
+        """Return where each offline file of ``paths`` (relpath -> id) would be recalled from.
+
+        The newest live copy (the highest copy number), as the tape backend
+        recalls the newest undamaged copy.
+        """
+        found: dict[int, TapePosition] = {}
+        names = list(paths)
+        q = self.db.quote[0], self.db.quote[-1]
+
+        def name(identifier: str) -> str:
+            return f"{q[0]}{identifier}{q[1]}"
+
+        for start in range(0, len(names), POSITION_BATCH):
+            batch = names[start : start + POSITION_BATCH]
+            marks = ", ".join([self.db.param] * len(batch))
+            sql = (
+                f"SELECT p.{name('path')}, a.{name('vsn')}, a.{name('position')}, a.{name('size')} "
+                f"FROM {name('sam_path')} p JOIN {name('sam_inode')} i ON i.{name('ino')} = p.{name('ino')} "
+                f"AND i.{name('gen')} = p.{name('gen')} JOIN {name('sam_archive')} a "
+                f"ON a.{name('ino')} = i.{name('ino')} AND a.{name('gen')} = i.{name('gen')} "
+                f"WHERE p.{name('path')} IN ({marks}) AND i.{name('online')} = 0 AND a.{name('stale')} = 0 "
+                f"ORDER BY a.{name('copy')}"
+            )
+            rows = self.query("cannot look up tape positions", _fetch(self.db, sql, batch))
+            for relpath, vsn, position, size in rows:
+                file_id = paths[relpath]
+                found[file_id] = TapePosition(vsn, int(position), file_id, int(size))  # last = newest
+        return found
+
+    def check_ready(self) -> None:
+        """Raise StorageUnavailable unless the database answers and holds the sideband tables."""
+        self.query("readiness check", lambda: self.db.execute_sql(self.sql.ready).fetchall())
+
+    def metrics(self) -> list[MetricSample]:
+        """Count files by online flag and live archive copies (read from the database at each scrape)."""
+
+        def count() -> tuple[list[tuple], int]:
+            by_online = self.db.execute_sql(
+                "SELECT online, COUNT(*) FROM sam_inode GROUP BY online"
+            ).fetchall()
+            copies = self.db.execute_sql("SELECT COUNT(*) FROM sam_archive WHERE stale = 0").fetchone()[0]
+            return by_online, int(copies)
+
+        by_online, copies = self.query("metrics", count)
+        counts = {"online": 0, "offline": 0}
+        for online, number in by_online:
+            counts["online" if online else "offline"] += int(number)
+        help_files = "Files in the sideband database, by whether their data is on disk."
+        samples = [
+            MetricSample(
+                "sideband_files", counts[key], help_files, labels=(("online", str(key == "online").lower()),)
+            )
+            for key in ("online", "offline")
+        ]
+        samples.append(MetricSample("sideband_archive_copies", copies, "Live archive copies in sam_archive."))
+        return samples
+
+
+def _fetch(db: peewee.Database, sql: str, params: Sequence[object]) -> Callable[[], list[tuple]]:
+    return lambda: db.execute_sql(sql, params).fetchall()
+
+
+def _open(settings: Settings, url: str) -> peewee.Database:
+    side = settings.sideband
+    return models.open_database(url, side.connect_timeout, side.max_connections)
+
+
+def upkeep_for(backend: TapeBackend, url: str) -> SidebandUpkeep:
+    """Return the hook that keeps the sideband database ``url`` true for ``backend``'s changes."""
+    db = _open(backend.settings, url)
+    return SidebandUpkeep(SidebandUpdater(db, backend, prepare=lambda: models.create_schema(db)))
+
+
+class SidebandBackend(TapeBackend):
+    """The emulated HSM: the tape backend on ``sam_qfs_prefix``, HEAD answered from the sideband database."""
+
+    name = "sideband"
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> type[Backend]:
+        """Pick the variant ``[sideband] hsm`` names."""
+        return ExternalSidebandBackend if settings.sideband.hsm == "external" else SidebandBackend
+
+    @classmethod
+    def preflight(cls, settings: Settings) -> None:
+        """Check the tape library, as the tape backend does (the database is checked per request)."""
+        TapeBackend.preflight(_on_cache(settings))
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(_on_cache(settings))
+
+    def _sideband_upkeep(self, settings: Settings) -> SidebandUpkeep:
+        upkeep = upkeep_for(self, settings.sideband_url())
+        self.index = SidebandIndex(upkeep.updater.db, offline_on_disk=False)
+        self.index.prepare = upkeep.updater.prepare
+        return upkeep
+
+    def status(self, file_id: int) -> FileStatus:
+        """Answer from the sideband database (see :meth:`SidebandIndex.status`)."""
+        return self.index.status(file_id, self.relpath(file_id), self.path(file_id))
+
+    def tape_positions(self, file_ids: Iterable[int]) -> dict[int, TapePosition]:
+        """Answer from ``sam_archive``: the newest live copy of each offline file."""
+        return self.index.tape_positions({self.relpath(file_id): file_id for file_id in file_ids})
+
+    def check_ready(self) -> None:
+        """The tape backend's checks, then a query of the sideband database."""
+        super().check_ready()
+        self.index.check_ready()
+
+    def metrics_snapshot(self) -> list[MetricSample]:
+        """The tape library's metrics plus the sideband database's counts."""
+        return [*super().metrics_snapshot(), *self.index.metrics()]
+
+    def close(self) -> None:
+        """Close the tape backend, then the pool's connections."""
+        super().close()
+        with contextlib.suppress(Exception):
+            self.index.db.close_all()
+
+
+class ExternalSidebandBackend(PosixBackend):
+    """A real HSM keeps the database; files are read and written through its filesystem.
+
+    The gateway never writes the tables. A file the HSM has released keeps
+    its name and inode (``online`` 0); GET of it answers 503 (POST to stage),
+    and POST reads its first byte in the background, which is how a SAM-QFS
+    filesystem is asked to stage a file.
+    """
+
+    name = "sideband"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(_on_cache(settings))
+        db = _open(settings, settings.sideband_url())
+        self.index = SidebandIndex(db, offline_on_disk=True)
+        self.index.prepare = lambda: models.check_tables(db)
+        self._stager = ThreadPoolExecutor(max_workers=4)
+        self._staging: set[int] = set()
+        self._staging_lock = threading.Lock()
+
+    def status(self, file_id: int) -> FileStatus:
+        """Answer from the sideband database (see :meth:`SidebandIndex.status`)."""
+        return self.index.status(file_id, self.relpath(file_id), self.path(file_id))
+
+    def open_reader(self, file_id: int) -> Reader:
+        """Open a file whose data is online; an offline one is a 503 telling the client to POST.
+
+        With the database down, the file's allocated blocks tell: data that
+        is not resident would make the read wait for a recall, so it is refused.
+        """
+        try:
+            online = self.index.online(self.relpath(file_id))
+        except StatusMismatch:
+            online = None
+        except StorageUnavailable:
+            online = None
+            reader = super().open_reader(file_id)
+            st = os.fstat(reader._file.fileno())  # type: ignore[attr-defined]
+            if st.st_size and st.st_blocks * 512 < st.st_size:
+                reader.close()
+                raise
+            return reader
+        if online is False:
+            raise OfflineOnTape(
+                f"file {file_id} is only on tape; POST /{file_id} to stage it, then GET it again"
+            )
+        return super().open_reader(file_id)
+
+    def stage(self, file_id: int) -> bool:
+        """True when the data is online; otherwise ask the filesystem to stage it and return False."""
+        online = self.index.online(self.relpath(file_id))
+        if online is None:
+            raise FileNotInArchive(f"file {file_id} is not in the archive")
+        if online:
+            return True
+        with self._staging_lock:
+            if file_id in self._staging:
+                return False
+            self._staging.add(file_id)
+        self._stager.submit(self._read_first_byte, file_id)
+        return False
+
+    def _read_first_byte(self, file_id: int) -> None:
+        try:
+            with contextlib.suppress(OSError), open(self.path(file_id), "rb", buffering=0) as handle:
+                handle.read(1)
+        finally:
+            with self._staging_lock:
+                self._staging.discard(file_id)
+
+    def tape_positions(self, file_ids: Iterable[int]) -> dict[int, TapePosition]:
+        """Answer from ``sam_archive``: the newest live copy of each offline file."""
+        return self.index.tape_positions({self.relpath(file_id): file_id for file_id in file_ids})
+
+    def localities(self, file_ids: Iterable[int]) -> dict[int, str]:
+        """Answer as :meth:`status` would per file, from batched reads of the database (one per 500 files)."""
+        names = {file_id: self.relpath(file_id) for file_id in file_ids}
+        try:
+            rows = self.index.rows_of(list(names.values()))
+        except StorageUnavailable:
+            return dict.fromkeys(names, "UNAVAILABLE")
+        found: dict[int, str] = {}
+        for file_id, relpath in names.items():
+            try:
+                status = self.index.status_of(file_id, relpath, self.path(file_id), rows.get(relpath, []))
+            except FileNotInArchive:
+                found[file_id] = "NONE"
+            except ArchiveError:  # the database is behind the filesystem for this file
+                found[file_id] = "UNAVAILABLE"
+            else:
+                on_disk, on_tape = status.media == "disk", sum(status.bytes_per_level[1:]) > 0
+                found[file_id] = "DISK_AND_TAPE" if on_disk and on_tape else "DISK" if on_disk else "TAPE"
+        return found
+
+    def open_writer(self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()) -> Writer:
+        """Write through the filesystem (the HSM's updater records the new file)."""
+        return super().open_writer(file_id, mtime, expect)
+
+    def check_ready(self) -> None:
+        """The prefix is writable and the sideband database answers."""
+        super().check_ready()
+        self.index.check_ready()
+
+    def metrics_snapshot(self) -> list[MetricSample]:
+        """The sideband database's counts."""
+        return self.index.metrics()
+
+    def close(self) -> None:
+        """Stop background stages and close the pool's connections."""
+        self._stager.shutdown(wait=False, cancel_futures=True)
+        with contextlib.suppress(Exception):
+            self.index.db.close_all()
