@@ -25,7 +25,7 @@ from pacifica_like.cli import (
 from pacifica_like.cli import (
     tape as tape_cli,
 )
-from pacifica_like.core.config import SCHEMA, ConfigError, Settings, load_settings, redact_url
+from pacifica_like.core.config import ConfigError, Settings, add_flags, describe, flag_values, load_settings
 
 #: Modules adding maintenance sub-commands: each has ``COMMANDS``, ``add_commands(commands,
 #: add_settings)`` and ``run(args, settings) -> exit status``.
@@ -55,8 +55,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, backends: Sequence[s
     parser.add_argument(
         "-c", "--config", help="archive.ini path (default: $PAI_CONFIG, else built-in defaults)"
     )
-    parser.add_argument("-t", "--type", dest="backend", choices=backends, help="storage backend")
-    parser.add_argument("--prefix", help="archive root directory (the disk cache)")
+    add_flags(parser, "archive", backend=backends)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser, backends: Sequence[str]) -> None:
@@ -68,27 +67,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser, backends: Sequence[str]
         dest="cpconfig",
         help="CherryPy server.conf path (default: $PAI_CPCONFIG)",
     )
-    parser.add_argument("-a", "--address", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("-p", "--port", type=int, help="port to listen on (default 8080)")
-    parser.add_argument("--threads", type=int, help="request threads (default 16)")
+    add_flags(parser, "server")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Merge the parsed flags with env, files and defaults."""
-    for name in ("address", "port", "threads", "cpconfig"):
-        if not hasattr(args, name):
-            setattr(args, name, None)
-    if args.port is not None and not 0 <= args.port <= 65535:
-        raise ConfigError(f"--port {args.port}: outside 0-65535")
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads {args.threads}: must be positive")
+    """Merge the parsed flags (checked by their declared parsers) with env, files and defaults."""
     return load_settings(
-        flags={
-            "archive": {"backend": args.backend, "prefix": args.prefix},
-            "server": {"address": args.address, "port": args.port, "threads": args.threads},
-        },
-        config_file=args.config,
-        cpconfig_file=args.cpconfig,
+        flags=flag_values(args), config_file=args.config, cpconfig_file=getattr(args, "cpconfig", None)
     )
 
 
@@ -164,11 +149,8 @@ def check_config(settings: Settings) -> int:
     from pacifica_like.storage import registry
 
     registry.check(settings)
-    for section in SCHEMA:
-        for key, value in vars(getattr(settings, section)).items():
-            if (section, key) in (("archive", "catalog"), ("sideband", "database")) and value:
-                value = redact_url(value)  # a database URL may carry a password
-            print(f"[{section}] {key} = {value}    ({settings.source_of(section, key)})")
+    for section, key, value, source in describe(settings):
+        print(f"[{section}] {key} = {value}    ({source})")
     return 0
 
 
