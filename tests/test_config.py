@@ -327,3 +327,14 @@ def test_the_generator_rewrites_a_stale_table_in_place(tmp_path: Path):
         timeout=60,
     )
     assert printed.stdout == settings_table()
+
+
+def test_flagged_keys_have_distinct_names_and_flags():
+    """A flag's value lands on ``args.<key>``, so two flagged keys may not share a name or a flag."""
+    from pacifica_like.core.config import SCHEMA, flag_options
+
+    flagged = flag_options(*SCHEMA)
+    assert len({key for _, key, _ in flagged}) == len(flagged)
+    every_flag = [flag for _, _, option in flagged for flag in option.flags]
+    assert len(set(every_flag)) == len(every_flag)
+    assert {key for _, key, _ in flagged} == {"backend", "prefix", "address", "port", "threads"}
