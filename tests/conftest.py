@@ -155,13 +155,19 @@ def make_settings(prefix: Path) -> Callable[..., Settings]:
     return build
 
 
+@pytest.fixture(params=["wsgi", "cherrypy"])
+def file_api(request: pytest.FixtureRequest) -> str:
+    """The file API's adapter: the plain WSGI one (uWSGI's) or the CherryPy MethodDispatcher resource."""
+    return request.param
+
+
 @pytest.fixture
-def make_app(make_settings: Callable[..., Settings]) -> Callable[..., webtest.TestApp]:
-    """Build the real WSGI app (file API + CherryPy fallback) for WebTest."""
+def make_app(make_settings: Callable[..., Settings], file_api: str) -> Callable[..., webtest.TestApp]:
+    """Build the real WSGI app (file API + CherryPy fallback) for WebTest, on each file API adapter."""
 
     def build(**archive: Any) -> webtest.TestApp:
         settings = make_settings(**archive)
-        return webtest.TestApp(build_app(settings, factory.create(settings)))
+        return webtest.TestApp(build_app(settings, factory.create(settings), file_api=file_api))
 
     return build
 

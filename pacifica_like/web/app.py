@@ -1,38 +1,36 @@
-"""Build the WSGI application and render every error as JSON.
+"""Build the WSGI application: the file API, the operators' paths and the bulk API, observed.
 
-This is the one place that turns failures into HTTP: ``ArchiveError.http_status``
-for our errors, 500 (logged with its traceback, never sent) for anything else,
-and CherryPy's own errors (unknown paths) through the same JSON shape.
-
-The application is the file API (``pacifica_like.web.fileapi.FileAPI``), which serves
-``/`` and ``/<id>``, in front of a CherryPy application that receives the
-operators' paths (``/metrics``, ``/ready``: ``pacifica_like.web.probes``) and the
-bulk-staging API (``/.well-known``, ``/api``: ``pacifica_like.web.bulkapi``), all
-wrapped by ``pacifica_like.web.observe`` (request ids, access log, metrics).
+The file API (``/``, ``/<id>``) is served by one of two thin adapters over
+the same handlers (``pacifica_like.web.filehandlers``): the plain WSGI
+``FileAPI`` (the default, and what uWSGI runs) or the CherryPy
+``FileResource`` under ``MethodDispatcher`` (``file_api="cherrypy"``). The
+other paths (``/metrics``, ``/ready``: ``pacifica_like.web.probes``; the
+bulk-staging API ``/.well-known``, ``/api``: ``pacifica_like.web.bulkapi``)
+are a CherryPy application beside it. ``pacifica_like.web.errors`` renders
+every error, JSON or problem+json by mount; ``pacifica_like.web.observe``
+wraps it all (request ids, access log, metrics).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from typing import Any
 
 import cherrypy
 
 from pacifica_like import __version__
 from pacifica_like.core.config import Settings
-from pacifica_like.core.errors import ArchiveError
 from pacifica_like.gateway import leftovers
 from pacifica_like.gateway.inventory import with_inventory
 from pacifica_like.storage.contract import Backend
 from pacifica_like.web import bulkapi as bulk_api
-from pacifica_like.web import logs
-from pacifica_like.web.fileapi import FileAPI, Response, json_response
+from pacifica_like.web import errors, logs
+from pacifica_like.web.fileapi import FileAPI, MountSplit
+from pacifica_like.web.filehandlers import FileHandlers
+from pacifica_like.web.fileresource import DISPATCH_CONFIG, FileResource
 from pacifica_like.web.metrics import Metrics
 from pacifica_like.web.observe import ObservedApp
 from pacifica_like.web.probes import ProbesRoot
 
-log = logging.getLogger(logs.ERROR_LOGGER)
 #: First path segments served by the CherryPy application (``ProbesRoot``'s handlers).
 PROBE_PATHS = frozenset(("metrics", "ready"))
 
@@ -47,31 +45,15 @@ CHERRYPY_APP_CONFIG: dict[str, Any] = {
 }
 
 
-def error_response(exc: BaseException) -> Response:
-    """Return the JSON response for an exception raised while serving a request."""
-    if isinstance(exc, ArchiveError):
-        if exc.http_status >= 500:
-            log.error("%s: %s", type(exc).__name__, exc.message, exc_info=exc)
-        return json_response(
-            exc.http_status,
-            {"status": exc.http_status, "message": exc.message},
-            list(exc.headers.items()),
-        )
-    log.error("unhandled error while serving a request", exc_info=exc)
-    return json_response(
-        500, {"status": 500, "message": "internal server error; the server log has the details"}
-    )
+#: The two adapters of the file API (``build_app(file_api=...)``).
+FILE_APIS = ("wsgi", "cherrypy")
 
 
-def render_http_error(status: str, message: str, traceback: str, version: str) -> str:
-    """Render CherryPy's own errors (404 for unknown paths...) in our JSON shape."""
-    cherrypy.serving.response.headers["Content-Type"] = "application/json"
-    return json.dumps({"status": int(status.split()[0]), "message": message})
-
-
-def build_app(settings: Settings, backend: Backend) -> ObservedApp:
+def build_app(settings: Settings, backend: Backend, file_api: str = "wsgi") -> ObservedApp:
     """Return the archive as a WSGI application over ``backend``.
 
+    ``file_api``: ``"wsgi"`` serves the file API with the plain WSGI adapter,
+    ``"cherrypy"`` with the MethodDispatcher resource (same handlers, same wire).
     Also routes the access and error logs to stderr (``pacifica_like.web.logs``).
     Build it in the process that serves: uWSGI workers build theirs after the fork.
     """
@@ -87,8 +69,9 @@ def build_app(settings: Settings, backend: Backend) -> ObservedApp:
         sources.append(("catalog", backend.audit_metrics))
     info = {"version": __version__, "backend": storage.name}
     metrics = Metrics(sources, info)
-    config = dict(CHERRYPY_APP_CONFIG)
-    config["error_page.default"] = render_http_error
+    if file_api not in FILE_APIS:
+        raise ValueError(f"file_api must be one of {', '.join(FILE_APIS)}, not {file_api!r}")
+    config = {**CHERRYPY_APP_CONFIG, **errors.cherrypy_config(errors.JSON)}
     root = ProbesRoot(metrics, ready_checks, storage.name)
     app_config: dict[str, dict[str, Any]] = {"/": config}
     # The bulk-staging API (its store is the catalog database); it resolves files on the storage itself.
@@ -99,7 +82,17 @@ def build_app(settings: Settings, backend: Backend) -> ObservedApp:
     if settings.cpconfig_file:
         fallback.merge(settings.cpconfig_file)
     fallback_names = PROBE_PATHS | bulk_api.PATHS
-    api = FileAPI(backend, settings, fallback, error_response, fallback_names=fallback_names)
+    api: FileAPI | MountSplit
+    if file_api == "cherrypy":
+        files = cherrypy.Application(FileResource(backend, settings), "", DISPATCH_CONFIG)
+        files.log.access_log.propagate = False
+        # CherryPy's internal redirector copies the environ per request; without it the handlers'
+        # notes (bytes received, the error) reach ObservedApp. The resource never redirects.
+        pipeline = files.wsgiapp.pipeline
+        files.wsgiapp.pipeline = [(name, part) for name, part in pipeline if name != "InternalRedirector"]
+        api = MountSplit(files, fallback, fallback_names)
+    else:
+        api = FileAPI(FileHandlers(backend, settings), fallback, fallback_names=fallback_names)
     logs.install(settings.server.access_log)
     if inventory is not None:
         # Temp files and markers of uploads whose process died (a kill -9): removed, and logged.

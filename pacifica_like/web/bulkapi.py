@@ -6,7 +6,8 @@ Handlers parse and check the request, resolve files through the backend
 contract (``localities``, ``tape_positions``) and read or write
 :class:`~pacifica_like.bulk.store.BulkStore`; the scheduler does the recalls.
 Every error, ours and CherryPy's (unknown path, wrong verb), is
-``application/problem+json`` (RFC 9457) without a traceback.
+``application/problem+json`` (RFC 9457) without a traceback, rendered by
+``pacifica_like.web.errors`` (configured on these mounts by :func:`mount`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterator
-from http import HTTPStatus
 from typing import Any
 
 import cherrypy
@@ -48,10 +48,10 @@ from pacifica_like.core.errors import (
 from pacifica_like.core.ids import MAX_ID, parse_id
 from pacifica_like.core.slots import SlotPool, directory_for
 from pacifica_like.storage.contract import Backend
+from pacifica_like.web import errors
 
 log = logging.getLogger("pacifica_like.error")
 
-PROBLEM_TYPE = "application/problem+json"
 #: Bytes a request body may carry per file it names (a path, a lifetime, JSON punctuation).
 BODY_BYTES_PER_FILE = 256
 #: Extra body bytes allowed beyond that, whatever the file count.
@@ -67,24 +67,6 @@ HEAVY_RETRY_AFTER = 2
 HEAVY_HOOK: Callable[[str], None] | None = None
 
 
-def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> bytes:
-    """Set the status and headers of the current response and return its problem+json body."""
-    response = cherrypy.serving.response
-    response.status = status
-    response.headers["Content-Type"] = PROBLEM_TYPE
-    response.headers["Cache-Control"] = "no-store"
-    for name, value in (headers or {}).items():
-        response.headers[name] = value
-    title = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
-    document = {"type": "about:blank", "title": title, "status": status, "detail": detail}
-    return json.dumps(document).encode("utf-8")
-
-
-def render_problem(status: str, message: str, traceback: str, version: str) -> bytes:
-    """Render CherryPy's own errors (unknown path, wrong verb) under the bulk paths as problem+json."""
-    return problem(int(status.split()[0]), message)
-
-
 def _json(payload: Any, status: int = 200) -> bytes:
     response = cherrypy.serving.response
     response.status = status
@@ -94,7 +76,7 @@ def _json(payload: Any, status: int = 200) -> bytes:
 
 
 def _handler(method: Callable[[Any, tuple[str, ...], dict[str, Any]], bytes]) -> Callable[..., bytes]:
-    """Expose a handler whose ArchiveErrors become problem+json; anything else is a logged 500.
+    """Expose a handler; its errors reach ``pacifica_like.web.errors`` (problem+json) through CherryPy.
 
     CherryPy passes the rest of the path as positional and the query as
     keyword arguments. The handler gets them as one tuple and one dict: named
@@ -105,17 +87,7 @@ def _handler(method: Callable[[Any, tuple[str, ...], dict[str, Any]], bytes]) ->
 
     @functools.wraps(method)
     def run(*args: Any, **kwargs: Any) -> bytes:
-        try:
-            return method(args[0], args[1:], kwargs)
-        except ArchiveError as exc:
-            if exc.http_status >= 500:
-                log.error("%s: %s", type(exc).__name__, exc.message, exc_info=exc)
-            return problem(exc.http_status, exc.message, dict(exc.headers))
-        except cherrypy.HTTPError:
-            raise
-        except Exception as exc:  # a bug: the log gets the traceback, the client never does
-            log.error("unhandled error in the bulk API", exc_info=exc)
-            return problem(500, "internal server error; the server log has the details")
+        return method(args[0], args[1:], kwargs)
 
     run.exposed = True  # type: ignore[attr-defined]
     return run
@@ -706,5 +678,5 @@ def mount(root: object, config: dict[str, dict[str, Any]], settings: Settings, b
     root._well_known = WellKnownRoot(api)  # type: ignore[attr-defined]
     root.api = ApiRoot(api)  # type: ignore[attr-defined]
     for path in ("/.well-known", "/api"):
-        config[path] = {"error_page.default": render_problem}
+        config[path] = errors.cherrypy_config(errors.PROBLEM)
     return api

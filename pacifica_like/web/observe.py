@@ -18,7 +18,9 @@ from time import perf_counter
 from typing import Any
 
 from pacifica_like.web import logs
-from pacifica_like.web.fileapi import BYTES_IN_KEY, ERROR_KEY, WSGIApp
+from pacifica_like.web.errors import ERROR_KEY
+from pacifica_like.web.fileapi import WSGIApp
+from pacifica_like.web.filehandlers import BYTES_IN_KEY
 from pacifica_like.web.metrics import Metrics
 
 #: Methods counted under their own name; anything else is "other" (bounded label values).
