@@ -91,9 +91,9 @@ print(f"DATA_DIR={prefix}")
 # uWSGI workers serve the bulk API but run no recall scheduler: a tape-backed archive gets
 # one `pacifica-like worker` beside them, unless [bulk] scheduler = off or there is no catalog.
 from pacifica_like.storage import registry
-from pacifica_like.storage.tape.backend import TapeBackend
+from pacifica_like.storage.contract import TapeManaged
 try:
-    tape_backed = issubclass(registry.resolve(backend), TapeBackend)
+    tape_backed = issubclass(registry.resolve(backend), TapeManaged)
 except KeyError:
     tape_backed = False
 wanted = tape_backed and settings.bulk.scheduler == "in-process" and settings.archive.catalog is not None

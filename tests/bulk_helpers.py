@@ -14,8 +14,8 @@ from pacifica_like.bulk.scheduler import Scheduler
 from pacifica_like.core.config import Settings, load_settings
 from pacifica_like.storage import registry as factory
 from pacifica_like.storage.contract import Backend
+from pacifica_like.storage.contract import TapeManaged as TapeBackend
 from pacifica_like.storage.tape import operations
-from pacifica_like.storage.tape.backend import TapeBackend
 from pacifica_like.web.app import build_app
 
 MTIME = 784111777.0

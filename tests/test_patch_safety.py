@@ -35,7 +35,7 @@ import pytest
 
 from pacifica_like.core.config import ConfigError, load_settings
 from pacifica_like.core.errors import Conflict, FileNotInArchive, Forbidden, InvalidRequest
-from pacifica_like.storage import posix as posix_module
+from pacifica_like.storage import diskcache as posix_module
 from pacifica_like.storage import registry, safeopen
 from pacifica_like.storage.contract import read_sha256
 from pacifica_like.web import devserver

@@ -20,7 +20,7 @@ import pytest
 import webtest
 from conftest import LAST_MODIFIED
 
-import pacifica_like.storage.tape.backend as tape_backend_module
+import pacifica_like.storage.hsm as tape_backend_module
 from pacifica_like.core.errors import Conflict, FileNotInArchive
 from pacifica_like.storage.tape import operations
 from pacifica_like.storage.tape.backend import TapeBackend

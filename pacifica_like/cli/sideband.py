@@ -15,14 +15,11 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
 from pacifica_like.cli.args import add_output_flags, progress_disabled
 from pacifica_like.core.config import ConfigError, Settings, redact_url
 from pacifica_like.core.errors import ArchiveError
-
-if TYPE_CHECKING:
-    from pacifica_like.storage.tape.backend import TapeBackend
 
 #: The top-level commands this module runs.
 COMMANDS = ("sideband",)
@@ -43,13 +40,14 @@ def add_commands(commands: argparse._SubParsersAction, settings_arguments: Calla
     add_output_flags(load, "print the result as JSON")
 
 
-def _open_backend(settings: Settings) -> TapeBackend:
+def _open_backend(settings: Settings) -> Any:
+    """Open the configured backend with the updater of its sideband database (``sideband_updater()``)."""
     from pacifica_like.storage import registry
-    from pacifica_like.storage.tape.backend import TapeBackend
+    from pacifica_like.storage.contract import KeepsSideband, TapeManaged
 
     chosen = registry.backend_class(settings)
     where = settings.source_of("archive", "backend")
-    if not issubclass(chosen, TapeBackend):
+    if not (issubclass(chosen, TapeManaged) and issubclass(chosen, KeepsSideband)):
         if settings.archive.backend.lower() in ("sideband", "hsm_sideband"):
             raise ConfigError(
                 f"{settings.source_of('sideband', 'hsm')}: with an external HSM its own database "
@@ -58,10 +56,12 @@ def _open_backend(settings: Settings) -> TapeBackend:
         raise ConfigError(
             f"{where}: sideband load needs backend = sideband (or tape), not {settings.archive.backend!r}"
         )
-    if chosen is TapeBackend and settings.sideband.database is None:
-        raise ConfigError("backend = tape keeps no sideband database: set [sideband] database")
     registry.check(settings)
-    return registry.create(settings)
+    backend = registry.create(settings)
+    if backend.sideband_updater() is None:  # type: ignore[attr-defined]
+        backend.close()
+        raise ConfigError("backend = tape keeps no sideband database: set [sideband] database")
+    return backend
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     backend = _open_backend(settings)
     try:
-        updater = backend.sideband_upkeep.updater
+        updater = backend.sideband_updater()
         url = redact_url(settings.sideband_url())
         disable = progress_disabled(args.progress)
         with tqdm(desc="scan", unit=" files", disable=disable) as bar:

@@ -24,7 +24,7 @@ from pacifica_like.core.errors import ArchiveError, InvalidRequest
 from pacifica_like.core.ids import parse_id
 
 if TYPE_CHECKING:
-    from pacifica_like.storage.tape.backend import TapeBackend
+    from pacifica_like.storage.hsm import TapeHsm
     from pacifica_like.storage.tape.operations import Outcome, Step
 
 #: The top-level commands this module runs.
@@ -121,13 +121,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def _require_tape(settings: Settings) -> None:
     from pacifica_like.storage import registry
-    from pacifica_like.storage.tape.backend import TapeBackend
+    from pacifica_like.storage.contract import TapeManaged
 
     try:
         backend_class = registry.backend_class(settings)
     except ConfigError:
         backend_class = None
-    if backend_class is None or not issubclass(backend_class, TapeBackend):
+    if backend_class is None or not issubclass(backend_class, TapeManaged):
         where = settings.source_of("archive", "backend")
         raise ConfigError(
             f"{where}: tape commands need backend = tape (or sideband with the emulated HSM), "
@@ -135,16 +135,16 @@ def _require_tape(settings: Settings) -> None:
         )
 
 
-def _open_backend(settings: Settings) -> TapeBackend:
+def _open_backend(settings: Settings) -> TapeHsm:
     from pacifica_like.storage import registry
-    from pacifica_like.storage.tape.backend import TapeBackend
+    from pacifica_like.storage.contract import TapeManaged
 
     _require_tape(settings)
     registry.check(settings)
-    # The configured backend (tape, or sideband whose tables follow every change), not a bare TapeBackend.
+    # The configured backend (tape, or sideband whose tables follow every change), not a bare tape HSM.
     backend = registry.create(settings)
-    assert isinstance(backend, TapeBackend)
-    return backend
+    assert isinstance(backend, TapeManaged)
+    return backend  # type: ignore[return-value]
 
 
 def tape_init(settings: Settings) -> int:
@@ -164,7 +164,7 @@ def tape_init(settings: Settings) -> int:
     return 0
 
 
-def tape_status(backend: TapeBackend, as_json: bool) -> int:
+def tape_status(backend: TapeHsm, as_json: bool) -> int:
     """Print volumes, drives and counters."""
     catalog = backend.catalog
     drives = backend.library.drives()
@@ -218,7 +218,7 @@ def tape_status(backend: TapeBackend, as_json: bool) -> int:
     return 0
 
 
-def _select(backend: TapeBackend, args: argparse.Namespace) -> list[int]:
+def _select(backend: TapeHsm, args: argparse.Namespace) -> list[int]:
     """Return the ids a command acts on: the ones named, or every one with --all, filtered by age."""
     if args.all and args.ids:
         raise ConfigError("give file ids or --all, not both")
@@ -250,7 +250,7 @@ def _progress_bar(args: argparse.Namespace, total: int, what: str) -> Iterator[C
 _VERB = {"migrate": "migrate", "release": "release", "stage": "recall"}
 
 
-def move(backend: TapeBackend, args: argparse.Namespace) -> int:
+def move(backend: TapeHsm, args: argparse.Namespace) -> int:
     """Plan and run migrate, release or stage."""
     from pacifica_like.storage.tape import operations
 
@@ -345,7 +345,7 @@ def _print_outcome(outcome: Outcome, action: str, as_json: bool) -> int:
     return 1 if outcome.failed else 0
 
 
-def verify(backend: TapeBackend, args: argparse.Namespace) -> int:
+def verify(backend: TapeHsm, args: argparse.Namespace) -> int:
     """Sample, verify, report per volume and as JSON; exit 1 on any mismatch or unreadable copy."""
     from pacifica_like.storage.tape import operations
 

@@ -11,7 +11,15 @@ Plugin API (what a backend implements and the web layer calls):
 * :class:`TapePosition` - where a file that is only on tape would be recalled from
   (backends with tape behind the disk; the bulk-staging scheduler orders by it);
 * :class:`VolumeSession` - a drive held with one volume mounted, for recalls in
-  tape order (:meth:`Backend.open_volume`).
+  tape order (:meth:`Backend.open_volume`);
+* capability protocols, checked with ``isinstance`` where a caller needs more
+  than the contract: :class:`TapeManaged` (migrate, release, recall, verify),
+  :class:`KeepsSideband` (a sideband database kept by the backend itself);
+* storage events (:class:`StorageEvent` and its kinds: :class:`Stored`,
+  :class:`Replaced`, :class:`Moved`, :class:`Deleted`, :class:`Migrated`,
+  :class:`Released`, :class:`Recalled`, :class:`CopyBad`), emitted on
+  ``Backend.events`` (:class:`EventBus`) after each change is durable, to the
+  subscribers wired when the app or CLI is built.
 
 Helpers (not part of the API, shared so every backend commits the same way):
 :class:`AtomicFileWriter`, :class:`UploadDigests`, :class:`FileReader`, :func:`translate_os_errors`,
@@ -31,13 +39,13 @@ import ctypes.util
 import errno
 import hashlib
 import hmac
+import logging
 import os
 import socket
-import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from pacifica_like.core.config import ConfigError, Settings
 from pacifica_like.core.errors import (
@@ -50,6 +58,8 @@ from pacifica_like.core.errors import (
     InvalidRequest,
     StorageUnavailable,
 )
+
+log = logging.getLogger("pacifica_like.storage")
 
 #: Extended attribute holding the raw sha-256 of a stored file's bytes.
 SHA256_XATTR = "user.pacifica_like.sha256"
@@ -164,6 +174,110 @@ class TapePosition:
     size: int
 
 
+# -- storage events ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StorageEvent:
+    """Something the storage changed and made durable, about one file id."""
+
+    file_id: int
+
+
+@dataclass(frozen=True)
+class Stored(StorageEvent):
+    """An upload created the file (no disk file was at its path): ``size`` bytes, ``sha256``, ``mtime``."""
+
+    size: int
+    mtime: float
+    sha256: bytes | None
+
+
+@dataclass(frozen=True)
+class Replaced(Stored):
+    """An upload replaced the file's previous version on disk."""
+
+
+@dataclass(frozen=True)
+class Moved(Stored):
+    """A file already on the server was moved in (PATCH); it may have replaced a previous version."""
+
+
+@dataclass(frozen=True)
+class Deleted(StorageEvent):
+    """The file was removed (disk copy unlinked, tape copies retired)."""
+
+
+@dataclass(frozen=True)
+class Migrated(StorageEvent):
+    """A tape copy of the file's current version was written at ``position`` of volume ``vsn``."""
+
+    vsn: str
+    position: int
+
+
+@dataclass(frozen=True)
+class Released(StorageEvent):
+    """The disk copy was dropped; the verified tape copy at ``position`` of ``vsn`` keeps the file."""
+
+    vsn: str
+    position: int
+
+
+@dataclass(frozen=True)
+class Recalled(StorageEvent):
+    """The file was copied back from tape to disk."""
+
+
+@dataclass(frozen=True)
+class CopyBad(StorageEvent):
+    """A tape copy (at ``position`` of ``vsn``) failed its checksum and no longer counts."""
+
+    vsn: str
+    position: int
+
+
+#: A subscriber: called with each event, in the thread that made the change.
+Subscriber = Callable[[StorageEvent], None]
+
+
+class EventBus:
+    """Deliver storage events to the subscribers wired when the app or CLI is built.
+
+    Delivery is synchronous, in subscription order, after the change is
+    durable and before the storage call returns: when ``PUT`` answers 201,
+    every subscriber has seen the event. The change cannot be undone, so a
+    subscriber that raises does not fail the call: its error is logged (with
+    the event) and the next subscribers still run; each subscriber keeps its
+    own record true later (the inventory's audit, ``sideband load``).
+    """
+
+    def __init__(self) -> None:
+        self._subscribers: tuple[Subscriber, ...] = ()
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Add ``callback``; return a function that removes it again."""
+        self._subscribers = (*self._subscribers, callback)
+
+        def unsubscribe() -> None:
+            self._subscribers = tuple(s for s in self._subscribers if s is not callback)
+
+        return unsubscribe
+
+    @property
+    def subscribers(self) -> tuple[Subscriber, ...]:
+        """The subscribers, in delivery order."""
+        return self._subscribers
+
+    def emit(self, event: StorageEvent) -> None:
+        """Hand ``event`` to every subscriber; log, never raise, what one of them raises."""
+        for callback in self._subscribers:
+            try:
+                callback(event)
+            except Exception:  # the change is durable: a subscriber's failure may not fail it
+                log.exception("storage event %r: subscriber %r failed", event, callback)
+
+
 #: What archiveinfo reports per file (the WLCG Tape REST API's localities).
 LOCALITIES = ("DISK", "TAPE", "DISK_AND_TAPE", "LOST", "NONE", "UNAVAILABLE")
 
@@ -261,8 +375,14 @@ class Backend(abc.ABC):
     #: The registry name (``pacifica_like.storage.registry.REGISTRY``).
     name: ClassVar[str]
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, events: EventBus | None = None) -> None:
         self.settings = settings
+        #: Where the backend announces each change it made durable (see :class:`EventBus`).
+        self.events = events if events is not None else EventBus()
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Have ``callback`` told of every change this backend makes; return the unsubscribe function."""
+        return self.events.subscribe(callback)
 
     @abc.abstractmethod
     def open_reader(self, file_id: int) -> Reader:
@@ -322,20 +442,12 @@ class Backend(abc.ABC):
         """Raise StorageUnavailable, with the reason, unless the backend can serve requests now.
 
         Called by ``GET /ready`` (a readiness probe, so it must stay cheap and
-        write nothing). Checks that the archive prefix is a directory this
-        process may write, then repeats :meth:`preflight` (for the tape backend:
-        a fresh catalog connection and query, the stager library, the library
-        directory), so storage that vanished or broke after start is reported.
+        write nothing). The default repeats :meth:`preflight` (for the tape
+        backend: a fresh catalog connection and query, the stager library, the
+        library directory), so storage that vanished or broke after start is
+        reported. Backends with a disk tier add its check
+        (:meth:`pacifica_like.storage.diskcache.DiskCache.check_ready`).
         """
-        prefix = self.settings.archive.prefix
-        try:
-            st = os.stat(prefix)
-        except OSError as exc:
-            raise StorageUnavailable(f"archive prefix {prefix}: {exc.strerror or exc}") from exc
-        if not stat.S_ISDIR(st.st_mode):
-            raise StorageUnavailable(f"archive prefix {prefix} is not a directory")
-        if not os.access(prefix, os.W_OK | os.X_OK):
-            raise StorageUnavailable(f"archive prefix {prefix} is not writable by this process")
         try:
             type(self).preflight(self.settings)
         except ConfigError as exc:
@@ -389,6 +501,47 @@ class Backend(abc.ABC):
         never from per-process memory.
         """
         return []
+
+
+# -- capabilities beyond the contract ----------------------------------------------------------
+
+
+@runtime_checkable
+class TapeManaged(Protocol):
+    """A backend with a tape library behind its disk cache: migrate, release, recall, verify.
+
+    Checked with ``isinstance`` (or ``issubclass`` on a class) by the tape
+    CLI, the image's entrypoint and the tests. Such a backend also has
+    ``library`` (the tape library), ``catalog`` (its catalog) and ``tape``
+    (the ``[tape]`` settings), which :mod:`pacifica_like.storage.tape.operations` uses.
+    """
+
+    def path(self, file_id: int) -> str:
+        """Return the disk cache path of ``file_id``."""
+
+    def state(self, file_id: int) -> str:
+        """Return the file's HSM state (REGULAR, DUAL, OFFLINE, UNMIGRATING)."""
+
+    def recall(self, file_id: int, copy: Any = None, drive: Any = None) -> bool:
+        """Copy an offline file back to disk; False when it was on disk."""
+
+    def release(self, file_id: int) -> Any:
+        """Drop the disk copy of a file with a verified tape copy."""
+
+    def migration_source(self, file_id: int) -> tuple[int, os.stat_result, bytes] | None:
+        """Open a REGULAR file for migration."""
+
+
+@runtime_checkable
+class KeepsSideband(Protocol):
+    """A backend that keeps a sideband database itself (the emulated HSM).
+
+    ``sideband_updater()`` returns the updater that writes its rows (what
+    ``pacifica-like sideband load`` drives), or None when no database is kept.
+    """
+
+    def sideband_updater(self) -> Any:
+        """Return the sideband updater, or None."""
 
 
 @contextlib.contextmanager
@@ -611,6 +764,10 @@ class FileReader(Reader):
     def seek(self, offset: int) -> None:
         """Move to ``offset``."""
         self._file.seek(offset)
+
+    def fileno(self) -> int:
+        """Return the descriptor of the open file (to fstat the very inode being read)."""
+        return self._file.fileno()
 
     def close(self) -> None:
         """Close the descriptor."""

@@ -1,47 +1,27 @@
 """The posix backend: every file lives on disk under the archive prefix.
 
-Paths come from ``id2filename`` (sharded, the default) or, with
-``use_id2filename = false``, from the decimal id itself (flat, as Pacifica's
-posix backend stores them). Uploads go through AtomicFileWriter; reads hold the
-inode they opened, so an overwrite during a GET never mixes versions.
+It serves a :class:`~pacifica_like.storage.diskcache.DiskCache` directly:
+the cache owns the files and the commit protocol; this class adds the events
+each change announces (:class:`~pacifica_like.storage.contract.EventBus`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
-import hashlib
-import os
-import secrets
-import signal
-import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 from pacifica_like.core.config import Settings
-from pacifica_like.core.errors import ArchiveError, Conflict, FileNotInArchive, InvalidRequest
-from pacifica_like.core.ids import filename2id, relative_path
-from pacifica_like.storage import safeopen
 from pacifica_like.storage.contract import (
-    CHUNK_SIZE,
-    SHA256_XATTR,
-    TEMP_SUFFIX,
-    AtomicFileWriter,
     Backend,
+    Deleted,
+    EventBus,
     ExpectedDigest,
-    FileReader,
     FileStatus,
     ListingErrorHandler,
+    Moved,
     Reader,
     Writer,
-    fsync_dir,
-    read_sha256,
-    record_sha256,
-    status_from_stat,
-    temp_name_prefix,
-    translate_os_errors,
 )
+from pacifica_like.storage.diskcache import AnnouncingWriter, DiskCache
 
 
 class PosixBackend(Backend):
@@ -49,68 +29,37 @@ class PosixBackend(Backend):
 
     name = "posix"
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
-        archive = settings.archive
-        self.prefix = archive.prefix
-        # The prefix with one trailing separator: path() is a concatenation, not os.path.join,
-        # since a bulk request computes 100,000 paths at once.
-        self._root = os.path.join(self.prefix, "")
-        self.sharded = archive.use_id2filename
-        self.write_once = archive.write_once
-        self.patch_roots = archive.patch_roots
-        with translate_os_errors(f"cannot create archive prefix {self.prefix}"):
-            os.makedirs(self.prefix, exist_ok=True)
+    def __init__(self, settings: Settings, events: EventBus | None = None) -> None:
+        super().__init__(settings, events)
+        self.cache = DiskCache.for_archive(settings.archive)
+        self.prefix = self.cache.prefix
 
     def relpath(self, file_id: int) -> str:
         """Return where ``file_id`` lives, relative to the prefix."""
-        return relative_path(file_id, self.sharded)
+        return self.cache.relpath(file_id)
 
     def path(self, file_id: int) -> str:
         """Return the absolute path of ``file_id``."""
-        return self._root + self.relpath(file_id)
-
-    def _target(self, file_id: int) -> str:
-        """Return the path an upload of ``file_id`` will take; Conflict now if write-once and taken.
-
-        The early check spares streaming a body only to refuse it; publish()'s
-        link() still decides races.
-        """
-        path = self.path(file_id)
-        if self.write_once and os.path.lexists(path):
-            raise Conflict(f"file {file_id} already exists and the archive is write-once")
-        return path
-
-    def _missing(self, file_id: int) -> str:
-        return f"file {file_id} is not in the archive"
+        return self.cache.path(file_id)
 
     def open_reader(self, file_id: int) -> Reader:
         """Open the stored file; the status describes exactly the inode opened."""
-        with translate_os_errors(f"cannot read file {file_id}", missing=self._missing(file_id)):
-            fd = os.open(self.path(file_id), os.O_RDONLY)
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    raise FileNotInArchive(self._missing(file_id))
-                status = status_from_stat(st, self.relpath(file_id), read_sha256(fd))
-            except BaseException:
-                os.close(fd)
-                raise
-        return FileReader(fd, status)
+        return self.cache.open_reader(file_id)
 
     def open_writer(self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()) -> Writer:
         """Start an atomic upload; Conflict now if write-once and taken."""
-        path = self._target(file_id)
-        return AtomicFileWriter(path, mtime, expect, replace=not self.write_once)
+        return self.cache.open_writer(
+            file_id,
+            mtime,
+            expect,
+            lambda path, mtime, expect, replace: AnnouncingWriter(
+                self.events, file_id, path, mtime, expect, replace=replace
+            ),
+        )
 
     def status(self, file_id: int) -> FileStatus:
-        """Stat the file and read its recorded digest, both from one open inode.
-
-        Two lookups by path could straddle a concurrent overwrite and pair one
-        version's size with the other's digest.
-        """
-        with self.open_reader(file_id) as reader:
-            return reader.status
+        """Stat the file and read its recorded digest, both from one open inode."""
+        return self.cache.status(file_id)
 
     def stage(self, file_id: int) -> bool:
         """Posix data is always on disk: only check that the file exists."""
@@ -118,305 +67,23 @@ class PosixBackend(Backend):
         return True
 
     def adopt(self, file_id: int, source_path: str) -> int:
-        """Move a server-side file in, committing it like an upload; return the bytes stored.
-
-        The source is opened once, following no symlink (:mod:`pacifica_like.storage.safeopen`),
-        and only that open file is hashed, stamped and moved. The inode itself is
-        renamed in only when that is provably safe (:func:`_claim`): same
-        filesystem, no writer anywhere, owned by this process. Otherwise its bytes
-        are copied from the open descriptor through AtomicFileWriter, which hashes
-        what it writes, so the archived bytes always match their digest; the
-        source name is then removed only if it still names the inode copied.
-        """
-        with safeopen.open_adopt_source(source_path, self.patch_roots) as source:
-            target = self._target(file_id)
-            target_dir = os.path.dirname(target)
-            with translate_os_errors(f"cannot move {source.path} to file {file_id}"):
-                os.makedirs(target_dir, exist_ok=True)
-                target_dir_fd = os.open(target_dir, safeopen.DIRECTORY_FLAGS)
-                try:
-                    same_fs = source.stat.st_dev == os.fstat(target_dir_fd).st_dev
-                    if same_fs and self._rename_in(source, target_dir_fd, target):
-                        return source.stat.st_size
-                finally:
-                    os.close(target_dir_fd)
-                return self._copy_in(source, target)
-
-    def _rename_in(self, source: safeopen.AdoptSource, target_dir_fd: int, target: str) -> bool:
-        """Hash, stamp and rename the open source inode to ``target``; False: copy instead.
-
-        Raises (changing nothing) when the name no longer leads to that inode or
-        write-once refuses the id.
-        """
-        claim = _claim(source.fd)
-        if claim is None:
-            return False
-        final_name = os.path.basename(target)
-        published = False
-        try:
-            before = os.fstat(source.fd)
-            digest = _hash_fd(source.fd)
-            after = os.fstat(source.fd)
-            # No writer could open it under the lease; the stat comparison double-checks that, and a
-            # second name made since the checks would outlive the move: copy in either case.
-            if not _unchanged(before, after) or after.st_nlink != 1 or not _still_leased(source.fd):
-                claim.undo(source.fd)
-                return False
-            record_sha256(source.fd, digest)
-            # Digest, mode and data are durable before any archive name points at them.
-            os.fsync(source.fd)
-            temp = temp_name_prefix(final_name) + secrets.token_hex(8) + TEMP_SUFFIX
-            # First to a hidden name beside the target (an upload's temp name, so a sweep after a
-            # crash here knows whose it is): the move is checked there before it is visible.
-            try:
-                os.rename(source.name, temp, src_dir_fd=source.dir_fd, dst_dir_fd=target_dir_fd)
-            except FileNotFoundError:
-                raise InvalidRequest(
-                    f"PATCH source {source.path} was removed while it was being moved; nothing was archived"
-                ) from None
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                # One filesystem seen through two mounts (a bind mount): rename cannot cross; copy.
-                claim.undo(source.fd)
-                return False
-            if not source.same_inode(os.stat(temp, dir_fd=target_dir_fd, follow_symlinks=False)):
-                # Someone swapped the name after it was opened: give their entry back, archive nothing.
-                _move_back(target_dir_fd, temp, source.dir_fd, source.name)
-                raise InvalidRequest(
-                    f"PATCH source {source.path} was replaced while it was being moved; nothing was archived"
-                )
-            try:
-                _publish_at(target_dir_fd, temp, final_name, replace=not self.write_once)
-            except BaseException:
-                _move_back(target_dir_fd, temp, source.dir_fd, source.name)
-                raise
-            published = True
-            # Both directories changed: make the move durable in each.
-            os.fsync(target_dir_fd)
-            os.fsync(source.dir_fd)
-            if not _still_leased(source.fd):
-                # A writer is waiting to open the inode just published. It cannot write
-                # until the lease is released, so the bytes are still the hashed ones:
-                # publish a private copy in its place and let the writer have the orphan.
-                _copy_from_fd(source, target, replace=True)
-            return True
-        except BaseException:
-            if not published:
-                claim.undo(source.fd)
-            raise
-        finally:
-            _release(source.fd)
-
-    def _copy_in(self, source: safeopen.AdoptSource, target: str) -> int:
-        """Copy the open source into the archive, then drop its name if it still names that inode."""
-        size = _copy_from_fd(source, target, replace=not self.write_once)
-        # Only now is the copy durable in the archive; the source may go, but only
-        # the inode that was copied (a name swapped meanwhile is someone else's file).
-        source.remove_if_unchanged()
+        """Move a server-side file in (see :meth:`DiskCache.adopt`); return the bytes stored."""
+        size = self.cache.adopt(file_id, source_path)
+        stored = self.cache.status_or_none(file_id)
+        mtime, digest = (stored.mtime, stored.sha256) if stored is not None else (0.0, None)
+        self.events.emit(Moved(file_id, size, mtime, digest))
         return size
 
     def delete(self, file_id: int) -> None:
         """Unlink the file and flush its directory."""
-        path = self.path(file_id)
-        with translate_os_errors(f"cannot delete file {file_id}", missing=self._missing(file_id)):
-            if not stat.S_ISREG(os.lstat(path).st_mode):
-                raise FileNotInArchive(self._missing(file_id))
-            os.unlink(path)
-            fsync_dir(os.path.dirname(path))
+        self.cache.delete(file_id)
+        self.events.emit(Deleted(file_id))
 
     def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
-        """Walk the prefix, yielding ids of archive files; hidden (temp) names are skipped.
+        """Yield ids of archive files; hidden (temp) names are skipped."""
+        return self.cache.list_ids(on_error)
 
-        A directory that cannot be read goes to ``on_error`` (the walk goes on),
-        or raises without one. One that vanished meanwhile (ENOENT) held nothing.
-        """
-        # (absolute path, path relative to the prefix): cheaper than os.path.relpath per file.
-        stack = [(self.prefix, "")]
-        while stack:
-            directory, relative = stack.pop()
-            try:
-                entries = _scan(directory)
-            except ArchiveError as exc:
-                if on_error is None:
-                    raise
-                on_error(directory, exc)
-                continue
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    if self.sharded:
-                        stack.append((entry.path, relative + entry.name + "/"))
-                    continue
-                file_id = self._id_of(relative + entry.name)
-                if file_id is not None:
-                    yield file_id
-
-    def _id_of(self, relpath: str) -> int | None:
-        try:
-            if self.sharded:
-                return filename2id("/" + relpath)
-            file_id = int(relpath)
-            return file_id if str(file_id) == relpath else None
-        except ValueError:
-            return None
-
-
-#: fcntl(2) F_SETSIG (Linux; Python's fcntl module does not name it).
-_F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
-
-
-@dataclass(frozen=True)
-class _Claim:
-    """What :func:`_claim` changed on the source, so a refusal can put it back."""
-
-    uid: int
-    mode: int
-    sha256: bytes | None
-
-    def undo(self, fd: int) -> None:
-        """Restore owner, mode and recorded digest (best effort: the refusal matters more)."""
-        with contextlib.suppress(OSError):
-            if os.fstat(fd).st_uid != self.uid:
-                os.fchown(fd, self.uid, -1)
-            os.fchmod(fd, self.mode)
-            if self.sha256 is None:
-                with contextlib.suppress(OSError):
-                    os.removexattr(fd, SHA256_XATTR)
-            else:
-                record_sha256(fd, self.sha256)
-
-
-def _claim(fd: int) -> _Claim | None:
-    """Make renaming the open inode into the archive safe, or return None (then it is copied).
-
-    Safe means no one can change its bytes after they are hashed:
-    - a read lease (F_SETLEASE F_RDLCK) is refused with EAGAIN while any process
-      has the file open for writing, and while we hold it a new open for writing
-      (or a truncate) waits and breaks it, which :func:`_still_leased` then sees;
-    - the file becomes this process's (fchown, where it may) and 0444, so its
-      former owner cannot chmod it back or reopen it for writing once it is archived.
-    The lease break is signalled to the lease holder: we redirect that signal to
-    SIGPIPE, which Python ignores, and take no lease where it is not ignored
-    (the default SIGIO would kill the worker).
-    """
-    if signal.getsignal(signal.SIGPIPE) != signal.SIG_IGN:
-        return None
-    st = os.fstat(fd)
-    try:
-        fcntl.fcntl(fd, _F_SETSIG, signal.SIGPIPE)
-        # EAGAIN: a writer exists; EACCES: not ours and no CAP_LEASE; EINVAL: no leases on this filesystem.
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-    except OSError:
-        return None
-    claim = _Claim(st.st_uid, stat.S_IMODE(st.st_mode), _recorded_sha256(fd))
-    try:
-        if st.st_uid != os.geteuid():
-            os.fchown(fd, os.geteuid(), -1)
-        os.fchmod(fd, 0o444)
-    except OSError:
-        claim.undo(fd)
-        _release(fd)
-        return None
-    return claim
-
-
-def _recorded_sha256(fd: int) -> bytes | None:
-    try:
-        return read_sha256(fd)
-    except OSError:
-        return None
-
-
-def _still_leased(fd: int) -> bool:
-    """Say whether our read lease is intact (no writer has tried to open the file since)."""
-    try:
-        return fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK
-    except OSError:
-        return False
-
-
-def _release(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-
-
-def _unchanged(before: os.stat_result, after: os.stat_result) -> bool:
-    """Say whether nothing wrote to the file between two fstat calls."""
-    return (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
-        after.st_size,
-        after.st_mtime_ns,
-        after.st_ctime_ns,
-    )
-
-
-def _hash_fd(fd: int) -> bytes:
-    """Return the sha-256 of an open file's bytes, read from offset 0 (the offset is not moved)."""
-    digest = hashlib.sha256()
-    offset = 0
-    while chunk := os.pread(fd, CHUNK_SIZE, offset):
-        digest.update(chunk)
-        offset += len(chunk)
-    return digest.digest()
-
-
-def _copy_from_fd(source: safeopen.AdoptSource, target: str, replace: bool) -> int:
-    """Commit the open source's bytes as a new file at ``target``; return the bytes stored.
-
-    AtomicFileWriter hashes what it writes, so even if a writer elsewhere
-    changes the source meanwhile, the stored bytes match the stored digest.
-    """
-    with AtomicFileWriter(target, source.stat.st_mtime, replace=replace) as writer:
-        offset = 0
-        while chunk := os.pread(source.fd, CHUNK_SIZE, offset):
-            writer.write(chunk)
-            offset += len(chunk)
-        return writer.commit()
-
-
-def _publish_at(dir_fd: int, temp: str, final_name: str, replace: bool) -> None:
-    """Give the checked temp entry its archive name (as ``publish``, relative to ``dir_fd``).
-
-    rename() replaces atomically; under write-once, link() refuses an existing name (Conflict).
-    """
-    if replace:
-        os.rename(temp, final_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        return
-    try:
-        os.link(temp, final_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-    except FileExistsError:
-        raise Conflict(f"{final_name} already exists and the archive is write-once") from None
-    os.unlink(temp, dir_fd=dir_fd)
-
-
-def _move_back(from_dir_fd: int, temp: str, to_dir_fd: int, name: str) -> None:
-    """Return an entry to its source directory without replacing anything there.
-
-    link() refuses an existing name; a name taken meanwhile (or a directory,
-    which cannot be linked) gets a fresh ``.patch-returned-*`` name instead.
-    """
-    try:
-        os.link(temp, name, src_dir_fd=from_dir_fd, dst_dir_fd=to_dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        # The source directory itself was removed meanwhile: the entry has no home; drop it
-        # rather than leave someone else's object in the archive.
-        with contextlib.suppress(OSError):
-            os.unlink(temp, dir_fd=from_dir_fd)
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.EEXIST, errno.EPERM, errno.EISDIR):
-            raise
-        spare = f"{name}.patch-returned-{secrets.token_hex(4)}"
-        os.rename(temp, spare, src_dir_fd=from_dir_fd, dst_dir_fd=to_dir_fd)
-        return
-    os.unlink(temp, dir_fd=from_dir_fd)
-
-
-def _scan(directory: str) -> list[os.DirEntry[str]]:
-    """Return a directory's entries; none if it vanished, ArchiveError if it cannot be read."""
-    with translate_os_errors(f"cannot list {directory}"):
-        try:
-            return list(os.scandir(directory))
-        except FileNotFoundError:
-            return []
+    def check_ready(self) -> None:
+        """Raise StorageUnavailable unless the prefix is a directory this process may write."""
+        self.cache.check_ready()
+        super().check_ready()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 from pacifica_like.core.config import ConfigError, Settings
-from pacifica_like.storage.contract import Backend
+from pacifica_like.storage.contract import Backend, KeepsSideband, TapeManaged
 
 #: name -> "module:Class". Aliases keep Pacifica configurations working.
 REGISTRY: dict[str, str] = {
@@ -68,5 +68,23 @@ def check(settings: Settings) -> type[Backend]:
 
 
 def create(settings: Settings) -> Backend:
-    """Build the backend ``settings.archive.backend`` names; ConfigError if unknown."""
-    return check(settings)(settings)
+    """Build the backend ``settings.archive.backend`` names; ConfigError if unknown.
+
+    A tape-managed backend that keeps no sideband database itself gets the one
+    ``[sideband] database`` names kept true by a subscriber on its events.
+    """
+    backend = check(settings)(settings)
+    if (
+        settings.sideband.database is not None
+        and isinstance(backend, TapeManaged)
+        and isinstance(backend, KeepsSideband)
+        and backend.sideband_updater() is None
+    ):
+        from pacifica_like.storage.sideband.updater import keep_sideband
+
+        try:
+            keep_sideband(backend, settings, settings.sideband_url())
+        except BaseException:
+            backend.close()
+            raise
+    return backend

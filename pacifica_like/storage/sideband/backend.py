@@ -3,12 +3,15 @@
 Two variants, chosen by ``[sideband] hsm`` (:meth:`SidebandBackend.for_settings`):
 
 * ``emulator`` (:class:`SidebandBackend`): our tape library plays the HSM. It
-  is the tape backend with ``sam_qfs_prefix`` as its disk cache, and every
-  change it makes (store, migrate, release, recall, delete) refreshes the
-  file's rows (``pacifica_like.storage.sideband.updater``), as Oracle HSM's updater does;
+  composes the tape machinery (:class:`~pacifica_like.storage.hsm.TapeHsm`)
+  with ``sam_qfs_prefix`` as its disk cache, and subscribes the sideband
+  updater to its events, so every change (store, migrate, release, recall,
+  delete) refreshes the file's rows (``pacifica_like.storage.sideband.updater``),
+  as Oracle HSM's updater does;
 * ``external`` (:class:`ExternalSidebandBackend`): a real HSM owns the
   filesystem and keeps the database. The gateway reads and writes files
-  through the filesystem (posix semantics) and never writes the tables.
+  through a :class:`~pacifica_like.storage.diskcache.DiskCache` on its
+  filesystem and never writes the tables.
 
 In both, HEAD (``status``) reads the database only (one query joining path,
 inode and archive copies on ``(ino, gen)``) plus one ``lstat`` of the name to
@@ -27,9 +30,9 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import peewee
 
@@ -44,17 +47,22 @@ from pacifica_like.core.errors import (
 from pacifica_like.storage.contract import (
     ArchiveCopy,
     Backend,
+    Deleted,
+    EventBus,
     ExpectedDigest,
     FileStatus,
+    ListingErrorHandler,
     MetricSample,
+    Moved,
     Reader,
     TapePosition,
+    VolumeSession,
     Writer,
 )
-from pacifica_like.storage.posix import PosixBackend
+from pacifica_like.storage.diskcache import AnnouncingWriter, DiskCache
+from pacifica_like.storage.hsm import DUAL, OFFLINE, REGULAR, TapeHsm
 from pacifica_like.storage.sideband import models
-from pacifica_like.storage.sideband.updater import SidebandUpdater, SidebandUpkeep, _Statements
-from pacifica_like.storage.tape.backend import DUAL, OFFLINE, REGULAR, TapeBackend
+from pacifica_like.storage.sideband.updater import _Statements, keep_sideband, open_sideband
 
 #: Paths per query when looking up tape positions (below SQLite's bound-parameter limit).
 POSITION_BATCH = 500
@@ -277,19 +285,14 @@ def _fetch(db: peewee.Database, sql: str, params: Sequence[object]) -> Callable[
     return lambda: db.execute_sql(sql, params).fetchall()
 
 
-def _open(settings: Settings, url: str) -> peewee.Database:
-    side = settings.sideband
-    return models.open_database(url, side.connect_timeout, side.max_connections)
+class SidebandBackend(Backend):
+    """The emulated HSM: the tape machinery on ``sam_qfs_prefix``, HEAD answered from the sideband database.
 
-
-def upkeep_for(backend: TapeBackend, url: str) -> SidebandUpkeep:
-    """Return the hook that keeps the sideband database ``url`` true for ``backend``'s changes."""
-    db = _open(backend.settings, url)
-    return SidebandUpkeep(SidebandUpdater(db, backend, prepare=lambda: models.create_schema(db)))
-
-
-class SidebandBackend(TapeBackend):
-    """The emulated HSM: the tape backend on ``sam_qfs_prefix``, HEAD answered from the sideband database."""
+    It holds a :class:`TapeHsm` (sharing this backend's event bus) for data,
+    migrate, release and recall, and a :class:`SidebandIndex` for status and
+    tape positions; the updater that keeps the index true is subscribed to
+    the events at construction.
+    """
 
     name = "sideband"
 
@@ -301,42 +304,142 @@ class SidebandBackend(TapeBackend):
     @classmethod
     def preflight(cls, settings: Settings) -> None:
         """Check the tape library, as the tape backend does (the database is checked per request)."""
-        TapeBackend.preflight(_on_cache(settings))
+        TapeHsm.preflight(_on_cache(settings))
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(_on_cache(settings))
-
-    def _sideband_upkeep(self, settings: Settings) -> SidebandUpkeep:
-        upkeep = upkeep_for(self, settings.sideband_url())
+    def __init__(self, settings: Settings, events: EventBus | None = None) -> None:
+        super().__init__(_on_cache(settings), events)
+        self.hsm = TapeHsm(self.settings, self.events)
+        try:
+            upkeep = keep_sideband(self.hsm, settings, settings.sideband_url())
+        except BaseException:
+            self.hsm.close()
+            raise
         self.index = SidebandIndex(upkeep.updater.db, offline_on_disk=False)
         self.index.prepare = upkeep.updater.prepare
-        return upkeep
+        self.prefix = self.hsm.prefix
+
+    # -- what the composed tape machinery holds ---------------------------------------
+
+    @property
+    def library(self) -> Any:
+        """The emulated tape library."""
+        return self.hsm.library
+
+    @property
+    def catalog(self) -> Any:
+        """The tape library's catalog."""
+        return self.hsm.catalog
+
+    @property
+    def tape(self) -> Any:
+        """The ``[tape]`` settings."""
+        return self.hsm.tape
+
+    @property
+    def cache(self) -> DiskCache:
+        """The disk cache on ``sam_qfs_prefix``."""
+        return self.hsm.cache
+
+    @property
+    def sideband_upkeep(self) -> Any:
+        """The subscriber keeping the sideband database."""
+        return self.hsm.sideband_upkeep
+
+    def sideband_updater(self) -> Any:
+        """Return the updater of the sideband database (what ``sideband load`` drives)."""
+        return self.hsm.sideband_updater()
+
+    def relpath(self, file_id: int) -> str:
+        """Return where ``file_id`` lives, relative to ``sam_qfs_prefix``."""
+        return self.hsm.relpath(file_id)
+
+    def path(self, file_id: int) -> str:
+        """Return the disk path of ``file_id``."""
+        return self.hsm.path(file_id)
+
+    # -- the contract -----------------------------------------------------------------
 
     def status(self, file_id: int) -> FileStatus:
         """Answer from the sideband database (see :meth:`SidebandIndex.status`)."""
         return self.index.status(file_id, self.relpath(file_id), self.path(file_id))
 
+    def state(self, file_id: int) -> str:
+        """Return the file's HSM state as the sideband database reports it."""
+        state = self.status(file_id).state
+        assert state is not None
+        return state
+
+    def open_reader(self, file_id: int) -> Reader:
+        """Open the disk copy (see TapeHsm.open_reader)."""
+        return self.hsm.open_reader(file_id)
+
+    def open_writer(self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()) -> Writer:
+        """Start an upload (see TapeHsm.open_writer)."""
+        return self.hsm.open_writer(file_id, mtime, expect)
+
+    def stage(self, file_id: int) -> bool:
+        """Recall an offline file (see TapeHsm.stage)."""
+        return self.hsm.stage(file_id)
+
+    def adopt(self, file_id: int, source_path: str) -> int:
+        """Move a server-side file in (see TapeHsm.adopt)."""
+        return self.hsm.adopt(file_id, source_path)
+
+    def delete(self, file_id: int) -> None:
+        """Delete the file (see TapeHsm.delete)."""
+        self.hsm.delete(file_id)
+
+    def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
+        """List disk and tape (see TapeHsm.list_ids)."""
+        return self.hsm.list_ids(on_error)
+
+    def localities(self, file_ids: Iterable[int]) -> dict[int, str]:
+        """Answer from the disk cache and the tape catalog (see TapeHsm.localities)."""
+        return self.hsm.localities(file_ids)
+
+    def open_volume(self, vsn: str) -> contextlib.AbstractContextManager[VolumeSession]:
+        """Hold a drive with ``vsn`` mounted (see TapeHsm.open_volume)."""
+        return self.hsm.open_volume(vsn)
+
     def tape_positions(self, file_ids: Iterable[int]) -> dict[int, TapePosition]:
         """Answer from ``sam_archive``: the newest live copy of each offline file."""
         return self.index.tape_positions({self.relpath(file_id): file_id for file_id in file_ids})
 
+    # -- the tape capability (TapeManaged) --------------------------------------------
+
+    def recall(self, file_id: int, copy: Any = None, drive: Any = None) -> bool:
+        """Copy an offline file back to disk (see TapeHsm.recall)."""
+        return self.hsm.recall(file_id, copy, drive)
+
+    def release(self, file_id: int) -> Any:
+        """Drop the disk copy of a file with a verified tape copy (see TapeHsm.release)."""
+        return self.hsm.release(file_id)
+
+    def migration_source(self, file_id: int) -> tuple[int, os.stat_result, bytes] | None:
+        """Open a REGULAR file for migration (see TapeHsm.migration_source)."""
+        return self.hsm.migration_source(file_id)
+
+    def recall_in_flight(self, file_id: int) -> bool:
+        """True when a live process is recalling ``file_id`` right now."""
+        return self.hsm.recall_in_flight(file_id)
+
     def check_ready(self) -> None:
-        """The tape backend's checks, then a query of the sideband database."""
-        super().check_ready()
+        """The tape machinery's checks, then a query of the sideband database."""
+        self.hsm.check_ready()
         self.index.check_ready()
 
     def metrics_snapshot(self) -> list[MetricSample]:
         """The tape library's metrics plus the sideband database's counts."""
-        return [*super().metrics_snapshot(), *self.index.metrics()]
+        return [*self.hsm.metrics_snapshot(), *self.index.metrics()]
 
     def close(self) -> None:
-        """Close the tape backend, then the pool's connections."""
-        super().close()
+        """Close the tape machinery, then the pool's connections."""
+        self.hsm.close()
         with contextlib.suppress(Exception):
             self.index.db.close_all()
 
 
-class ExternalSidebandBackend(PosixBackend):
+class ExternalSidebandBackend(Backend):
     """A real HSM keeps the database; files are read and written through its filesystem.
 
     The gateway never writes the tables. A file the HSM has released keeps
@@ -347,14 +450,24 @@ class ExternalSidebandBackend(PosixBackend):
 
     name = "sideband"
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(_on_cache(settings))
-        db = _open(settings, settings.sideband_url())
+    def __init__(self, settings: Settings, events: EventBus | None = None) -> None:
+        super().__init__(_on_cache(settings), events)
+        self.cache = DiskCache.for_archive(self.settings.archive)
+        self.prefix = self.cache.prefix
+        db = open_sideband(settings, settings.sideband_url())
         self.index = SidebandIndex(db, offline_on_disk=True)
         self.index.prepare = lambda: models.check_tables(db)
         self._stager = ThreadPoolExecutor(max_workers=4)
         self._staging: set[int] = set()
         self._staging_lock = threading.Lock()
+
+    def relpath(self, file_id: int) -> str:
+        """Return where ``file_id`` lives, relative to ``sam_qfs_prefix``."""
+        return self.cache.relpath(file_id)
+
+    def path(self, file_id: int) -> str:
+        """Return the disk path of ``file_id``."""
+        return self.cache.path(file_id)
 
     def status(self, file_id: int) -> FileStatus:
         """Answer from the sideband database (see :meth:`SidebandIndex.status`)."""
@@ -372,8 +485,8 @@ class ExternalSidebandBackend(PosixBackend):
             online = None
         except StorageUnavailable:
             online = None
-            reader = super().open_reader(file_id)
-            st = os.fstat(reader._file.fileno())  # type: ignore[attr-defined]
+            reader = self.cache.open_reader(file_id)
+            st = os.fstat(reader.fileno())
             if st.st_size and st.st_blocks * 512 < st.st_size:
                 reader.close()
                 raise
@@ -382,7 +495,7 @@ class ExternalSidebandBackend(PosixBackend):
             raise OfflineOnTape(
                 f"file {file_id} is only on tape; POST /{file_id} to stage it, then GET it again"
             )
-        return super().open_reader(file_id)
+        return self.cache.open_reader(file_id)
 
     def stage(self, file_id: int) -> bool:
         """True when the data is online; otherwise ask the filesystem to stage it and return False."""
@@ -432,10 +545,35 @@ class ExternalSidebandBackend(PosixBackend):
 
     def open_writer(self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()) -> Writer:
         """Write through the filesystem (the HSM's updater records the new file)."""
-        return super().open_writer(file_id, mtime, expect)
+        return self.cache.open_writer(
+            file_id,
+            mtime,
+            expect,
+            lambda path, mtime, expect, replace: AnnouncingWriter(
+                self.events, file_id, path, mtime, expect, replace=replace
+            ),
+        )
+
+    def adopt(self, file_id: int, source_path: str) -> int:
+        """Move a server-side file in through the filesystem (see DiskCache.adopt)."""
+        size = self.cache.adopt(file_id, source_path)
+        stored = self.cache.status_or_none(file_id)
+        mtime, digest = (stored.mtime, stored.sha256) if stored is not None else (0.0, None)
+        self.events.emit(Moved(file_id, size, mtime, digest))
+        return size
+
+    def delete(self, file_id: int) -> None:
+        """Unlink the file through the filesystem."""
+        self.cache.delete(file_id)
+        self.events.emit(Deleted(file_id))
+
+    def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
+        """Yield the ids of the files on the filesystem."""
+        return self.cache.list_ids(on_error)
 
     def check_ready(self) -> None:
         """The prefix is writable and the sideband database answers."""
+        self.cache.check_ready()
         super().check_ready()
         self.index.check_ready()
 

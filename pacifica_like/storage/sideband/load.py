@@ -21,8 +21,6 @@ import peewee
 from pacifica_like.storage.sideband.identity import ParentCache, read_disk_file
 from pacifica_like.storage.sideband.models import check_schema, connected, translate_errors
 from pacifica_like.storage.sideband.updater import SidebandUpdater, desired_rows
-from pacifica_like.storage.tape.catalog import CopyInfo, to_info
-from pacifica_like.storage.tape.catalog import translate_db_errors as translate_catalog_errors
 
 #: Files refreshed per transaction.
 BATCH = 500
@@ -51,22 +49,6 @@ class LoadPlan:
             "unchanged": self.unchanged,
             "foreign_paths": len(self.foreign),
         }
-
-
-def _all_copies(updater: SidebandUpdater) -> dict[int, list[CopyInfo]]:
-    """Every current tape copy, by file id, newest first (as ``Catalog.current_copies`` orders them)."""
-    catalog = updater.backend.catalog
-    table = catalog.TapeCopy
-    query = (
-        table.select()
-        .where(table.stale == False)  # noqa: E712 - peewee turns == into SQL
-        .order_by(table.file_id, table.written_at.desc(), table.id.desc())
-    )
-    copies: dict[int, list[CopyInfo]] = {}
-    with translate_catalog_errors("cannot read the tape catalog"):
-        for row in query:
-            copies.setdefault(row.file_id, []).append(to_info(row))
-    return copies
 
 
 def _tables_exist(db: peewee.Database) -> bool:
@@ -101,13 +83,13 @@ def plan_load(
         with translate_errors(db, "cannot read the sideband tables"), connected(db):
             rows = db.execute_sql(_paths_sql(db)).fetchall()
             held_paths = {row[0]: (int(row[1]), int(row[2])) for row in rows}
-    copies = _all_copies(updater)
+    copies = backend.copies_by_file()
     ids = set(backend.list_ids()) | set(copies)
     by_path = {backend.relpath(file_id): file_id for file_id in ids}
     plan = LoadPlan()
     for relpath in held_paths:
         if relpath not in by_path:
-            file_id = backend._id_of(relpath)
+            file_id = backend.cache.id_of(relpath)
             if file_id is None:
                 plan.foreign.append(relpath)
             else:

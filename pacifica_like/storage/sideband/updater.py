@@ -34,24 +34,24 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import peewee
 
-from pacifica_like.core.errors import ArchiveError
+from pacifica_like.core.config import Settings
+from pacifica_like.db.retry import RetryPolicy, retry
+from pacifica_like.storage.contract import StorageEvent
+from pacifica_like.storage.sideband import models
 from pacifica_like.storage.sideband.identity import DiskFile, ParentCache, name_hash, read_disk_file
 from pacifica_like.storage.sideband.models import MEDIA_LTO, TYPE_FILE, connected, is_mysql, translate_errors
-from pacifica_like.storage.tape.catalog import CopyInfo
-
-if TYPE_CHECKING:
-    from pacifica_like.storage.tape.backend import TapeBackend
 
 log = logging.getLogger("pacifica_like.sideband")
 
 #: Inode number of a file known only from tape (generation: its file id). Never a real inode number.
 NO_INODE = 0
-#: Deadlocks (MySQL 1213) and lock wait timeouts (1205) are retried this many times.
-RETRIES = 5
+#: Deadlocks (MySQL 1213) and lock wait timeouts (1205) between refreshes are retried this long:
+#: under many writers a refresh may lose several times in a row (pacifica_like.db.retry).
+RETRY = RetryPolicy(seconds=30.0)
 
 InodeRow = tuple[int, int, int, int, int, str | None, int, int, int, int]
 FileRow = tuple[int, int, int, int, str, int]
@@ -104,6 +104,22 @@ class FileRows:
     def version(self) -> tuple[int, str | None]:
         """(size, csum): what tells one version of the file's bytes from another."""
         return self.inode[3], self.inode[5]
+
+
+class CopyInfo(Protocol):
+    """What the updater reads of a tape copy (the tape catalog's ``CopyInfo``)."""
+
+    id: int
+    seq: int
+    vsn: str
+    offset: int
+    size: int
+    sha256: bytes | None
+    stale: bool
+    bad: bool
+    written_at: float
+    mtime: float
+    ctime: float
 
 
 def _matching(copies: Iterable[CopyInfo], size: int, sha256: bytes | None) -> list[CopyInfo]:
@@ -208,11 +224,30 @@ class _Statements:
         )
 
 
+class TapeArchive(Protocol):
+    """What the updater reads: the disk cache's paths and the tape catalog (a TapeHsm has both)."""
+
+    catalog: Any
+    cache: Any
+
+    def copies_by_file(self) -> dict[int, list[CopyInfo]]:
+        """Return every current tape copy by file id, newest first."""
+
+    def relpath(self, file_id: int) -> str:
+        """Return the file's path relative to the prefix."""
+
+    def path(self, file_id: int) -> str:
+        """Return the file's disk cache path."""
+
+    def list_ids(self) -> Any:
+        """Yield every stored id."""
+
+
 class SidebandUpdater:
-    """Writes the rows of the files of one tape backend (disk cache + tape catalog) into ``db``."""
+    """Writes the rows of the files of one tape archive (disk cache + tape catalog) into ``db``."""
 
     def __init__(
-        self, db: peewee.Database, backend: TapeBackend, prepare: Callable[[], None] = lambda: None
+        self, db: peewee.Database, backend: TapeArchive, prepare: Callable[[], None] = lambda: None
     ) -> None:
         self.db = db
         self.backend = backend
@@ -268,21 +303,17 @@ class SidebandUpdater:
         parents = parents or ParentCache()
         with translate_errors(self.db, "cannot create the sideband tables"):
             self.prepare()
-        for attempt in range(RETRIES + 1):
-            try:
-                with (
-                    translate_errors(self.db, "cannot update the file rows"),
-                    connected(self.db),
-                    self.db.atomic(),
-                ):
-                    return sum(self._refresh_locked(file_id, parents) for file_id in ids)
-            except ArchiveError as exc:
-                cause = exc.__cause__
-                code = cause.args[0] if cause is not None and cause.args else None
-                if attempt < RETRIES and self._mysql and code in (1213, 1205):
-                    continue  # a deadlock between two refreshes: the loser runs again
-                raise
-        raise AssertionError("unreachable")
+
+        def attempt() -> int:
+            with (
+                translate_errors(self.db, "cannot update the file rows"),
+                connected(self.db),
+                self.db.atomic(),
+            ):
+                return sum(self._refresh_locked(file_id, parents) for file_id in ids)
+
+        # A deadlock or lock wait timeout between two refreshes: the loser runs again.
+        return retry(attempt, RETRY)
 
     def _refresh_locked(self, file_id: int, parents: ParentCache) -> bool:
         relpath = self.backend.relpath(file_id)
@@ -337,7 +368,7 @@ def _ints(row: tuple) -> tuple:
 
 
 class SidebandUpkeep:
-    """The hook the tape backend calls after each change it made durable.
+    """A storage-event subscriber: refreshes the rows of the file each event names.
 
     Failures are logged, never raised: the change is already durable, so the
     client gets its success, and the rows are repaired by the next refresh of
@@ -347,6 +378,10 @@ class SidebandUpkeep:
 
     def __init__(self, updater: SidebandUpdater) -> None:
         self.updater = updater
+
+    def __call__(self, event: StorageEvent) -> None:
+        """Refresh the rows of the file ``event`` names (whatever happened: rows follow the state)."""
+        self.changed(event.file_id, type(event).__name__.lower())
 
     def changed(self, file_id: int, event: str) -> None:
         """Refresh ``file_id``'s rows after ``event`` (stored, migrated, released...)."""
@@ -360,3 +395,23 @@ class SidebandUpkeep:
                 event,
                 exc,
             )
+
+
+def open_sideband(settings: Settings, url: str) -> peewee.Database:
+    """Open the sideband database at ``url`` with the ``[sideband]`` pool settings."""
+    side = settings.sideband
+    return models.open_database(url, side.connect_timeout, side.max_connections)
+
+
+def keep_sideband(archive: Any, settings: Settings, url: str) -> SidebandUpkeep:
+    """Keep the sideband database at ``url`` true for ``archive``'s changes; return the subscriber.
+
+    ``archive`` is a tape HSM (the tape backend, or what the emulated sideband
+    backend composes): its events reach the updater, and its
+    ``sideband_upkeep`` names the subscriber (``sideband load`` drives its updater).
+    """
+    db = open_sideband(settings, url)
+    upkeep = SidebandUpkeep(SidebandUpdater(db, archive, prepare=lambda: models.create_schema(db)))
+    archive.events.subscribe(upkeep)
+    archive.sideband_upkeep = upkeep
+    return upkeep

@@ -8,6 +8,11 @@ run goes on; the caller decides the exit status from the report.
 Recalls and verification read each volume's files in position order, with one
 worker per drive, so volumes are worked on in parallel and each volume is
 mounted once.
+
+The functions take any :class:`~pacifica_like.storage.contract.TapeManaged`
+backend (the tape backend, the emulated sideband HSM): they use its
+``library``, ``catalog``, ``tape`` settings and ``events``, typed here as the
+:class:`~pacifica_like.storage.hsm.TapeHsm` both are or hold.
 """
 
 from __future__ import annotations
@@ -24,14 +29,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pacifica_like.core.errors import ArchiveError, FileNotInArchive
-from pacifica_like.storage.contract import FileStatus
-from pacifica_like.storage.tape.backend import (
+from pacifica_like.storage.contract import CopyBad, FileStatus, Migrated
+from pacifica_like.storage.hsm import (
     DUAL,
     OFFLINE,
     REGULAR,
     UNMIGRATING,
     RecallInProgress,
-    TapeBackend,
+    TapeHsm,
     copy_matches,
 )
 from pacifica_like.storage.tape.catalog import CopyInfo, to_info
@@ -90,7 +95,7 @@ class Outcome:
 class _Run:
     """Times a run and records the counter deltas into its Outcome."""
 
-    def __init__(self, backend: TapeBackend) -> None:
+    def __init__(self, backend: TapeHsm) -> None:
         self.backend = backend
         self.outcome = Outcome()
         self._lock = threading.Lock()
@@ -170,7 +175,7 @@ def _parallel(vsns: list[str], workers: int, work: Callable[[str], None]) -> Non
         raise errors[0]
 
 
-def _status_or_note(backend: TapeBackend, file_id: int, steps: list[Step], action: str) -> FileStatus | None:
+def _status_or_note(backend: TapeHsm, file_id: int, steps: list[Step], action: str) -> FileStatus | None:
     """Return the file's status; for an id not in the archive, add an ``action`` step and return None."""
     try:
         return backend.status(file_id)
@@ -182,7 +187,7 @@ def _status_or_note(backend: TapeBackend, file_id: int, steps: list[Step], actio
 # -- migrate ---------------------------------------------------------------------
 
 
-def plan_migrate(backend: TapeBackend, file_ids: Iterable[int]) -> list[Step]:
+def plan_migrate(backend: TapeHsm, file_ids: Iterable[int]) -> list[Step]:
     """Decide which volume and offset each REGULAR file would be written to.
 
     Volumes fill in VSN order; a file goes to the first volume with room for
@@ -208,7 +213,7 @@ def plan_migrate(backend: TapeBackend, file_ids: Iterable[int]) -> list[Step]:
     return steps
 
 
-def run_migrate(backend: TapeBackend, steps: list[Step], progress: Progress = _no_progress) -> Outcome:
+def run_migrate(backend: TapeHsm, steps: list[Step], progress: Progress = _no_progress) -> Outcome:
     """Write the planned files to tape, then read each new copy back when configured to.
 
     A file that no longer fits where planned (another migration got there
@@ -228,7 +233,7 @@ def run_migrate(backend: TapeBackend, steps: list[Step], progress: Progress = _n
 
 
 def _migrate_volume(
-    backend: TapeBackend, run: _Run, vsn: str, group: list[Step], retry: list[int], progress: Progress
+    backend: TapeHsm, run: _Run, vsn: str, group: list[Step], retry: list[int], progress: Progress
 ) -> None:
     written: list[tuple[Step, CopyInfo]] = []
     try:
@@ -261,7 +266,7 @@ def _migrate_volume(
                 run.fail(step.file_id, str(exc))
 
 
-def _migrate_one(backend: TapeBackend, drive: MountedDrive, step: Step) -> CopyInfo | None:
+def _migrate_one(backend: TapeHsm, drive: MountedDrive, step: Step) -> CopyInfo | None:
     source = backend.migration_source(step.file_id)
     if source is None:
         return None  # migrated meanwhile by someone else
@@ -284,7 +289,7 @@ def _migrate_one(backend: TapeBackend, drive: MountedDrive, step: Step) -> CopyI
             )
     finally:
         os.close(fd)
-    backend.sideband_upkeep.changed(step.file_id, "migrated")
+    backend.events.emit(Migrated(step.file_id, copy.vsn, copy.offset))
     return copy
 
 
@@ -309,9 +314,7 @@ def _pinned_reason(until: float) -> str:
     return f"pinned on disk by a bulk stage request until {when} (release the request's pins first)"
 
 
-def plan_release(
-    backend: TapeBackend, file_ids: Iterable[int], pinned: PinLookup | None = None
-) -> list[Step]:
+def plan_release(backend: TapeHsm, file_ids: Iterable[int], pinned: PinLookup | None = None) -> list[Step]:
     """Decide which files can drop their disk copy, naming the tape copy that keeps each safe.
 
     ``pinned`` looks up pins (bulk staging keeps files on disk while a pin holds
@@ -350,7 +353,7 @@ def plan_release(
 
 
 def run_release(
-    backend: TapeBackend,
+    backend: TapeHsm,
     steps: list[Step],
     progress: Progress = _no_progress,
     pinned: PinLookup | None = None,
@@ -378,7 +381,7 @@ def run_release(
 
 
 def _release_unless_pinned(
-    backend: TapeBackend, run: _Run, step: Step, pinned: PinLookup, progress: Progress
+    backend: TapeHsm, run: _Run, step: Step, pinned: PinLookup, progress: Progress
 ) -> None:
     """Release one file; if a pin appeared meanwhile, recall it back and count it as skipped."""
     try:
@@ -404,7 +407,7 @@ def _release_unless_pinned(
 # -- recall ----------------------------------------------------------------------
 
 
-def plan_recall(backend: TapeBackend, file_ids: Iterable[int]) -> list[Step]:
+def plan_recall(backend: TapeHsm, file_ids: Iterable[int]) -> list[Step]:
     """Find the tape copy each offline file would be read from."""
     steps = []
     for file_id in file_ids:
@@ -423,7 +426,7 @@ def plan_recall(backend: TapeBackend, file_ids: Iterable[int]) -> list[Step]:
 
 
 def run_recall(
-    backend: TapeBackend, steps: list[Step], workers: int | None = None, progress: Progress = _no_progress
+    backend: TapeHsm, steps: list[Step], workers: int | None = None, progress: Progress = _no_progress
 ) -> Outcome:
     """Recall the planned files, one worker per drive, each volume read in position order."""
     with _Run(backend) as run:
@@ -487,7 +490,7 @@ class VolumeCheck:
 
 
 def plan_verify(
-    backend: TapeBackend, fraction: float, seed: str | None, max_age_days: float, now: float | None = None
+    backend: TapeHsm, fraction: float, seed: str | None, max_age_days: float, now: float | None = None
 ) -> dict[str, list[CopyInfo]]:
     """Pick each volume's sample, in position order: a random ``fraction`` plus every overdue copy.
 
@@ -511,7 +514,7 @@ def plan_verify(
 
 
 def run_verify(
-    backend: TapeBackend,
+    backend: TapeHsm,
     plan: dict[str, list[CopyInfo]],
     workers: int | None = None,
     progress: Progress = _no_progress,
@@ -538,7 +541,7 @@ def run_verify(
                                 target = check.mismatches if damaged.bad else check.unreadable
                                 target.append(copy.file_id)
                                 if damaged.bad:  # a bad copy leaves the file's archive rows
-                                    backend.sideband_upkeep.changed(copy.file_id, "damaged")
+                                    backend.events.emit(CopyBad(copy.file_id, copy.vsn, copy.offset))
                             else:
                                 backend.catalog.record_verification(copy.id, "ok")
                                 run.ok(Step(copy.file_id, "verify", copy.size, vsn, copy.offset))
