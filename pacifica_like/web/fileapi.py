@@ -5,7 +5,7 @@ It answers ``/`` and ``/<id>`` itself through the shared handlers
 ``fallback_names``, which go to the CherryPy application given as
 ``fallback`` (probes, bulk API). Why not a CherryPy handler here: the
 framework's per-request pipeline costs more than the whole GET of a small
-file (docs/architecture.md has the measurements); the CherryPy resource
+file (docs/decisions/0010-file-api-plain-wsgi.md has the measurements); the CherryPy resource
 (``pacifica_like.web.fileresource``) serves the same handlers for sites that
 mount it in their own tree. Errors are rendered by ``pacifica_like.web.errors``.
 """
