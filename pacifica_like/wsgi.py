@@ -47,7 +47,8 @@ class LazyApplication:
                     from pacifica_like.web.app import build_app
 
                     settings = self._settings_factory()
-                    self._app = build_app(settings, registry.create(settings))
+                    # The measured fast adapter, whatever [server] file_api says (a serve setting).
+                    self._app = build_app(settings, registry.create(settings), file_api="wsgi")
         return self._app
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

@@ -184,14 +184,15 @@ def build_request(method: str, target: str, headers: dict[str, str], body: bytes
 
 def start(mode: str, prefix: Path):
     env = {"PAI_PREFIX": str(prefix)}
-    if mode == "serve":
+    if mode in ("serve", "serve-cherrypy"):  # serve on the WSGI or the CherryPy file API adapter
+        env["PAI_FILE_API"] = "cherrypy" if mode == "serve-cherrypy" else "wsgi"
         return devserver.cli_server([], env=env)
     if mode == "uwsgi":  # uWSGI's own HTTP socket, as the benchmark runs it
         return devserver.uwsgi_server(env, processes=2)
     return devserver.production_server(env, processes=2)
 
 
-@pytest.fixture(scope="module", params=["serve", "production", "uwsgi"])
+@pytest.fixture(scope="module", params=["serve", "serve-cherrypy", "production", "uwsgi"])
 def fuzzed(request, tmp_path_factory) -> Iterator[tuple[str, Path]]:
     prefix = tmp_path_factory.mktemp("fuzz-" + request.param) / "archive"
     with start(request.param, prefix) as server:

@@ -48,12 +48,13 @@ class Live:
 def start(mode: str, prefix: Path, **env: str):
     """Return the context manager running ``mode`` over ``prefix``."""
     settings = {"PAI_PREFIX": str(prefix), **env}
-    if mode == "serve":
+    if mode in ("serve", "serve-cherrypy"):  # serve on the WSGI or the CherryPy file API adapter
+        settings.setdefault("PAI_FILE_API", "cherrypy" if mode == "serve-cherrypy" else "wsgi")
         return devserver.cli_server([], env=settings)
     return devserver.production_server(settings, processes=2)
 
 
-@pytest.fixture(scope="module", params=["serve", "production"])
+@pytest.fixture(scope="module", params=["serve", "serve-cherrypy", "production"])
 def live(request, tmp_path_factory) -> Iterator[Live]:
     prefix = tmp_path_factory.mktemp(request.param) / "archive"
     with start(request.param, prefix) as server:
@@ -181,7 +182,7 @@ def test_range_with_thousands_of_digits_is_416_not_500(live: Live):
     assert pacifica.status_code == 200 and pacifica.content == OLD
 
 
-@pytest.mark.parametrize("mode", ["serve", "production"])
+@pytest.mark.parametrize("mode", ["serve", "serve-cherrypy", "production"])
 def test_malformed_chunked_upload_does_not_take_a_write_once_id(tmp_path: Path, mode: str):
     """Under write_once a bad upload used to claim the id for good (an empty file)."""
     with start(mode, tmp_path / "archive", PAI_WRITE_ONCE="true") as server:

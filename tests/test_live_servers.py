@@ -1,4 +1,4 @@
-"""Real servers on loopback: `pacifica-like serve` (waitress) and the production shape (nginx + uWSGI).
+"""Real servers on loopback: `pacifica-like serve` (waitress; both file API adapters) and nginx + uWSGI.
 
 Faults a WSGI test cannot produce live here: clients that vanish mid-upload,
 chunked bodies, many processes racing on one id, the exact deploy commands.
@@ -27,11 +27,15 @@ pytestmark = pytest.mark.live
 TIMEOUT = 30
 
 
-@pytest.fixture(params=["cli", "production"])
+@pytest.fixture(params=["cli", "cli-cherrypy", "production"])
 def server(request, prefix: Path) -> Iterator[devserver.RunningServer]:
-    """The service on a free port, once as `pacifica-like serve`, once as nginx in front of uWSGI."""
-    if request.param == "cli":
-        with devserver.cli_server(["--prefix", str(prefix)], env={"PAI_ALLOW_DELETE": "true"}) as running:
+    """The service on a free port: `pacifica-like serve` on each file API adapter, and nginx + uWSGI."""
+    if request.param.startswith("cli"):
+        env = {
+            "PAI_ALLOW_DELETE": "true",
+            "PAI_FILE_API": "cherrypy" if request.param == "cli-cherrypy" else "wsgi",
+        }
+        with devserver.cli_server(["--prefix", str(prefix)], env=env) as running:
             yield running
     else:
         env = {"PAI_PREFIX": str(prefix), "PAI_ALLOW_DELETE": "true"}

@@ -45,10 +45,11 @@ def _check_request() -> None:
 
 def _method_not_allowed(status: str, message: str, traceback: str, version: str) -> bytes:
     """``error_page.405``: the dispatcher's 405 for a verb the resource lacks, in the file API's words."""
-    request = cherrypy.serving.request
+    request, headers = cherrypy.serving.request, cherrypy.serving.response.headers
     refusal = unsupported_method(request.method, request.path_info)
+    headers.pop("Server", None)  # CherryPy's default; the file API's answers name no framework
     for name, value in refusal.headers.items():
-        cherrypy.serving.response.headers[name] = value
+        headers[name] = value
     return errors.json_error_page(status, refusal.message, traceback, version)
 
 
