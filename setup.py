@@ -47,7 +47,9 @@ setup(
     cmdclass={"build_ext": BuildExt},
     install_requires=[
         "CherryPy>=18.8",
-        "peewee>=3.17",
+        # Upper bounds: the versions the test suite ran against (pacifica_like.db uses psycopg 3
+        # through peewee 4's PostgresqlDatabase, and driver error codes by their attributes).
+        "peewee>=4.5,<5",
         "prometheus_client>=0.20",
         # The Python client (pacifica_like.client, `pacifica-like client`).
         "requests>=2.31",
@@ -64,14 +66,14 @@ setup(
             "WebTest>=3.0",
             "requests>=2.31",
             "ruff>=0.6",
-            "PyMySQL>=1.1",
-            "psycopg2-binary>=2.9",
+            "PyMySQL>=1.1,<2",
+            "psycopg[binary]>=3.1,<4",
             # The bounded, fixed-seed request fuzz (tests/test_fuzz.py).
             "hypothesis>=6.100",
         ],
         "uwsgi": ["uWSGI>=2.0.24"],
-        "mysql": ["PyMySQL>=1.1"],
-        "postgres": ["psycopg2-binary>=2.9"],
+        "mysql": ["PyMySQL>=1.1,<2"],
+        "postgres": ["psycopg[binary]>=3.1,<4"],
     },
     entry_points={"console_scripts": ["pacifica-like = pacifica_like.cli.main:main"]},
 )

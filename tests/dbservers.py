@@ -23,7 +23,7 @@ MYSQL_URL = os.environ.get("PL_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/tes
 KINDS = ("mysql", "postgresql")
 #: Servers found unreachable in this run (label -> reason), for the summary at the end of the run.
 UNREACHABLE: dict[str, str] = {}
-_LABELS = {"pymysql": "MariaDB/MySQL", "psycopg2": "PostgreSQL"}
+_LABELS = {"pymysql": "MariaDB/MySQL", "psycopg": "PostgreSQL"}
 
 
 def require_server(url: str, driver: str) -> None:
@@ -50,7 +50,7 @@ def scratch_database(kind: str, prefix: str = "pl_test") -> Iterator[str]:
     """
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     if kind == "postgresql":
-        require_server(POSTGRES_URL, "psycopg2")
+        require_server(POSTGRES_URL, "psycopg")
         admin = GatewayCatalog(POSTGRES_URL)
         admin.db.execute_sql(f"CREATE SCHEMA {name}")
         separator = "&" if "?" in POSTGRES_URL else "?"

@@ -297,7 +297,7 @@ def closed_port() -> int:
 def test_a_put_while_the_catalog_is_down_is_503_and_stores_nothing(
     make_site: Callable[..., Site], capsys: Any
 ):
-    pytest.importorskip("psycopg2")
+    pytest.importorskip("psycopg")
     site = make_site()
     site.configure(catalog=f"postgresql://nobody@127.0.0.1:{closed_port()}/none?connect_timeout=5")
     response = site.app.put("/3001", b"data", headers={"Last-Modified": LAST_MODIFIED}, expect_errors=True)
@@ -614,7 +614,7 @@ def test_an_unreadable_directory_makes_the_audit_incomplete_and_nothing_is_touch
 
 
 def test_an_unavailable_catalog_is_a_clear_error(make_site: Callable[..., Site]):
-    pytest.importorskip("psycopg2")
+    pytest.importorskip("psycopg")
     site = make_site()
     site.put(10001)
     url = f"postgresql://nobody@127.0.0.1:{closed_port()}/none?connect_timeout=5"

@@ -25,8 +25,6 @@ SQLite is locked or a server database reports a deadlock.
 from __future__ import annotations
 
 import contextlib
-import functools
-import random
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -34,11 +32,13 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
 import peewee
+from playhouse.migrate import SchemaMigrator
 
-from pacifica_like.core.errors import StorageUnavailable
 from pacifica_like.core.owners import alive_here, owner_name
-from pacifica_like.db.schema import create_tables
-from pacifica_like.gateway.catalog import LOST, GatewayCatalog, _Busy
+from pacifica_like.db.binding import bind_models
+from pacifica_like.db.migrations import Schema, forget, upgrade
+from pacifica_like.db.retry import RetryPolicy, transaction
+from pacifica_like.gateway.catalog import LOST, GatewayCatalog
 
 SUBMITTED, STARTED, COMPLETED, FAILED, CANCELLED = "SUBMITTED", "STARTED", "COMPLETED", "FAILED", "CANCELLED"
 FILE_STATES = (SUBMITTED, STARTED, COMPLETED, FAILED, CANCELLED)
@@ -52,6 +52,7 @@ ID_CHUNK = 900
 MAX_PATH = 512
 #: Seconds a call retries a locked SQLite database or a server-side deadlock.
 RETRY_SECONDS = 30.0
+RETRY = RetryPolicy(seconds=RETRY_SECONDS, first_pause=0.0005, max_pause=0.05)
 
 T = TypeVar("T")
 
@@ -126,6 +127,17 @@ _TABLES = {
     "bulk_volume": _Volume,
     "bulk_mutex": _Mutex,
 }
+
+
+def _create_v1(db: peewee.Database, migrator: SchemaMigrator) -> None:
+    """Version 1: the bulk tables as the gateway created them before versions were recorded."""
+    bound = bind_models(db, _TABLES)
+    db.create_tables(list(bound.values()), safe=True)
+    bound["bulk_mutex"].insert(name="volumes").on_conflict_ignore().execute()
+
+
+#: The bulk tables' schema versions, in the catalog database (see pacifica_like.db.migrations).
+SCHEMA = Schema("bulk", (_create_v1,))
 
 
 class NewFile(NamedTuple):
@@ -221,47 +233,9 @@ def owner_alive(owner: str, last_seen: float | None, lease: float, now: float) -
     return last_seen is not None and now - last_seen < lease
 
 
-def _deadlock(exc: StorageUnavailable) -> bool:
-    """True when a server database rolled the transaction back to break a deadlock (worth a retry)."""
-    text = str(exc.__cause__).lower()
-    # PostgreSQL: deadlock detected / could not serialize; MySQL: 1213 deadlock, 1205 lock wait timeout.
-    return "deadlock" in text or "could not serialize" in text or "lock wait timeout" in text
-
-
 def _transaction(what: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """Decorate a store method: database errors become StorageUnavailable naming ``what``.
-
-    The method is one transaction; when SQLite was locked or the server chose
-    it as a deadlock victim, it is rolled back and run again after a short
-    random pause, for up to RETRY_SECONDS.
-    """
-
-    def decorate(method: Callable[..., T]) -> Callable[..., T]:
-        @functools.wraps(method)
-        def wrapper(self: BulkStore, *args: Any, **kwargs: Any) -> T:
-            deadline = time.monotonic() + RETRY_SECONDS
-            pause = 0.0005
-            while True:
-                try:
-                    with self.catalog.translate_errors(what):
-                        self.ensure_schema()
-                        return method(self, *args, **kwargs)
-                except _Busy as busy:
-                    if time.monotonic() >= deadline:
-                        raise StorageUnavailable(
-                            f"catalog database {self.catalog.display_url}: {what}: "
-                            f"still locked after {RETRY_SECONDS:g} s"
-                        ) from busy.__cause__
-                except StorageUnavailable as exc:
-                    if not _deadlock(exc) or time.monotonic() >= deadline:
-                        raise
-                # Random, so processes that collided do not collide again in step.
-                time.sleep(random.uniform(pause / 2, pause))
-                pause = min(2 * pause, 0.05)
-
-        return wrapper
-
-    return decorate
+    """Decorate a store method (one transaction): schema ensured, errors translated, contention retried."""
+    return transaction(what, RETRY, prepare=lambda store: store.ensure_schema())
 
 
 def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -278,10 +252,8 @@ class BulkStore:
     def __init__(self, catalog: GatewayCatalog) -> None:
         self.catalog = catalog
         self.db = catalog.db
-        bound = {}
-        for table, base in _TABLES.items():
-            meta = type("Meta", (), {"database": self.db, "table_name": table})
-            bound[table] = type(base.__name__[1:], (base,), {"Meta": meta, "__module__": __name__})
+        self.errors = catalog.errors
+        bound = bind_models(self.db, _TABLES)
         self.Request = bound["bulk_request"]
         self.File = bound["bulk_file"]
         self.Job = bound["bulk_recall"]
@@ -299,11 +271,10 @@ class BulkStore:
         return f"BulkStore({self.catalog.display_url!r})"
 
     def ensure_schema(self) -> None:
-        """Create the tables once per process (racing processes both succeed)."""
+        """Upgrade the bulk tables' schema once per process (safe when many do at once)."""
         if self._schema_ready:
             return
-        create_tables(self.db, [self.Request, self.File, self.Job, self.Volume, self.Mutex])
-        self.Mutex.insert(name="volumes").on_conflict_ignore().execute()
+        upgrade(self.db, SCHEMA, self.errors.label)
         self._schema_ready = True
 
     def close(self) -> None:
@@ -312,13 +283,14 @@ class BulkStore:
 
     def drop_tables(self) -> None:
         """Remove the bulk tables (tests and benchmarks clean up with this)."""
-        with self.catalog.translate_errors("cannot drop the bulk tables"):
+        with self.errors("cannot drop the bulk tables"):
             self.db.drop_tables([self.Request, self.File, self.Job, self.Volume, self.Mutex], safe=True)
+            forget(self.db, SCHEMA)
         self._schema_ready = False
 
     @contextlib.contextmanager
     def _durable(self) -> Iterator[None]:
-        with self.catalog._durable():
+        with self.catalog.durable.transaction():
             yield
 
     # -- requests ------------------------------------------------------------------
@@ -379,7 +351,7 @@ class BulkStore:
         columns = ", ".join(f"{left}{f.column_name}{right}" for f in fields)
         one = "(" + ", ".join([self.db.param] * len(fields)) + ")"
         verb = "INSERT IGNORE" if ignore_duplicates and self.catalog.is_mysql else "INSERT"
-        head = f"{verb} INTO {left}{model._meta.table_name}{right} ({columns}) VALUES "
+        head = f"{verb} INTO {left}{model.TABLE_NAME}{right} ({columns}) VALUES "
         tail = " ON CONFLICT DO NOTHING" if ignore_duplicates and not self.catalog.is_mysql else ""
         for chunk in _chunks(rows, INSERT_CHUNK):
             # Every column is a plain int, float, str, bool or None that each driver takes as it is:
@@ -440,9 +412,9 @@ class BulkStore:
     @_transaction("cannot read the inventory")
     def lost(self, file_ids: Sequence[int]) -> set[int]:
         """Return which of ``file_ids`` the inventory marks LOST (an audit found them gone), in batches."""
-        self.catalog._ensure_schema()
+        self.catalog.ensure_schema()
         left, right = self.db.quote[0], self.db.quote[-1]
-        table = f"{left}{self.catalog.Inventory._meta.table_name}{right}"
+        table = f"{left}{self.catalog.Inventory.TABLE_NAME}{right}"
         head = f"SELECT {left}file_id{right} FROM {table} WHERE {left}state{right} = {self.db.param} AND "
         found: set[int] = set()
         for chunk in _chunks(list(file_ids), ID_CHUNK):

@@ -19,6 +19,7 @@ from pacifica_like.cli import bulk as bulk_cli
 from pacifica_like.cli import (
     client as client_cli,
 )
+from pacifica_like.cli import db as db_cli
 from pacifica_like.cli import (
     sideband as sideband_cli,
 )
@@ -29,7 +30,7 @@ from pacifica_like.core.config import ConfigError, Settings, add_flags, describe
 
 #: Modules adding maintenance sub-commands: each has ``COMMANDS``, ``add_commands(commands,
 #: add_settings)`` and ``run(args, settings) -> exit status``.
-COMMAND_MODULES = (tape_cli, audit_cli, client_cli, sideband_cli, bulk_cli)
+COMMAND_MODULES = (tape_cli, audit_cli, client_cli, sideband_cli, bulk_cli, db_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,1 +1,12 @@
-"""Database plumbing shared by every catalog: schema creation, connections, errors, retries."""
+"""One database module for every catalog (gateway inventory, bulk requests, tape library, sideband).
+
+* :mod:`~pacifica_like.db.urls`: open a database from a URL (SQLite, PostgreSQL with psycopg 3,
+  MariaDB/MySQL with PyMySQL);
+* :mod:`~pacifica_like.db.errors`: translate errors by SQLSTATE / errno / SQLite code, one
+  context manager;
+* :mod:`~pacifica_like.db.retry`: run a transaction again after contention, jittered and bounded;
+* :mod:`~pacifica_like.db.durable`: commits on disk when they return, flushed outside the lock;
+* :mod:`~pacifica_like.db.binding`: bind a model set to one database instance;
+* :mod:`~pacifica_like.db.pool`: bounded connections kept per thread (public peewee API only);
+* :mod:`~pacifica_like.db.migrations`: versioned schema migrations under a per-database lock.
+"""

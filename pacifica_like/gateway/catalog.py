@@ -12,11 +12,14 @@ URL: ``sqlite:///PATH`` by default under the prefix, ``postgresql://`` or
   outcome, so an audit can leave those files alone.
 
 Nothing connects at import or construction: peewee opens a connection per
-thread on the first query, and the tables are created on first use in each
-process (uWSGI forks after import; no connection may cross the fork). Model
-classes are made per catalog (as in ``pacifica_like.storage.tape.catalog``), so one
-process may hold several catalogs. Database errors leave this module as
-:class:`~pacifica_like.core.errors.StorageUnavailable`, cause kept.
+thread on the first query, and the schema is brought to its latest version on
+first use in each process (uWSGI forks after import; no connection may cross the
+fork), or by ``pacifica-like db upgrade``. Model classes are made per catalog
+(:func:`pacifica_like.db.binding.bind_models`), so one process may hold several
+catalogs. Database errors leave this module as
+:class:`~pacifica_like.core.errors.StorageUnavailable`, cause kept
+(:mod:`pacifica_like.db.errors`); a transaction that lost a race for a lock is
+run again (:mod:`pacifica_like.db.retry`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import threading
 import time
 from array import array
@@ -33,12 +35,16 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import peewee
-from playhouse.db_url import connect
+from playhouse.migrate import SchemaMigrator
 
-from pacifica_like.core.config import redact_url
 from pacifica_like.core.errors import StorageUnavailable
 from pacifica_like.core.owners import owner_name
-from pacifica_like.db.schema import create_tables
+from pacifica_like.db.binding import bind_models
+from pacifica_like.db.durable import SQLITE_SHARED, DurableCommits
+from pacifica_like.db.errors import Contention, ErrorTranslator, label_of
+from pacifica_like.db.migrations import Schema, forget, upgrade
+from pacifica_like.db.retry import RetryPolicy, retry, transaction
+from pacifica_like.db.urls import dialect_of, open_database
 
 log = logging.getLogger("pacifica_like.gateway.catalog")
 
@@ -52,6 +58,9 @@ LOCK_PAUSE = 0.00005
 LOCK_PAUSE_MAX = 0.001
 #: Seconds ``/ready`` waits for the catalog's write lock before it calls the catalog unable to take a write.
 READY_LOCK_WAIT = 1.0
+#: How the catalog's transactions retry contention (a locked SQLite database, a deadlock victim).
+RETRY = RetryPolicy(seconds=LOCK_WAIT, first_pause=LOCK_PAUSE, max_pause=LOCK_PAUSE_MAX)
+READY_RETRY = RetryPolicy(seconds=READY_LOCK_WAIT, first_pause=LOCK_PAUSE, max_pause=0.05)
 
 T = TypeVar("T")
 
@@ -95,6 +104,15 @@ class _AuditRow(peewee.Model):
 
 
 _TABLES = {"inventory": _InventoryRow, "operation": _OperationRow, "audit_run": _AuditRow}
+
+
+def _create_v1(db: peewee.Database, migrator: SchemaMigrator) -> None:
+    """Version 1: the tables as the gateway created them before versions were recorded."""
+    db.create_tables(list(bind_models(db, _TABLES).values()), safe=True)
+
+
+#: The catalog's schema versions (``pacifica-like db upgrade``; see pacifica_like.db.migrations).
+SCHEMA = Schema("catalog", (_create_v1,))
 
 
 @dataclass(frozen=True)
@@ -188,42 +206,9 @@ def _same_version(found: StoredVersion, said: StoredVersion | None) -> bool:
     )
 
 
-class _Busy(Exception):
-    """Try the transaction again: SQLite was locked, or the server chose it as a deadlock's victim."""
-
-
 def _translate(what: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """Decorate a catalog method: database errors become StorageUnavailable naming ``what``.
-
-    A method that found a SQLite database locked is run again after a short,
-    growing pause (each method is one transaction, rolled back when it failed),
-    for up to LOCK_WAIT seconds.
-    """
-
-    def decorate(method: Callable[..., T]) -> Callable[..., T]:
-        def wrapper(self: GatewayCatalog, *args: object, **kwargs: object) -> T:
-            deadline = time.monotonic() + LOCK_WAIT
-            pause = LOCK_PAUSE
-            while True:
-                try:
-                    with self.translate_errors(what):
-                        return method(self, *args, **kwargs)
-                except _Busy as busy:
-                    if time.monotonic() >= deadline:
-                        raise StorageUnavailable(
-                            f"catalog database {self.display_url}: {what}: still locked after {LOCK_WAIT:g} s"
-                        ) from busy.__cause__
-                # Random, so processes that collided do not collide again in step.
-                time.sleep(random.uniform(pause / 2, pause))
-                pause = min(2 * pause, LOCK_PAUSE_MAX)
-
-        wrapper.__name__ = method.__name__
-        wrapper.__doc__ = method.__doc__
-        # The functools convention, so a test can see a method is translated once, not twice.
-        wrapper.__wrapped__ = method  # type: ignore[attr-defined]
-        return wrapper
-
-    return decorate
+    """Decorate a catalog method (one transaction): errors translated, contention retried (RETRY)."""
+    return transaction(what, RETRY)
 
 
 class GatewayCatalog:
@@ -235,27 +220,21 @@ class GatewayCatalog:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.display_url = redact_url(url)
         self.is_sqlite = url.lower().startswith("sqlite")
         if self.is_sqlite:
-            # WAL: readers (audits) never block the writers (uploads). IMMEDIATE: writers take
-            # the lock up front, so no transaction fails on upgrading it. synchronous=NORMAL:
-            # a commit does not fsync; the writes that must survive a power cut fsync the
-            # WAL themselves, after the lock is released (see _durable).
-            # No busy timeout: SQLite's own waits in steps of 1, 2, 5, 10... 100 ms, while a
-            # lock here is held for well under a millisecond; _translate retries sooner.
-            self.db = connect(
-                url,
-                pragmas={"journal_mode": "wal", "synchronous": "normal", "busy_timeout": 0},
-                lock_type="IMMEDIATE",
-                timeout=0,
-            )
+            # Several processes write: see pacifica_like.db.durable (WAL, lock at BEGIN, fsync
+            # of the WAL outside the lock, retries sooner than SQLite's own busy wait).
+            self.db = open_database(url, sqlite_pragmas=SQLITE_SHARED, lock_type="IMMEDIATE", timeout=0)
         else:
-            self.db = connect(url, unquote_password=True, unquote_user=True)
-        self.is_mysql = isinstance(self.db, peewee.MySQLDatabase)
-        self.Inventory, self.Operation, self.AuditRun = self._bind()
-        self._returning = isinstance(self.db, peewee.PostgresqlDatabase)
-        self._synced_wal_inode: int | None = None
+            self.db = open_database(url)
+        self.display_url: str = self.db.display_url  # type: ignore[attr-defined]
+        self.errors = ErrorTranslator(self.db, label_of(self.db, "catalog"))
+        self.durable = DurableCommits(self.db)
+        self.is_mysql = dialect_of(self.db) == "mysql"
+        bound = bind_models(self.db, _TABLES)
+        self.Inventory, self.Operation = bound["inventory"], bound["operation"]
+        self.AuditRun = bound["audit_run"]
+        self._returning = dialect_of(self.db) == "postgresql"
         self._sql = self._statements()
         self._schema_ready = False
         self._schema_lock = threading.Lock()
@@ -272,13 +251,6 @@ class GatewayCatalog:
         if self._owner is None or self._owner[0] != pid:
             self._owner = (pid, owner_name("gateway"))
         return self._owner[1]
-
-    def _bind(self) -> tuple[type[peewee.Model], type[peewee.Model], type[peewee.Model]]:
-        bound = {}
-        for table, base in _TABLES.items():
-            meta = type("Meta", (), {"database": self.db, "table_name": table})
-            bound[table] = type(base.__name__[1:], (base,), {"Meta": meta, "__module__": __name__})
-        return bound["inventory"], bound["operation"], bound["audit_run"]
 
     def __repr__(self) -> str:
         return f"GatewayCatalog({self.display_url!r})"
@@ -335,31 +307,6 @@ class GatewayCatalog:
 
     # -- plumbing ------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def translate_errors(self, what: str) -> Iterator[None]:
-        """Turn database and driver errors into StorageUnavailable, naming the catalog.
-
-        A broken connection is closed on the way out, so this thread's next
-        call opens a fresh one instead of failing for ever (a restarted server,
-        an idle connection the server dropped).
-        """
-        try:
-            yield
-        except StorageUnavailable:
-            raise
-        except (peewee.PeeweeException, OSError) as exc:
-            if self.is_sqlite and isinstance(exc, peewee.OperationalError) and "locked" in str(exc):
-                raise _Busy() from exc
-            if "deadlock" in str(exc).lower():
-                # PostgreSQL and InnoDB roll back one of two transactions that wait on each
-                # other (uploads recording the same new row); it is safe to run again.
-                raise _Busy() from exc
-            if isinstance(exc, peewee.InterfaceError | peewee.OperationalError):
-                with contextlib.suppress(Exception):
-                    self.db.close()
-            reason = str(exc).strip() or type(exc).__name__
-            raise StorageUnavailable(f"catalog database {self.display_url}: {what}: {reason}") from exc
-
     def _check_file(self) -> None:
         """SQLite: make sure this thread's connection has the file the catalog path names now.
 
@@ -405,8 +352,8 @@ class GatewayCatalog:
         """False when the SQLite catalog file does not exist (yet): nothing in it to read."""
         return self._path is None or os.path.exists(self._path)
 
-    def _ensure_schema(self) -> None:
-        """Check the SQLite file, then create the tables once per process (several may race: all succeed)."""
+    def ensure_schema(self) -> None:
+        """Check the SQLite file, then upgrade the schema once per process (safe when many do at once)."""
         self._check_file()
         if self._schema_ready:
             return
@@ -417,53 +364,14 @@ class GatewayCatalog:
                 path = self.db.database
                 if path != ":memory:":
                     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            create_tables(self.db, [self.Inventory, self.Operation, self.AuditRun])
+            upgrade(self.db, SCHEMA, self.errors.label)
             self._schema_ready = True
-
-    @contextlib.contextmanager
-    def _durable(self) -> Iterator[None]:
-        """Run one transaction that is on disk when this returns.
-
-        PostgreSQL and MySQL commit durably. SQLite commits with synchronous=NORMAL
-        (no fsync, so the write lock is held for microseconds), then the WAL file is
-        fsynced *outside* the lock: that flushes this commit's frames and every
-        earlier one, and concurrent uploads' fsyncs of the same file are merged by the
-        filesystem. With synchronous=FULL the fsync ran under the lock, one process at
-        a time, and halved PUT throughput at 16 connections.
-        """
-        with self.db.atomic():
-            yield
-        if self.is_sqlite:
-            self._sync_wal()
-
-    def _sync_wal(self) -> None:
-        """Flush the SQLite WAL file (and, once per WAL file, its directory entry)."""
-        wal = self.db.database + "-wal"
-        try:
-            fd = os.open(wal, os.O_RDONLY)
-        except FileNotFoundError:
-            return  # no WAL: the last connection checkpointed it into the synced database file
-        try:
-            # fdatasync: once a checkpoint has let SQLite rewind the WAL, commits overwrite it in
-            # place, its size stays put, and flushing the data needs no journal commit.
-            os.fdatasync(fd)
-            inode = os.fstat(fd).st_ino
-        finally:
-            os.close(fd)
-        if inode != self._synced_wal_inode:
-            # A new WAL file: its name must survive a power cut too.
-            fd = os.open(os.path.dirname(wal) or ".", os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self._synced_wal_inode = inode
 
     @_translate("cannot record the audit result")
     def record_audit(self, name: str, verdict: str, missing: int | None, orphans: int, listed: int) -> None:
         """Store one finished audit's outcome (``missing`` None: not judged)."""
-        self._ensure_schema()
-        with self._durable():
+        self.ensure_schema()
+        with self.durable.transaction():
             self.AuditRun.create(
                 name=name,
                 finished_at=time.time(),
@@ -476,7 +384,7 @@ class GatewayCatalog:
     @_translate("cannot read the audit results")
     def latest_audits(self) -> list[AuditRun]:
         """Return the most recent outcome of each audit name, by name."""
-        self._ensure_schema()
+        self.ensure_schema()
         table = self.AuditRun
         newest = table.select(table.name, peewee.fn.MAX(table.id).alias("newest")).group_by(table.name)
         ids = [row.newest for row in newest]
@@ -494,34 +402,31 @@ class GatewayCatalog:
         refuses new connections, which the open one would not notice).
         """
         try:
-            with self.translate_errors("cannot take a write"):
-                self._ensure_schema()
+            with self.errors("cannot take a write"):
+                self.ensure_schema()
                 if self._path is not None:
                     for what in (self._path, self._path + "-wal", os.path.dirname(self._path) or "."):
                         if os.path.exists(what) and not os.access(what, os.W_OK):
                             raise StorageUnavailable(
                                 f"catalog database {self.display_url}: {what} is not writable"
                             )
-        except _Busy as busy:
-            # Creating the schema found SQLite locked: not ready now (a 503), never the internal _Busy.
+        except Contention as busy:
+            # Upgrading the schema found the database locked: not ready now (a 503), no wait.
             raise StorageUnavailable(
                 f"catalog database {self.display_url}: cannot take a write: the database is locked"
             ) from busy.__cause__
-        deadline = time.monotonic() + READY_LOCK_WAIT
-        pause = LOCK_PAUSE
-        while True:
-            try:
-                with self.translate_errors("cannot take a write"):
-                    self._write_probe()
-                return
-            except _Busy as busy:
-                if time.monotonic() >= deadline:
-                    raise StorageUnavailable(
-                        f"catalog database {self.display_url}: cannot take a write: another connection "
-                        f"has held the write lock for more than {READY_LOCK_WAIT:g} s"
-                    ) from busy.__cause__
-            time.sleep(random.uniform(pause / 2, pause))
-            pause = min(2 * pause, 0.05)
+
+        def probe() -> None:
+            with self.errors("cannot take a write"):
+                self._write_probe()
+
+        def give_up(last: Contention) -> StorageUnavailable:
+            return StorageUnavailable(
+                f"catalog database {self.display_url}: cannot take a write: another connection "
+                f"has held the write lock for more than {READY_LOCK_WAIT:g} s"
+            )
+
+        retry(probe, READY_RETRY, give_up)
 
     def _write_probe(self) -> None:
         """Insert a marker and roll it back, waiting at most about READY_LOCK_WAIT for a lock."""
@@ -531,7 +436,7 @@ class GatewayCatalog:
             self.db.execute_sql(f"SET SESSION lock_wait_timeout = {wait}, innodb_lock_wait_timeout = {wait}")
         try:
             with self.db.atomic() as transaction:
-                if isinstance(self.db, peewee.PostgresqlDatabase):
+                if self._returning:  # PostgreSQL
                     self.db.execute_sql(f"SET LOCAL lock_timeout = {int(READY_LOCK_WAIT * 1000)}")
                 self.db.execute_sql(self._sql["probe"])
                 transaction.rollback()
@@ -551,6 +456,7 @@ class GatewayCatalog:
     def drop_tables(self) -> None:
         """Remove the catalog's tables (tests and benchmarks clean up with this)."""
         self.db.drop_tables([self.Inventory, self.Operation, self.AuditRun], safe=True)
+        forget(self.db, SCHEMA)
         self._schema_ready = False
 
     # -- what the gateway records --------------------------------------------------
@@ -558,7 +464,7 @@ class GatewayCatalog:
     @_translate("cannot record an operation")
     def begin(self, file_id: int, verb: str) -> int:
         """Mark an operation on ``file_id`` as started; return its token for the ``finish`` calls."""
-        self._ensure_schema()
+        self.ensure_schema()
         with self.db.atomic():
             cursor = self.db.execute_sql(self._sql["begin"], (file_id, verb, time.time(), self.owner))
             return cursor.fetchone()[0] if self._returning else cursor.lastrowid
@@ -580,9 +486,9 @@ class GatewayCatalog:
         record in the other, and the later record must not put back the older
         version (see :meth:`_settle`).
         """
-        self._ensure_schema()
+        self.ensure_schema()
         row = (file_id, size, mtime, sha256.hex() if sha256 is not None else None, time.time(), PRESENT)
-        with self._durable():
+        with self.durable.transaction():
             # The upsert takes the row's lock (SQLite: the database's, taken at BEGIN IMMEDIATE).
             self.db.execute_sql(self._sql["upsert"], row)
             if probe is not None:
@@ -633,8 +539,8 @@ class GatewayCatalog:
         sweep): a file on storage is complete (only committed files get their
         name), so it is recorded. ``forget_absent``: see :meth:`_settle_locked`.
         """
-        self._ensure_schema()
-        with self._durable():
+        self.ensure_schema()
+        with self.durable.transaction():
             self._settle_locked(file_id, probe, forget_absent)
             for token in tokens:
                 self.db.execute_sql(self._sql["end"], (token,))
@@ -645,7 +551,7 @@ class GatewayCatalog:
 
         Also ends the file's leftover operation markers, in the same transaction.
         """
-        self._ensure_schema()
+        self.ensure_schema()
         row = {
             "file_id": file_id,
             "size": size,
@@ -654,7 +560,7 @@ class GatewayCatalog:
             "stored_at": stored_at,
             "state": PRESENT,
         }
-        with self._durable():
+        with self.durable.transaction():
             if self.Inventory.get_or_none(self.Inventory.file_id == file_id) is not None:
                 return False
             self.Inventory.insert(**row).execute()
@@ -667,9 +573,9 @@ class GatewayCatalog:
 
         Also ends the file's leftover operation markers. False when the row changed meanwhile.
         """
-        self._ensure_schema()
+        self.ensure_schema()
         inventory = self.Inventory
-        with self._durable():
+        with self.durable.transaction():
             removed = (
                 inventory.delete()
                 .where((inventory.file_id == file_id) & (inventory.stored_at == stored_at))
@@ -682,7 +588,7 @@ class GatewayCatalog:
     @_translate("cannot read the operations in flight")
     def has_operation(self, file_id: int, started_after: float) -> bool:
         """True when an operation on ``file_id`` started after ``started_after`` is still marked."""
-        self._ensure_schema()
+        self.ensure_schema()
         operation = self.Operation
         query = operation.select(operation.id).where(
             (operation.file_id == file_id) & (operation.started_at > started_after)
@@ -706,7 +612,7 @@ class GatewayCatalog:
                 f"catalog database {self.display_url}: it has no inventory table (is [archive] "
                 "catalog right? the gateway creates it on its first upload)"
             )
-        self._ensure_schema()
+        self.ensure_schema()
 
     @_translate("cannot record a deleted file")
     def finish_deleted(self, token: int, file_id: int, probe: StorageProbe | None = None) -> None:
@@ -714,8 +620,8 @@ class GatewayCatalog:
 
         With ``probe``, a file stored again since the deletion keeps (or gets) its row.
         """
-        self._ensure_schema()
-        with self._durable():
+        self.ensure_schema()
+        with self.durable.transaction():
             if probe is None:
                 self.db.execute_sql(self._sql["forget"], (file_id,))
             else:
@@ -725,7 +631,7 @@ class GatewayCatalog:
     @_translate("cannot end an operation")
     def abandon(self, token: int) -> None:
         """End operation ``token`` without changing the inventory (it failed or stored nothing)."""
-        self._ensure_schema()
+        self.ensure_schema()
         with self.db.atomic():
             self.db.execute_sql(self._sql["end"], (token,))
 
@@ -734,7 +640,7 @@ class GatewayCatalog:
     @_translate("cannot read the inventory")
     def entry(self, file_id: int) -> InventoryEntry | None:
         """Return the inventory row of ``file_id``, or None."""
-        self._ensure_schema()
+        self.ensure_schema()
         row = self.Inventory.get_or_none(self.Inventory.file_id == file_id)
         if row is None:
             return None
@@ -743,13 +649,13 @@ class GatewayCatalog:
     @_translate("cannot read the inventory")
     def count(self) -> int:
         """Return the number of inventory rows."""
-        self._ensure_schema()
+        self.ensure_schema()
         return self.Inventory.select().count()
 
     @_translate("cannot read the operations in flight")
     def operations(self) -> list[Operation]:
         """Return every operation marker."""
-        self._ensure_schema()
+        self.ensure_schema()
         query = self.Operation.select().where(self.Operation.file_id >= 0).order_by(self.Operation.id)
         return [Operation(row.file_id, row.verb, row.started_at, row.owner, row.id) for row in query]
 
@@ -762,7 +668,7 @@ class GatewayCatalog:
         ``pacifica_like.gateway.audit``). ``progress`` is called with each page's size.
         ``digests``: also fill ``Snapshot.digests``.
         """
-        self._ensure_schema()
+        self.ensure_schema()
         started = time.monotonic()
         found = Snapshot(array("q"), array("d"), array("q"), array("b"))
         inventory = self.Inventory
@@ -801,9 +707,9 @@ class GatewayCatalog:
 
         Returns False when the row changed or went (a PUT or DELETE since the audit's snapshot).
         """
-        self._ensure_schema()
+        self.ensure_schema()
         inventory = self.Inventory
-        with self._durable():
+        with self.durable.transaction():
             return bool(
                 inventory.update(state=LOST)
                 .where(
@@ -817,9 +723,9 @@ class GatewayCatalog:
     @_translate("cannot mark a file present")
     def mark_present(self, file_id: int, stored_at: float) -> bool:
         """Mark a LOST row present again (its file came back); False if the row changed meanwhile."""
-        self._ensure_schema()
+        self.ensure_schema()
         inventory = self.Inventory
-        with self._durable():
+        with self.durable.transaction():
             return bool(
                 inventory.update(state=PRESENT)
                 .where(
@@ -833,7 +739,7 @@ class GatewayCatalog:
     @_translate("cannot clear abandoned operations")
     def clear_operations(self, started_before: float) -> int:
         """Remove markers of operations started before ``started_before`` (crashed processes)."""
-        self._ensure_schema()
+        self.ensure_schema()
         with self.db.atomic():
             return self.Operation.delete().where(self.Operation.started_at < started_before).execute()
 
@@ -844,7 +750,7 @@ class GatewayCatalog:
         For benchmarks and for importing an inventory; the gateway itself records through
         :meth:`finish_stored`.
         """
-        self._ensure_schema()
+        self.ensure_schema()
         fields = [
             self.Inventory.file_id,
             self.Inventory.size,
@@ -854,7 +760,7 @@ class GatewayCatalog:
         ]
         total = 0
         chunk: list[tuple[int, int, float, str | None, float]] = []
-        with self._durable():
+        with self.durable.transaction():
             for row in rows:
                 chunk.append(row)
                 if len(chunk) >= batch:

@@ -17,7 +17,11 @@ Models are bound to :data:`database`, a ``peewee.DatabaseProxy`` that
 import: uWSGI forks after import, and no connection may cross the fork. The
 hot paths (HEAD, the updater) run their queries on the database object
 :func:`open_database` returned, so a process that opened a second database (the
-tests do) still queries the right one.
+tests do) still queries the right one. Connections are kept per thread and
+bounded (:mod:`pacifica_like.db.pool`); errors are translated by code
+(:mod:`pacifica_like.db.errors`); the tables are created and upgraded by
+versioned migrations (:mod:`pacifica_like.db.migrations`), the version kept in
+``sam_version``.
 """
 
 from __future__ import annotations
@@ -25,29 +29,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
-import weakref
 from collections.abc import Iterator
-from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import peewee
-from playhouse.pool import MaxConnectionsExceeded, PooledMySQLDatabase, PooledSqliteDatabase
+from playhouse.migrate import SchemaMigrator
 
 from pacifica_like.core.config import redact_url
 from pacifica_like.core.errors import StorageUnavailable
-from pacifica_like.db.schema import create_tables
+from pacifica_like.db import errors as db_errors
+from pacifica_like.db.migrations import Schema, upgrade
+from pacifica_like.db.urls import dialect_of, parse_url
+from pacifica_like.db.urls import open_database as open_url
 
 log = logging.getLogger("pacifica_like.sideband")
 
-#: The schema version this code writes into ``sam_version``.
-SCHEMA_VERSION = 1
 #: ``sam_inode.type`` of a regular file (the only kind the gateway stores).
 TYPE_FILE = 0
 #: ``sam_archive.media_type`` of an LTO cartridge, as Oracle HSM names it.
 MEDIA_LTO = "li"
-#: Seconds a pooled connection is kept before it is replaced (servers drop idle ones).
-STALE_SECONDS = 600
 
 database = peewee.DatabaseProxy()
 
@@ -139,85 +138,27 @@ class SamVersion(_SamModel):
 MODELS = (SamVersion, SamInode, SamFile, SamPath, SamArchive)
 
 
-class _ThreadBoundPool:
-    """A pool whose connections stay with the thread that took them, until that thread ends.
-
-    :func:`connected` never checks a connection back in (see there), so a
-    thread that ended would hold its connection for good and, after
-    ``max_connections`` such threads, every new one would wait and fail. When
-    the pool is full, connections of threads that have ended are closed and
-    their places freed.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        #: Connection key -> the thread that took it.
-        self._owners: dict[int, weakref.ref[threading.Thread]] = {}
-        super().__init__(*args, **kwargs)
-
-    def _connect(self) -> Any:
-        with self._pool_lock:  # type: ignore[attr-defined]
-            try:
-                conn = super()._connect()  # type: ignore[misc]
-            except MaxConnectionsExceeded:
-                if not self._reclaim_ended_threads():
-                    raise
-                conn = super()._connect()  # type: ignore[misc]
-            self._owners[self.conn_key(conn)] = weakref.ref(threading.current_thread())  # type: ignore[attr-defined]
-            return conn
-
-    def _reclaim_ended_threads(self) -> bool:
-        """Close the in-use connections whose threads have ended; True if any place was freed."""
-        freed = False
-        with self._pool_lock:  # type: ignore[attr-defined]
-            for key, held in list(self._in_use.items()):  # type: ignore[attr-defined]
-                owner = self._owners.get(key)
-                if owner is None:
-                    continue  # not taken through this class: leave it alone
-                thread = owner()
-                if thread is None or not thread.is_alive():
-                    del self._in_use[key]  # type: ignore[attr-defined]
-                    self._owners.pop(key, None)
-                    self._close_raw(held.connection)  # type: ignore[attr-defined]
-                    freed = True
-        return freed
-
-
-class _SqlitePool(_ThreadBoundPool, PooledSqliteDatabase):
-    """The SQLite pool (see :class:`_ThreadBoundPool`)."""
-
-
-class _MySQLPool(_ThreadBoundPool, PooledMySQLDatabase):
-    """PyMySQL pool that checks a connection out without a round trip.
-
-    playhouse.pool pings every connection it hands out (a round trip per
-    query, as much as the query itself). A connection the server dropped
-    fails its next query instead; :func:`translate_errors` then discards it
-    and the caller retries once on a fresh one.
-    """
-
-    def _is_closed(self, conn: Any) -> bool:
-        return not getattr(conn, "open", False)
-
-
 def open_database(url: str, connect_timeout: float, max_connections: int) -> peewee.Database:
-    """Open (lazily: nothing connects here) the pooled database ``url`` names; point the proxy at it.
+    """Open (lazily: nothing connects here) the database ``url`` names; point the proxy at it.
 
     ``sqlite:///PATH`` (WAL, so HEADs never wait for a writer) or
     ``mysql://user:password@host:port/schema`` (PyMySQL, with connect, read
     and write timeouts of ``connect_timeout`` seconds, so a dead server gives
-    a prompt 503 rather than a hung request).
+    a prompt 503 rather than a hung request). At most ``max_connections``
+    connections, each kept by its thread; a thread waits ``connect_timeout``
+    seconds for one.
     """
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "sqlite":
-        path = url.split("://", 1)[1][1:]
-        db: peewee.Database = _SqlitePool(
-            path,
+    try:
+        dialect = parse_url(url).dialect
+    except ValueError as exc:
+        raise StorageUnavailable(f"unsupported sideband database {redact_url(url)}: {exc}") from exc
+    if dialect == "sqlite":
+        db = open_url(
+            url,
             max_connections=max_connections,
-            stale_timeout=STALE_SECONDS,
-            timeout=connect_timeout,
+            pool_wait=connect_timeout,
             # mmap: page reads are memory reads shared by every worker process, not pread() calls.
-            pragmas={
+            sqlite_pragmas={
                 "journal_mode": "wal",
                 "synchronous": "normal",
                 "busy_timeout": 30000,
@@ -225,27 +166,13 @@ def open_database(url: str, connect_timeout: float, max_connections: int) -> pee
             },
             # Writers take the lock up front: a refresh reads, then writes, and must not interleave.
             lock_type="IMMEDIATE",
-            check_same_thread=False,
         )
-    elif scheme == "mysql":
-        try:
-            import pymysql  # noqa: F401 - fail here, naming the extra, not on the first query
-        except ImportError as exc:
-            raise StorageUnavailable(
-                "the sideband database is MySQL/MariaDB, but PyMySQL is not installed "
-                "(pip install 'pacifica-like[mysql]')"
-            ) from exc
+    elif dialect == "mysql":
         timeout = max(1, round(connect_timeout))
-        db = _MySQLPool(
-            unquote(parts.path.lstrip("/")),
+        db = open_url(
+            url,
             max_connections=max_connections,
-            stale_timeout=STALE_SECONDS,
-            timeout=connect_timeout,
-            host=parts.hostname or "127.0.0.1",
-            port=parts.port or 3306,
-            user=unquote(parts.username or ""),
-            password=unquote(parts.password or ""),
-            charset="utf8mb4",
+            pool_wait=connect_timeout,
             connect_timeout=timeout,
             read_timeout=timeout,
             write_timeout=timeout,
@@ -255,8 +182,10 @@ def open_database(url: str, connect_timeout: float, max_connections: int) -> pee
         )
     else:
         raise StorageUnavailable(f"unsupported sideband database {redact_url(url)}")
-    db.display_url = redact_url(url)  # type: ignore[attr-defined]
     db.connect_timeout = connect_timeout  # type: ignore[attr-defined]
+    db.errors = db_errors.ErrorTranslator(  # type: ignore[attr-defined]
+        db, f"{db_errors.label_of(db, 'sideband')} is unavailable", "[sideband] max_connections"
+    )
     database.initialize(db)
     return db
 
@@ -268,7 +197,7 @@ def connected(db: peewee.Database) -> Iterator[None]:
     The connection stays with the thread afterwards: checking it in and out
     per query cost more than a HEAD's query (peewee re-runs the SQLite pragmas
     on every check-out, PyMySQL rolls back on every check-in). A failed one is
-    discarded by :func:`translate_errors`.
+    closed by :func:`translate_errors`.
     """
     if db.is_closed():
         db.connect()
@@ -277,40 +206,61 @@ def connected(db: peewee.Database) -> Iterator[None]:
 
 def is_mysql(db: peewee.Database) -> bool:
     """True for MySQL/MariaDB (upsert syntax, locking reads)."""
-    return isinstance(db, peewee.MySQLDatabase)
+    return dialect_of(db) == "mysql"
 
 
-@contextlib.contextmanager
-def translate_errors(db: peewee.Database, what: str) -> Iterator[None]:
+def translate_errors(db: peewee.Database, what: str) -> contextlib.AbstractContextManager[None]:
     """Turn database and driver errors into StorageUnavailable naming the database (password hidden).
 
-    A connection that failed is discarded, not returned to the pool, so the
-    next call opens a fresh one: requests recover by themselves once the
-    server is back.
+    The translator every catalog uses (:mod:`pacifica_like.db.errors`): a
+    connection that broke is closed, so the next call opens a fresh one and
+    requests recover by themselves once the server is back.
     """
-    try:
-        yield
-    except StorageUnavailable:
-        raise
-    except MaxConnectionsExceeded as exc:
-        raise StorageUnavailable(
-            f"sideband database {db.display_url}: {what}: all {db._max_connections} pooled connections "  # type: ignore[attr-defined]
-            "are held by other threads; raise [sideband] max_connections above the number of threads "
-            "that use the database (request threads, recalls, bulk workers)"
-        ) from exc
-    except (peewee.PeeweeException, OSError) as exc:
-        discard_connection(db)
-        reason = str(exc).strip() or type(exc).__name__
-        raise StorageUnavailable(
-            f"sideband database {db.display_url} is unavailable: {what}: {reason}"  # type: ignore[attr-defined]
-        ) from exc
+    return db.errors(what)  # type: ignore[attr-defined, no-any-return]
 
 
 def discard_connection(db: peewee.Database) -> None:
-    """Close this thread's connection without handing it back to the pool."""
-    with contextlib.suppress(Exception):
-        if not db.is_closed():
-            db.manual_close()
+    """Close this thread's connection (it failed)."""
+    db_errors.discard_connection(db)
+
+
+class SamVersionStore:
+    """The sideband's schema version lives in Oracle HSM's own ``sam_version`` table (one row)."""
+
+    def read(self, db: peewee.Database, component: str) -> int | None:
+        if not db.table_exists("sam_version"):
+            return None
+        found = _versions(db)
+        if len(found) > 1:
+            raise StorageUnavailable(
+                f"sideband database {db.display_url} holds several schema versions "  # type: ignore[attr-defined]
+                f"({', '.join(map(str, found))}) in sam_version"
+            )
+        return found[0] if found else None
+
+    def write(self, db: peewee.Database, component: str, version: int) -> None:
+        left, right = db.quote[0], db.quote[-1]
+        table = f"{left}sam_version{right}"
+        db.execute_sql(f"DELETE FROM {table}")
+        db.execute_sql(
+            f"INSERT INTO {table} ({left}id{right}, {left}version{right}) VALUES (1, {int(version)})"
+        )
+
+    def forget(self, db: peewee.Database, component: str) -> None:
+        if db.table_exists("sam_version"):
+            db.execute_sql("DELETE FROM sam_version")
+
+
+def _create_v1(db: peewee.Database, migrator: SchemaMigrator) -> None:
+    """Version 1: the five tables as the emulator created them before migrations were run."""
+    with db.bind_ctx(MODELS):
+        db.create_tables(MODELS, safe=True)
+
+
+#: The sideband tables' schema versions; ``sam_version`` holds the one a database is at.
+SCHEMA = Schema("sideband", (_create_v1,), SamVersionStore())
+#: The schema version this code reads and writes (``sam_version``).
+SCHEMA_VERSION = SCHEMA.latest
 
 
 _schema_ready: set[tuple[int, str]] = set()
@@ -321,16 +271,14 @@ def create_schema(db: peewee.Database) -> None:
     key = (os.getpid(), str(db.database), "create")
     if key in _schema_ready:
         return
-    # No lock across the round trips: with the server unreachable, threads waiting in turn
-    # would each add a connect timeout to the next one's wait. Both statements are idempotent.
+    # No lock across the round trips in this process: with the server unreachable, threads
+    # waiting in turn would each add a connect timeout to the next one's wait. upgrade() takes
+    # the database's own lock only when there is something to do, and reads the version first,
+    # so nothing is created in a database of another schema version.
     if isinstance(db, peewee.SqliteDatabase):
         os.makedirs(os.path.dirname(db.database) or ".", exist_ok=True)
-    with connected(db), db.bind_ctx(MODELS):
-        if db.table_exists(SamVersion._meta.table_name):
-            _require_version(db)  # before creating anything in a database of another schema
-        create_tables(db, MODELS)  # several worker processes may race here
-        SamVersion.insert(id=1, version=SCHEMA_VERSION).on_conflict_ignore().execute()
-        _require_version(db)
+    with connected(db):
+        upgrade(db, SCHEMA, db_errors.label_of(db, "sideband"))
     _schema_ready.add(key)
 
 
@@ -370,11 +318,16 @@ def check_tables(db: peewee.Database) -> None:
     _schema_ready.add(key)
 
 
-def _require_version(db: peewee.Database) -> None:
-    """StorageUnavailable unless ``sam_version`` says :data:`SCHEMA_VERSION`: other columns, other rows."""
+def _versions(db: peewee.Database) -> list[int]:
+    """Return the distinct versions ``sam_version`` holds, sorted."""
     left, right = db.quote[0], db.quote[-1]
     sql = f"SELECT {left}version{right} FROM {left}sam_version{right}"
-    found = sorted({int(row[0]) for row in db.execute_sql(sql).fetchall()})
+    return sorted({int(row[0]) for row in db.execute_sql(sql).fetchall()})
+
+
+def _require_version(db: peewee.Database) -> None:
+    """StorageUnavailable unless ``sam_version`` says :data:`SCHEMA_VERSION`: other columns, other rows."""
+    found = _versions(db)
     if found != [SCHEMA_VERSION]:
         raise StorageUnavailable(
             f"sideband database {db.display_url} holds schema version "  # type: ignore[attr-defined]

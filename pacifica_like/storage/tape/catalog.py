@@ -6,8 +6,9 @@ transaction starts ``BEGIN IMMEDIATE`` so read-then-update steps (claiming a
 drive, appending to a volume) never interleave between processes, and
 ``synchronous=FULL`` makes a committed row survive a power cut.
 
-Model classes are made per catalog (see :func:`_bind`) rather than bound to a
-global proxy, so one process can hold several libraries (the tests do).
+Model classes are made per catalog (:func:`pacifica_like.db.binding.bind_models`)
+rather than bound to a global proxy, so one process can hold several libraries
+(the tests do). Errors are translated by :mod:`pacifica_like.db.errors`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from dataclasses import dataclass
 
 import peewee
 
-from pacifica_like.core.errors import StorageUnavailable
+from pacifica_like.db.binding import bind_models
+from pacifica_like.db.errors import ErrorTranslator
+from pacifica_like.db.urls import open_database
 
 #: Bumped when the tables change; a library made by another version is refused.
 SCHEMA_VERSION = 1
@@ -104,7 +107,10 @@ class _Recall(peewee.Model):
     started_at = peewee.FloatField()
 
 
-_MODELS = (_Meta, _Volume, _Drive, _TapeCopy, _Recall)
+_TABLES = {"meta": _Meta, "volume": _Volume, "drive": _Drive, "tapecopy": _TapeCopy, "recall": _Recall}
+#: Errors of any library's catalog; the message names the step that failed. OSError passes:
+#: the blocks it guards also move bytes between volumes and disk (ENOSPC is not a catalog error).
+_ERRORS = ErrorTranslator(None, "the tape catalog is unavailable", os_errors=False)
 
 
 @dataclass(frozen=True)
@@ -132,22 +138,9 @@ class CopyInfo:
         return not self.stale and not self.bad and self.verified_at is not None and self.verify_result == "ok"
 
 
-@contextlib.contextmanager
-def translate_db_errors(what: str) -> Iterator[None]:
+def translate_db_errors(what: str) -> contextlib.AbstractContextManager[None]:
     """Turn a catalog failure (locked past busy_timeout, unreadable file) into StorageUnavailable."""
-    try:
-        yield
-    except peewee.PeeweeException as exc:
-        raise StorageUnavailable(f"{what}: the tape catalog is unavailable ({exc})") from exc
-
-
-def _bind(database: peewee.Database) -> dict[str, type[peewee.Model]]:
-    """Make model classes bound to ``database``, keyed by their short names."""
-    bound = {}
-    for base in _MODELS:
-        meta = type("Meta", (), {"database": database, "table_name": base.__name__[1:].lower()})
-        bound[base.__name__[1:]] = type(base.__name__[1:], (base,), {"Meta": meta, "__module__": __name__})
-    return bound
+    return _ERRORS(what)
 
 
 class Catalog:
@@ -155,18 +148,17 @@ class Catalog:
 
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, CATALOG_NAME)
-        self.db = peewee.SqliteDatabase(
-            self.path,
-            pragmas={"journal_mode": "wal", "synchronous": "full", "busy_timeout": 30000},
+        self.db = open_database(
+            "sqlite:///" + self.path,
+            sqlite_pragmas={"journal_mode": "wal", "synchronous": "full", "busy_timeout": 30000},
             lock_type="IMMEDIATE",
-            check_same_thread=False,
         )
-        models = _bind(self.db)
-        self.Meta = models["Meta"]
-        self.Volume = models["Volume"]
-        self.Drive = models["Drive"]
-        self.TapeCopy = models["TapeCopy"]
-        self.Recall = models["Recall"]
+        models = bind_models(self.db, _TABLES)
+        self.Meta = models["meta"]
+        self.Volume = models["volume"]
+        self.Drive = models["drive"]
+        self.TapeCopy = models["tapecopy"]
+        self.Recall = models["recall"]
 
     def exists(self) -> bool:
         """True when the catalog file is there (``tape init`` ran)."""
