@@ -38,9 +38,9 @@ from pacifica_like.core.errors import StorageUnavailable
 from pacifica_like.core.ids import id2filename
 from pacifica_like.gateway import audit
 from pacifica_like.gateway.catalog import LOST, PRESENT, GatewayCatalog
-from pacifica_like.gateway.inventory import InventoryBackend
 from pacifica_like.storage import registry
 from pacifica_like.storage.contract import SHA256_XATTR, read_sha256
+from pacifica_like.storage.contract import Backend as InventoryBackend
 from pacifica_like.web.app import build_app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -493,7 +493,7 @@ def test_operations_in_flight_are_left_out_and_abandoned_ones_are_reported(make_
     # An upload under way: published, not yet recorded.
     writer = site.backend.open_writer(7004, LAST_MODIFIED_EPOCH)
     writer.write(b"in flight")
-    writer.inner.commit()
+    writer.publish()
     try:
         result = site.audit("busy", *JUDGE_ALL)
         assert (result.status, result.missing, result.orphan) == (0, [], [])

@@ -237,23 +237,74 @@ class CopyBad(StorageEvent):
     position: int
 
 
+@dataclass(frozen=True)
+class Intent:
+    """A change about to be made (before storage is touched): ``verb`` PUT, PATCH or DELETE of ``file_id``."""
+
+    file_id: int
+    verb: str
+
+
 #: A subscriber: called with each event, in the thread that made the change.
 Subscriber = Callable[[StorageEvent], None]
+#: Told of the event that ended a change (None: the change failed or was abandoned; nothing changed).
+Finisher = Callable[[StorageEvent | None], None]
+#: A guard: called with each Intent before storage is touched; raising refuses the change (the
+#: request fails and nothing is stored); else returns the Finisher of that one change.
+Guard = Callable[[Intent], Finisher]
+
+
+class Change:
+    """One change under way: ended by :meth:`done` (with its event) or :meth:`abandon`.
+
+    A ``with`` block abandons it on leaving unless :meth:`done` was called.
+    """
+
+    def __init__(self, bus: EventBus, finishers: list[Finisher]) -> None:
+        self._bus = bus
+        self._finishers = finishers
+        self._open = True
+
+    def done(self, event: StorageEvent) -> None:
+        """The change is durable: tell the guards' finishers, then every subscriber."""
+        if not self._open:
+            return
+        self._open = False
+        self._bus.finish(self._finishers, event)
+        self._bus.emit(event)
+
+    def abandon(self) -> None:
+        """Nothing was changed: tell the guards' finishers (None); safe to call twice."""
+        if self._open:
+            self._open = False
+            self._bus.finish(self._finishers, None)
+
+    def __enter__(self) -> Change:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.abandon()
 
 
 class EventBus:
-    """Deliver storage events to the subscribers wired when the app or CLI is built.
+    """Deliver storage events to the subscribers and guards wired when the app or CLI is built.
 
     Delivery is synchronous, in subscription order, after the change is
     durable and before the storage call returns: when ``PUT`` answers 201,
     every subscriber has seen the event. The change cannot be undone, so a
-    subscriber that raises does not fail the call: its error is logged (with
-    the event) and the next subscribers still run; each subscriber keeps its
-    own record true later (the inventory's audit, ``sideband load``).
+    subscriber (or finisher) that raises does not fail the call: its error is
+    logged, with the event, and the next ones still run; each keeps its own
+    record true later (the inventory's audit, ``sideband load``).
+
+    Guards (:meth:`guard`) also hear of a PUT, PATCH or DELETE *before* it
+    touches storage (:meth:`begin`), and may refuse it by raising: the
+    inventory writes its operation marker there (docs/decisions/0002).
     """
 
     def __init__(self) -> None:
         self._subscribers: tuple[Subscriber, ...] = ()
+        self._guards: tuple[Guard, ...] = ()
+        self._closers: tuple[Callable[[], None], ...] = ()
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Add ``callback``; return a function that removes it again."""
@@ -264,10 +315,47 @@ class EventBus:
 
         return unsubscribe
 
+    def guard(self, callback: Guard, close: Callable[[], None] | None = None) -> Callable[[], None]:
+        """Add a guard (see the class docstring); ``close`` runs when the backend closes."""
+        self._guards = (*self._guards, callback)
+        if close is not None:
+            self._closers = (*self._closers, close)
+
+        def unguard() -> None:
+            self._guards = tuple(g for g in self._guards if g is not callback)
+
+        return unguard
+
     @property
     def subscribers(self) -> tuple[Subscriber, ...]:
         """The subscribers, in delivery order."""
         return self._subscribers
+
+    @property
+    def guards(self) -> tuple[Guard, ...]:
+        """The guards, in the order they are asked."""
+        return self._guards
+
+    def begin(self, file_id: int, verb: str) -> Change:
+        """Ask every guard about a change of ``file_id``; raises (refusing it) as a guard does."""
+        finishers: list[Finisher] = []
+        if self._guards:
+            intent = Intent(file_id, verb)
+            try:
+                for guard in self._guards:
+                    finishers.append(guard(intent))
+            except BaseException:
+                self.finish(finishers, None)
+                raise
+        return Change(self, finishers)
+
+    def finish(self, finishers: list[Finisher], event: StorageEvent | None) -> None:
+        """Call each finisher with ``event``; log, never raise, what one of them raises."""
+        for finisher in finishers:
+            try:
+                finisher(event)
+            except Exception:  # the change is durable (or nothing changed): never fail the call here
+                log.exception("storage event %r: finisher %r failed", event, finisher)
 
     def emit(self, event: StorageEvent) -> None:
         """Hand ``event`` to every subscriber; log, never raise, what one of them raises."""
@@ -276,6 +364,15 @@ class EventBus:
                 callback(event)
             except Exception:  # the change is durable: a subscriber's failure may not fail it
                 log.exception("storage event %r: subscriber %r failed", event, callback)
+
+    def close(self) -> None:
+        """Release what the guards hold (their ``close``), once; called by ``Backend.close``."""
+        closers, self._closers = self._closers, ()
+        for close in closers:
+            try:
+                close()
+            except Exception:
+                log.exception("closing storage event guard %r failed", close)
 
 
 #: What archiveinfo reports per file (the WLCG Tape REST API's localities).
@@ -435,8 +532,12 @@ class Backend(abc.ABC):
         listing goes on without it; without a handler the error is raised.
         """
 
-    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
-        """Release process-wide resources (connections, libraries)."""
+    def close(self) -> None:
+        """Release process-wide resources (connections, libraries), and what the event guards hold.
+
+        Backends that hold resources override it and call ``super().close()``.
+        """
+        self.events.close()
 
     def check_ready(self) -> None:
         """Raise StorageUnavailable, with the reason, unless the backend can serve requests now.

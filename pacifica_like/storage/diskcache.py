@@ -46,6 +46,7 @@ from pacifica_like.storage.contract import (
     FileReader,
     FileStatus,
     ListingErrorHandler,
+    Moved,
     Replaced,
     Stored,
     fsync_dir,
@@ -58,15 +59,25 @@ from pacifica_like.storage.contract import (
 
 
 class AnnouncingWriter(AtomicFileWriter):
-    """An upload that announces Stored (new id) or Replaced (a disk file was there) once published."""
+    """An upload that is one storage change: begun when opened, announced once published.
+
+    Opening asks the event guards (``EventBus.begin``: the inventory writes its
+    marker; a refusal removes the temp file and raises). Commit announces
+    Stored (no disk file was at the path) or Replaced; discard without commit
+    abandons the change.
+    """
 
     def __init__(self, events: EventBus, file_id: int, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._events = events
         self._file_id = file_id
+        try:
+            self._change = events.begin(file_id, "PUT")
+        except BaseException:
+            AtomicFileWriter.discard(self)
+            raise
 
     def commit(self) -> int:
-        """Publish (see :meth:`publish`), then emit the event."""
+        """Publish (see :meth:`publish`), then announce the change."""
         existed = os.path.lexists(self.final_path)
         written = self.publish()
         self.announce(existed)
@@ -77,9 +88,16 @@ class AnnouncingWriter(AtomicFileWriter):
         return super().commit()
 
     def announce(self, existed: bool) -> None:
-        """Emit Replaced when a file was at the path before the commit, else Stored."""
+        """End the change with Replaced when a file was at the path before the commit, else Stored."""
         kind = Replaced if existed else Stored
-        self._events.emit(kind(self._file_id, self.bytes_written, self._mtime, self.sha256))
+        self._change.done(kind(self._file_id, self.bytes_written, self._mtime, self.sha256))
+
+    def discard(self) -> None:
+        """Remove the temp file unless committed; a change that was not announced is abandoned."""
+        try:
+            super().discard()
+        finally:
+            self._change.abandon()
 
 
 #: Builds the writer of an upload: (final path, mtime, expected digests, replace) -> writer.
@@ -203,6 +221,15 @@ class DiskCache:
             return self.status(file_id)
         except FileNotInArchive:
             return None
+
+    def moved_in(self, file_id: int, size: int) -> Moved:
+        """Return the Moved event of a file just adopted: its size, and the mtime and digest it now has."""
+        try:
+            stored = self.status_or_none(file_id)
+        except ArchiveError:  # the move is done; subscribers read storage again if they need to
+            stored = None
+        mtime, digest = (stored.mtime, stored.sha256) if stored is not None else (0.0, None)
+        return Moved(file_id, size, mtime, digest)
 
     def adopt(self, file_id: int, source_path: str) -> int:
         """Move a server-side file in, committing it like an upload; return the bytes stored.

@@ -51,7 +51,6 @@ from pacifica_like.storage.contract import (
     FileStatus,
     ListingErrorHandler,
     MetricSample,
-    Moved,
     Reader,
     Recalled,
     Released,
@@ -301,28 +300,28 @@ class TapeHsm(Backend):
     @_catalog_errors
     def adopt(self, file_id: int, source_path: str) -> int:
         """Move a server-side file in; older tape copies become stale."""
-        size = self.cache.adopt(file_id, source_path)
-        self.catalog.mark_stale(file_id)
-        stored = self.cache.status_or_none(file_id)
-        mtime, digest = (stored.mtime, stored.sha256) if stored is not None else (0.0, None)
-        self.events.emit(Moved(file_id, size, mtime, digest))
+        with self.events.begin(file_id, "PATCH") as change:
+            size = self.cache.adopt(file_id, source_path)
+            self.catalog.mark_stale(file_id)
+            change.done(self.cache.moved_in(file_id, size))
         return size
 
     @_catalog_errors
     def delete(self, file_id: int) -> None:
         """Remove the disk copy and retire the tape copies (tape space is reclaimed by repacking)."""
-        copies = self.catalog.current_copies(file_id)
-        # Retire the copies before and again after the unlink: a recall publishing
-        # in between sees them retired and takes its file back, and a migration
-        # recording a copy meanwhile finds its file gone and retires that copy.
-        self.catalog.mark_stale(file_id)
-        try:
-            self.cache.delete(file_id)
-        except FileNotInArchive:
-            if not copies:
-                raise
-        self.catalog.mark_stale(file_id)
-        self.events.emit(Deleted(file_id))
+        with self.events.begin(file_id, "DELETE") as change:
+            copies = self.catalog.current_copies(file_id)
+            # Retire the copies before and again after the unlink: a recall publishing
+            # in between sees them retired and takes its file back, and a migration
+            # recording a copy meanwhile finds its file gone and retires that copy.
+            self.catalog.mark_stale(file_id)
+            try:
+                self.cache.delete(file_id)
+            except FileNotInArchive:
+                if not copies:
+                    raise
+            self.catalog.mark_stale(file_id)
+            change.done(Deleted(file_id))
 
     def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
         """Yield every id on disk, then every id only on tape; unreadable directories go to ``on_error``."""
@@ -379,9 +378,12 @@ class TapeHsm(Backend):
         super().check_ready()
 
     def close(self) -> None:
-        """Let running recalls finish (they hold drives), then close the catalog."""
+        """Let running recalls finish (they hold drives), then close the catalog and the event guards."""
         self._executor.shutdown(wait=True)
-        self.catalog.close()
+        try:
+            self.catalog.close()
+        finally:
+            super().close()
 
     # -- recall ------------------------------------------------------------------
 

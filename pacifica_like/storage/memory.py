@@ -31,10 +31,15 @@ from pacifica_like.storage import safeopen
 from pacifica_like.storage.contract import (
     CHUNK_SIZE,
     Backend,
+    Deleted,
+    EventBus,
     ExpectedDigest,
     FileStatus,
     ListingErrorHandler,
+    Moved,
     Reader,
+    Replaced,
+    Stored,
     UploadDigests,
     Writer,
     translate_os_errors,
@@ -93,9 +98,16 @@ class MemoryWriter(Writer):
     """Buffer an upload (the whole file, in memory) and publish it in one step on commit."""
 
     def __init__(
-        self, backend: MemoryBackend, file_id: int, mtime: float, expect: Sequence[ExpectedDigest]
+        self,
+        backend: MemoryBackend,
+        file_id: int,
+        mtime: float,
+        expect: Sequence[ExpectedDigest],
+        moved: bool = False,
     ) -> None:
         self._backend = backend
+        self._moved = moved
+        self._change = backend.events.begin(file_id, "PATCH" if moved else "PUT")
         self._file_id = file_id
         self._mtime = mtime
         self._digests = UploadDigests(expect)
@@ -114,14 +126,17 @@ class MemoryWriter(Writer):
             raise ValueError("commit of a committed or discarded upload")
         size = len(self._buffer)
         digest = self._digests.verify(size)
-        self._backend._publish(self._file_id, bytes(self._buffer), self._mtime, digest)
+        existed = self._backend._publish(self._file_id, bytes(self._buffer), self._mtime, digest)
         self._buffer = None
         self.sha256 = digest
+        kind = Moved if self._moved else Replaced if existed else Stored
+        self._change.done(kind(self._file_id, size, self._mtime, digest))
         return size
 
     def discard(self) -> None:
-        """Drop the buffer unless committed; safe to call twice."""
+        """Drop the buffer unless committed (abandoning the change); safe to call twice."""
         self._buffer = None
+        self._change.abandon()
 
 
 class MemoryBackend(Backend):
@@ -129,8 +144,8 @@ class MemoryBackend(Backend):
 
     name = "memory"
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: Settings, events: EventBus | None = None) -> None:
+        super().__init__(settings, events)
         archive = settings.archive
         self.sharded = archive.use_id2filename
         self.write_once = archive.write_once
@@ -161,10 +176,14 @@ class MemoryBackend(Backend):
             raise FileNotInArchive(f"file {file_id} is not in the archive")
         return stored
 
-    def _publish(self, file_id: int, data: bytes, mtime: float, digest: bytes) -> None:
-        """Make ``data`` the current version of ``file_id``; Conflict if write-once and taken."""
+    def _publish(self, file_id: int, data: bytes, mtime: float, digest: bytes) -> bool:
+        """Make ``data`` the current version of ``file_id``; return whether it replaced one.
+
+        Conflict if write-once and taken.
+        """
         with self._archive.lock:
-            if self.write_once and file_id in self._archive.files:
+            existed = file_id in self._archive.files
+            if self.write_once and existed:
                 raise Conflict(f"file {file_id} already exists and the archive is write-once")
             size = len(data)
             status = FileStatus(
@@ -177,6 +196,7 @@ class MemoryBackend(Backend):
                 sha256=digest,
             )
             self._archive.files[file_id] = _Stored(data, status)
+        return existed
 
     def open_reader(self, file_id: int) -> Reader:
         """Open the current version; later commits do not change what this reader returns."""
@@ -184,9 +204,14 @@ class MemoryBackend(Backend):
 
     def open_writer(self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()) -> Writer:
         """Start a buffered upload; Conflict now if write-once and taken (commit decides races)."""
+        return self._writer(file_id, mtime, expect)
+
+    def _writer(
+        self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = (), moved: bool = False
+    ) -> MemoryWriter:
         if self.write_once and file_id in self._archive.files:
             raise Conflict(f"file {file_id} already exists and the archive is write-once")
-        return MemoryWriter(self, file_id, mtime, expect)
+        return MemoryWriter(self, file_id, mtime, expect, moved)
 
     def status(self, file_id: int) -> FileStatus:
         """Return the status recorded at commit."""
@@ -207,7 +232,7 @@ class MemoryBackend(Backend):
             safeopen.open_adopt_source(source_path, self.patch_roots) as source,
             translate_os_errors(f"cannot copy {source.path} to file {file_id}"),
         ):
-            with self.open_writer(file_id, source.stat.st_mtime) as writer:
+            with self._writer(file_id, source.stat.st_mtime, moved=True) as writer:
                 offset = 0
                 while chunk := os.pread(source.fd, CHUNK_SIZE, offset):
                     writer.write(chunk)
@@ -218,9 +243,11 @@ class MemoryBackend(Backend):
 
     def delete(self, file_id: int) -> None:
         """Forget the file; readers already open keep its bytes."""
-        with self._archive.lock:
-            if self._archive.files.pop(file_id, None) is None:
-                raise FileNotInArchive(f"file {file_id} is not in the archive")
+        with self.events.begin(file_id, "DELETE") as change:
+            with self._archive.lock:
+                if self._archive.files.pop(file_id, None) is None:
+                    raise FileNotInArchive(f"file {file_id} is not in the archive")
+            change.done(Deleted(file_id))
 
     def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
         """Yield the ids stored when the listing starts (nothing can fail to list)."""

@@ -17,7 +17,6 @@ from pacifica_like.storage.contract import (
     ExpectedDigest,
     FileStatus,
     ListingErrorHandler,
-    Moved,
     Reader,
     Writer,
 )
@@ -68,16 +67,16 @@ class PosixBackend(Backend):
 
     def adopt(self, file_id: int, source_path: str) -> int:
         """Move a server-side file in (see :meth:`DiskCache.adopt`); return the bytes stored."""
-        size = self.cache.adopt(file_id, source_path)
-        stored = self.cache.status_or_none(file_id)
-        mtime, digest = (stored.mtime, stored.sha256) if stored is not None else (0.0, None)
-        self.events.emit(Moved(file_id, size, mtime, digest))
+        with self.events.begin(file_id, "PATCH") as change:
+            size = self.cache.adopt(file_id, source_path)
+            change.done(self.cache.moved_in(file_id, size))
         return size
 
     def delete(self, file_id: int) -> None:
         """Unlink the file and flush its directory."""
-        self.cache.delete(file_id)
-        self.events.emit(Deleted(file_id))
+        with self.events.begin(file_id, "DELETE") as change:
+            self.cache.delete(file_id)
+            change.done(Deleted(file_id))
 
     def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
         """Yield ids of archive files; hidden (temp) names are skipped."""

@@ -53,7 +53,6 @@ from pacifica_like.storage.contract import (
     FileStatus,
     ListingErrorHandler,
     MetricSample,
-    Moved,
     Reader,
     TapePosition,
     VolumeSession,
@@ -556,16 +555,16 @@ class ExternalSidebandBackend(Backend):
 
     def adopt(self, file_id: int, source_path: str) -> int:
         """Move a server-side file in through the filesystem (see DiskCache.adopt)."""
-        size = self.cache.adopt(file_id, source_path)
-        stored = self.cache.status_or_none(file_id)
-        mtime, digest = (stored.mtime, stored.sha256) if stored is not None else (0.0, None)
-        self.events.emit(Moved(file_id, size, mtime, digest))
+        with self.events.begin(file_id, "PATCH") as change:
+            size = self.cache.adopt(file_id, source_path)
+            change.done(self.cache.moved_in(file_id, size))
         return size
 
     def delete(self, file_id: int) -> None:
         """Unlink the file through the filesystem."""
-        self.cache.delete(file_id)
-        self.events.emit(Deleted(file_id))
+        with self.events.begin(file_id, "DELETE") as change:
+            self.cache.delete(file_id)
+            change.done(Deleted(file_id))
 
     def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
         """Yield the ids of the files on the filesystem."""
@@ -582,7 +581,8 @@ class ExternalSidebandBackend(Backend):
         return self.index.metrics()
 
     def close(self) -> None:
-        """Stop background stages and close the pool's connections."""
+        """Stop background stages, close the pool's connections and the event guards."""
         self._stager.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(Exception):
             self.index.db.close_all()
+        super().close()
