@@ -161,6 +161,7 @@ def test_backends_factory_does_not_import_the_web_layer():
         "pacifica_like.storage.diskcache",
         "pacifica_like.storage.safeopen",
         "pacifica_like.core.config",
+        "pacifica_like.core.durable",
         "pacifica_like.core.errors",
         "pacifica_like.core.ids",
     }

@@ -48,11 +48,9 @@ by id and compared in one merge pass, so a million files cost tens of MiB.
 from __future__ import annotations
 
 import contextlib
-import errno
 import inspect
 import json
 import os
-import shutil
 import time
 from array import array
 from collections.abc import Callable, Iterator
@@ -61,12 +59,14 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any, Protocol
 
-from pacifica_like.core.errors import ArchiveError, Conflict, FileNotInArchive
+from pacifica_like.core import durable
+from pacifica_like.core.durable import fsync_dir
+from pacifica_like.core.errors import ArchiveError, FileNotInArchive
 from pacifica_like.core.ids import parse_id
 from pacifica_like.gateway import leftovers
 from pacifica_like.gateway.catalog import GatewayCatalog, Operation, Snapshot, digest_key
 from pacifica_like.gateway.inventory import storage_probe, stored_version
-from pacifica_like.storage.contract import Backend, fsync_dir, publish, read_sha256
+from pacifica_like.storage.contract import Backend, read_sha256
 
 DEFAULT_IGNORE_AGE = 86400.0
 DEFAULT_INFLIGHT_TIMEOUT = 86400.0
@@ -370,12 +370,8 @@ def write_reports(report: AuditReport, directory: str) -> list[str]:
 
 
 def _write_atomically(path: str, text: str) -> str:
-    temp = f"{path}.{os.getpid()}.tmp"
-    with open(temp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    """Replace the report file ``path`` durably (temp, fsync, rename, directory fsync); return it."""
+    durable.write_file(path, text, mode=0o644)
     return path
 
 
@@ -921,12 +917,8 @@ def _quarantine(
     try:
         final = _free_name(target)
         os.makedirs(os.path.dirname(final), exist_ok=True)
-        try:
-            publish(aside, final, replace=False)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            _copy_across(aside, final)
+        # Durable in both directories; to another filesystem: a durable copy, its temp removed on failure.
+        durable.move_file(aside, final, replace=False)
     except BaseException:
         _put_back(aside, source)
         raise
@@ -949,21 +941,6 @@ def _free_name(target: str) -> str:
         number += 1
         candidate = f"{target}.{number}"
     return candidate
-
-
-def _copy_across(source: str, target: str) -> None:
-    """Copy a file to another filesystem durably, then remove the source."""
-    temp = f"{target}.{os.getpid()}.part"
-    shutil.copy2(source, temp)  # bytes, times, mode and the digest xattr
-    with open(temp, "rb") as handle:
-        os.fsync(handle.fileno())
-    try:
-        publish(temp, target, replace=False)
-    except Conflict:
-        os.unlink(temp)
-        raise
-    os.unlink(source)
-    fsync_dir(os.path.dirname(source))
 
 
 def _record(catalog: GatewayCatalog, backend: Backend, file_id: int) -> str:

@@ -23,8 +23,8 @@ Plugin API (what a backend implements and the web layer calls):
 
 Helpers (not part of the API, shared so every backend commits the same way):
 :class:`AtomicFileWriter`, :class:`UploadDigests`, :class:`FileReader`, :func:`translate_os_errors`,
-:func:`read_sha256`, :func:`fsync_dir`. Opening a PATCH source safely lives in
-:mod:`pacifica_like.storage.safeopen`.
+:func:`read_sha256`, :func:`publish` (over :mod:`pacifica_like.core.durable`). Opening a
+PATCH source safely lives in :mod:`pacifica_like.storage.safeopen`.
 
 Backends raise only :mod:`pacifica_like.core.errors` types. OS errors are translated
 in one place, :func:`translate_os_errors`, keeping the cause.
@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from pacifica_like.core import durable
 from pacifica_like.core.config import ConfigError, Settings
 from pacifica_like.core.errors import (
     ArchiveError,
@@ -672,34 +673,17 @@ def translate_os_errors(what: str, missing: str | None = None) -> Iterator[None]
         raise ArchiveError(f"{what}: {reason}") from exc
 
 
-def fsync_dir(path: str) -> None:
-    """Flush a directory's entries so a rename or unlink in it survives a crash."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def publish(source: str, target: str, replace: bool) -> None:
-    """Give a durable file its archive name, then make the new name durable.
+    """Give a durable file its archive name, then make the new name durable (:func:`durable.publish`).
 
     ``replace``: rename() swaps the name atomically, so readers see the old
     file or the new one. Otherwise link() refuses an existing name (Conflict),
     so two racing write-once commits cannot both win.
     """
-    if replace:
-        os.rename(source, target)
-    else:
-        try:
-            os.link(source, target)
-        except FileExistsError:
-            raise Conflict(
-                f"{os.path.basename(target)} already exists and the archive is write-once"
-            ) from None
-        os.unlink(source)
-    # The new entry lives in the directory: flush it so the name survives a crash.
-    fsync_dir(os.path.dirname(target))
+    try:
+        durable.publish(source, target, replace)
+    except FileExistsError:
+        raise Conflict(f"{os.path.basename(target)} already exists and the archive is write-once") from None
 
 
 def read_sha256(fd_or_path: int | str) -> bytes | None:
@@ -777,6 +761,11 @@ class UploadDigests:
 
 class AtomicFileWriter(Writer):
     """Write a file under a temporary name beside its target, then publish it.
+
+    The commit protocol of :mod:`pacifica_like.core.durable` (temp beside the
+    target -> write -> fsync -> rename -> directory fsync; the temp removed on
+    failure), streamed: hashing as bytes arrive and starting write-back every
+    WRITEBACK_STEP bytes, so the final fsync finds little left to flush.
 
     The temp file lives in the target directory (same filesystem, so the
     final rename is atomic) under a hidden name that listings skip. Bytes are

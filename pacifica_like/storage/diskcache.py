@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from pacifica_like.core.config import ArchiveSettings
+from pacifica_like.core.durable import fsync_dir
 from pacifica_like.core.errors import (
     ArchiveError,
     Conflict,
@@ -49,7 +50,6 @@ from pacifica_like.storage.contract import (
     Moved,
     Replaced,
     Stored,
-    fsync_dir,
     read_sha256,
     record_sha256,
     status_from_stat,

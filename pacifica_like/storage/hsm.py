@@ -40,6 +40,7 @@ from typing import TypeVar
 import peewee
 
 from pacifica_like.core.config import Settings
+from pacifica_like.core.durable import fsync_dir
 from pacifica_like.core.errors import Conflict, FileNotInArchive, OfflineOnTape, StorageUnavailable
 from pacifica_like.core.slots import SlotPool
 from pacifica_like.storage.contract import (
@@ -57,7 +58,6 @@ from pacifica_like.storage.contract import (
     TapePosition,
     VolumeSession,
     Writer,
-    fsync_dir,
     hash_file,
     publish,
     read_sha256,

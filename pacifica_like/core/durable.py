@@ -1,0 +1,123 @@
+"""Durable file writes: temp beside the target -> write -> fsync -> rename -> fsync of the directory.
+
+Every writer that replaces a file whole goes through here, so each does the
+steps in the same order, and cleans up the same way when one fails:
+
+1. the temp file lives in the target's directory: same filesystem, so the
+   rename is atomic (a reader sees the old file or the new one, never half);
+2. its bytes and metadata are flushed (fsync) *before* any name points at
+   them, so a crash never leaves a name on an empty or torn file;
+3. the rename (or, refusing an existing name, link + unlink) gives it its name;
+4. the directory is flushed, so the new name survives a crash too; when the
+   file came from another directory, that one is flushed as well (its entry
+   is gone);
+5. on any failure before the rename, the temp file is removed.
+
+Uploads keep their own streaming writer (``pacifica_like.storage.contract.
+AtomicFileWriter``: hashing, early write-back) and publish through
+:func:`publish`. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import IO
+
+
+def fsync_dir(path: str) -> None:
+    """Flush a directory's entries so a rename, link or unlink in it survives a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(source: str, target: str, replace: bool = True) -> None:
+    """Give the durable file ``source`` the name ``target``, then make the change durable.
+
+    ``replace``: rename() swaps the name atomically. Otherwise link() refuses an
+    existing name (FileExistsError, ``source`` left in place), so two racing
+    writers cannot both win. Both directories are flushed when they differ.
+    """
+    if replace:
+        os.rename(source, target)
+    else:
+        os.link(source, target)
+        os.unlink(source)
+    # The new entry lives in the target's directory: flush it so the name survives a crash.
+    target_dir = os.path.dirname(target) or "."
+    fsync_dir(target_dir)
+    source_dir = os.path.dirname(source) or "."
+    if source_dir != target_dir and not os.path.samefile(source_dir, target_dir):
+        # The old entry is gone from the source's directory: flush that removal too.
+        fsync_dir(source_dir)
+
+
+@contextlib.contextmanager
+def atomic_write(
+    target: str, binary: bool = True, replace: bool = True, mode: int | None = None
+) -> Iterator[IO]:
+    """Open a temp file beside ``target``; on leaving the block, make it durable and name it ``target``.
+
+    An exception in the block (or in any step) removes the temp file and leaves
+    ``target`` as it was. ``replace=False`` refuses an existing target
+    (FileExistsError). ``mode``: the file's permission bits (default: mkstemp's 0600).
+    """
+    directory, name = os.path.split(target)
+    fd, temp = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as handle:
+            yield handle
+            handle.flush()
+            if mode is not None:
+                os.fchmod(handle.fileno(), mode)
+            os.fsync(handle.fileno())
+        publish(temp, target, replace=replace)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+def write_file(target: str, data: bytes | str, mode: int | None = None) -> None:
+    """Replace ``target`` with ``data`` durably (see :func:`atomic_write`)."""
+    with atomic_write(target, binary=isinstance(data, bytes), mode=mode) as handle:
+        handle.write(data)
+
+
+def copy_file(source: str, target: str, replace: bool = False) -> None:
+    """Copy ``source`` to ``target`` durably: bytes, times, mode and extended attributes."""
+    directory, name = os.path.split(target)
+    fd, temp = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copy2(source, temp)  # bytes, times, mode and the xattrs (the recorded digest)
+        with open(temp, "rb") as handle:
+            os.fsync(handle.fileno())
+        publish(temp, target, replace=replace)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+def move_file(source: str, target: str, replace: bool = False) -> None:
+    """Move ``source`` to ``target`` durably; across filesystems, copy durably and then remove it.
+
+    ``replace=False`` refuses an existing target (FileExistsError; ``source`` stays).
+    """
+    try:
+        publish(source, target, replace=replace)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    copy_file(source, target, replace=replace)
+    os.unlink(source)
+    fsync_dir(os.path.dirname(source) or ".")
