@@ -408,10 +408,11 @@ def test_many_processes_upgrading_at_once_create_the_schema_once(url: str, tmp_p
         "PAI_CATALOG": url,
         "PAI_BACKEND_TYPE": "posix",
     }
-    # Each process waits on stdin once imported, so the upgrades start together, not one by one.
+    # Each process says it is ready once imported, then waits for the word: the upgrades start
+    # together, not one by one as each finishes importing.
     gate = (
         "import sys; from pacifica_like.cli.main import main; "
-        "sys.stdin.readline(); sys.exit(main(sys.argv[1:]))"
+        "print('ready', flush=True); sys.stdin.readline(); sys.exit(main(sys.argv[1:]))"
     )
     processes = [
         subprocess.Popen(
@@ -423,6 +424,8 @@ def test_many_processes_upgrading_at_once_create_the_schema_once(url: str, tmp_p
         )
         for _ in range(4)
     ]
+    for process in processes:
+        assert process.stdout is not None and process.stdout.readline() == b"ready\n"
     for process in processes:
         assert process.stdin is not None
         process.stdin.write(b"go\n")
