@@ -472,3 +472,31 @@ def test_db_upgrade_of_an_unreachable_database_exits_1_naming_it(
     err = capsys.readouterr().err
     assert f"pacifica-like db upgrade: catalog database postgresql://gw:***@127.0.0.1:{port}/none" in err
     assert "s3cret" not in err
+
+
+def test_db_upgrade_creates_the_emulated_sideband_tables_and_refuses_another_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    settings_env(monkeypatch, tmp_path, "off")
+    monkeypatch.setenv("PAI_BACKEND_TYPE", "sideband")
+    fresh = f"sqlite:///{tmp_path / 'fresh.sqlite'}"
+    monkeypatch.setenv("PAI_SIDEBAND_DATABASE", fresh)
+    assert main(["db", "upgrade"]) == 0
+    assert "sideband schema upgraded from version none to 1" in capsys.readouterr().out
+    assert rows(fresh, "SELECT id, version FROM sam_version") == [(1, 1)]
+    assert {"sam_inode", "sam_file", "sam_path", "sam_archive"} <= set(open_database(fresh).get_tables())
+
+    other = f"sqlite:///{tmp_path / 'other.sqlite'}"
+    db = open_database(other)
+    db.execute_sql("CREATE TABLE sam_version (id INTEGER PRIMARY KEY, version INTEGER)")
+    db.execute_sql("INSERT INTO sam_version VALUES (1, 7)")
+    db.close()
+    monkeypatch.setenv("PAI_SIDEBAND_DATABASE", other)
+    assert main(["db", "upgrade"]) == 1
+    assert "holds schema version 7, but this gateway reads and writes version 1" in capsys.readouterr().err
+    assert open_database(other).get_tables() == ["sam_version"]  # nothing created in it
+
+    # A real HSM's database (hsm = external) is never changed: nothing to upgrade.
+    monkeypatch.setenv("PAI_SIDEBAND_HSM", "external")
+    assert main(["db", "upgrade"]) == 0
+    assert capsys.readouterr().out == ""
