@@ -20,13 +20,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import peewee
+from playhouse.migrate import SchemaMigrator
 
 from pacifica_like.db.binding import bind_models
 from pacifica_like.db.errors import ErrorTranslator
+from pacifica_like.db.migrations import Schema, upgrade
 from pacifica_like.db.urls import open_database
 
-#: Bumped when the tables change; a library made by another version is refused.
-SCHEMA_VERSION = 1
 CATALOG_NAME = "catalog.sqlite"
 #: Ids per query in batched look-ups (below SQLite's bound-parameter limit).
 ID_BATCH = 900
@@ -108,6 +108,35 @@ class _Recall(peewee.Model):
 
 
 _TABLES = {"meta": _Meta, "volume": _Volume, "drive": _Drive, "tapecopy": _TapeCopy, "recall": _Recall}
+
+
+def _create_v1(db: peewee.Database, migrator: SchemaMigrator) -> None:
+    """Version 1: the tables as ``tape init`` created them before migrations were run."""
+    db.create_tables(list(bind_models(db, _TABLES).values()), safe=True)
+
+
+class MetaVersionStore:
+    """The library's schema version lives in its ``meta`` table (key ``schema_version``)."""
+
+    def read(self, db: peewee.Database, component: str) -> int | None:
+        if not db.table_exists("meta"):
+            return None
+        row = db.execute_sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(row[0]) if row else None
+
+    def write(self, db: peewee.Database, component: str, version: int) -> None:
+        db.execute_sql(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(version),)
+        )
+
+    def forget(self, db: peewee.Database, component: str) -> None:
+        db.execute_sql("DELETE FROM meta WHERE key = 'schema_version'")
+
+
+#: The library catalog's schema versions (see pacifica_like.db.migrations).
+SCHEMA = Schema("tape", (_create_v1,), MetaVersionStore())
+#: The version this code reads and writes; a library made by another version is refused.
+SCHEMA_VERSION = SCHEMA.latest
 #: Errors of any library's catalog; the message names the step that failed. OSError passes:
 #: the blocks it guards also move bytes between volumes and disk (ENOSPC is not a catalog error).
 _ERRORS = ErrorTranslator(None, "the tape catalog is unavailable", os_errors=False)
@@ -165,13 +194,12 @@ class Catalog:
         return os.path.isfile(self.path)
 
     def create(self, volumes: dict[str, int], drives: list[str]) -> tuple[list[str], list[str]]:
-        """Create missing tables, volumes (VSN -> capacity) and drives; return what was added.
+        """Upgrade the tables to this version, add missing volumes (VSN -> capacity) and drives.
 
-        Existing volumes and drives are never changed or removed.
+        Existing volumes and drives are never changed or removed. Returns what was added.
         """
+        upgrade(self.db, SCHEMA, f"tape catalog {self.path}")
         with self.db.atomic():
-            self.db.create_tables([self.Meta, self.Volume, self.Drive, self.TapeCopy, self.Recall])
-            self.Meta.insert(key="schema_version", value=str(SCHEMA_VERSION)).on_conflict_ignore().execute()
             self.Meta.insert(key="created_at", value=repr(time.time())).on_conflict_ignore().execute()
             have_volumes = {v.vsn for v in self.Volume.select(self.Volume.vsn)}
             have_drives = {d.name for d in self.Drive.select(self.Drive.name)}
