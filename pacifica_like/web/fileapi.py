@@ -29,6 +29,11 @@ class FileAPI:
         self.fallback = fallback
         self.fallback_names = frozenset(fallback_names)
 
+    @property
+    def backend(self) -> Any:
+        """The storage backend the handlers serve (tools and tests reach it through the app)."""
+        return self.handlers.backend
+
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         """Route one request: ``/`` and ``/<segment>`` here, the rest to the fallback."""
         method = environ["REQUEST_METHOD"]
