@@ -164,4 +164,5 @@ def test_backends_factory_does_not_import_the_web_layer():
         "pacifica_like.core.durable",
         "pacifica_like.core.errors",
         "pacifica_like.core.ids",
+        "pacifica_like.core.settings_schema",
     }

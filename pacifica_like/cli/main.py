@@ -92,7 +92,7 @@ def serve(settings: Settings) -> int:
     from pacifica_like.web.httpserver import WaitressServer
 
     backend = registry.create(settings)
-    app = build_app(settings, backend)
+    app = build_app(settings, backend, settings.server.file_api)
     listen = {
         "server.socket_host": ("address", settings.server.address),
         "server.socket_port": ("port", settings.server.port),

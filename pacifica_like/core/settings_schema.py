@@ -507,12 +507,13 @@ class ServerSettings:
         env="PROMETHEUS_MULTIPROC_DIR",
         unset="a fresh temp dir per uWSGI start",
     )
-    #: serve: the file API's adapter over the same handlers (uWSGI always runs the WSGI one). The
-    #: MethodDispatcher resource halves serve's 4 KiB GET rate, so the fast one is the default.
+    #: serve: the file API's adapter over the same handlers (uWSGI always runs the WSGI one). serve
+    #: mounts the MethodDispatcher resource, as a site's own CherryPy tree would; it costs about half
+    #: of serve's 4 KiB GET rate (docs/decisions/0006-file-resource-under-serve.md), wsgi buys it back.
     file_api: str = setting(
         one_of("wsgi", "cherrypy"),
-        "wsgi",
-        "serve only: file API adapter: wsgi (fast, as under uWSGI) or cherrypy (MethodDispatcher resource)",
+        "cherrypy",
+        "serve only: file API adapter: cherrypy (MethodDispatcher resource) or wsgi (about 2x the GET rate)",
         env="PAI_FILE_API",
     )
     access_log: str = setting(

@@ -2,8 +2,9 @@
 
 The file API (``/``, ``/<id>``) is served by one of two thin adapters over
 the same handlers (``pacifica_like.web.filehandlers``): the plain WSGI
-``FileAPI`` (the default, and what uWSGI runs) or the CherryPy
-``FileResource`` under ``MethodDispatcher`` (``file_api="cherrypy"``). The
+``FileAPI`` (what uWSGI runs) or the CherryPy ``FileResource`` under
+``MethodDispatcher`` (``file_api="cherrypy"``, what ``pacifica-like serve``
+mounts unless ``[server] file_api = wsgi``). The
 other paths (``/metrics``, ``/ready``: ``pacifica_like.web.probes``; the
 bulk-staging API ``/.well-known``, ``/api``: ``pacifica_like.web.bulkapi``)
 are a CherryPy application beside it. ``pacifica_like.web.errors`` renders
@@ -49,12 +50,12 @@ CHERRYPY_APP_CONFIG: dict[str, Any] = {
 FILE_APIS = ("wsgi", "cherrypy")
 
 
-def build_app(settings: Settings, backend: Backend, file_api: str | None = None) -> ObservedApp:
+def build_app(settings: Settings, backend: Backend, file_api: str = "wsgi") -> ObservedApp:
     """Return the archive as a WSGI application over ``backend``.
 
     ``file_api``: ``"wsgi"`` serves the file API with the plain WSGI adapter,
-    ``"cherrypy"`` with the MethodDispatcher resource (same handlers, same wire);
-    None: ``[server] file_api`` (what ``pacifica-like serve`` runs; uWSGI asks for ``"wsgi"``).
+    ``"cherrypy"`` with the MethodDispatcher resource (same handlers, same wire).
+    ``pacifica-like serve`` passes ``[server] file_api``; uWSGI and in-process users get the fast one.
     Also routes the access and error logs to stderr (``pacifica_like.web.logs``).
     Build it in the process that serves: uWSGI workers build theirs after the fork.
     """
@@ -69,7 +70,6 @@ def build_app(settings: Settings, backend: Backend, file_api: str | None = None)
         sources.append(("catalog", inventory.audit_metrics))
     info = {"version": __version__, "backend": storage.name}
     metrics = Metrics(sources, info)
-    file_api = file_api or settings.server.file_api
     if file_api not in FILE_APIS:
         raise ValueError(f"file_api must be one of {', '.join(FILE_APIS)}, not {file_api!r}")
     config = {**CHERRYPY_APP_CONFIG, **errors.cherrypy_config(errors.JSON)}

@@ -5,8 +5,8 @@ answer, errors included, carries ``X-Request-Id`` and is counted exactly once:
 when the server closes the response, i.e. after the last byte was handed over
 (or the client went away). Per request: two clock reads (vDSO, no system
 call), four or five metric updates (under uWSGI each a store into a memory-mapped
-file, plus prometheus_client's fork check, a getpid) and one write(2) of the
-log line. docs/decisions/0021-observed-app-and-access-log.md has the measured cost.
+file named by worker id, so no getpid: docs/decisions/0019) and one write(2) of
+the log line. docs/decisions/0021-observed-app-and-access-log.md has the measured cost.
 """
 
 from __future__ import annotations
