@@ -42,6 +42,7 @@ from pacifica_like.storage.contract import (
     SHA256_XATTR,
     TEMP_SUFFIX,
     AtomicFileWriter,
+    Deleted,
     EventBus,
     ExpectedDigest,
     FileReader,
@@ -338,6 +339,35 @@ class DiskCache:
                 raise FileNotInArchive(self.missing(file_id))
             os.unlink(path)
             fsync_dir(os.path.dirname(path))
+
+    # What a backend serving this cache directly does, announced on its event bus: one place,
+    # so every such backend tells subscribers the same thing at the same moment.
+
+    def open_announced_writer(
+        self, events: EventBus, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()
+    ) -> AtomicFileWriter:
+        """Start an upload that announces Stored or Replaced on ``events`` once it is durable."""
+        return self.open_writer(
+            file_id,
+            mtime,
+            expect,
+            lambda path, mtime, expect, replace: AnnouncingWriter(
+                events, file_id, path, mtime, expect, replace=replace
+            ),
+        )
+
+    def adopt_announced(self, events: EventBus, file_id: int, source_path: str) -> int:
+        """Adopt (PATCH) under the bus's guards and announce Moved; return the bytes stored."""
+        with events.begin(file_id, "PATCH") as change:
+            size = self.adopt(file_id, source_path)
+            change.done(self.moved_in(file_id, size))
+        return size
+
+    def delete_announced(self, events: EventBus, file_id: int) -> None:
+        """Delete under the bus's guards and announce Deleted."""
+        with events.begin(file_id, "DELETE") as change:
+            self.delete(file_id)
+            change.done(Deleted(file_id))
 
     def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
         """Walk the prefix, yielding ids of archive files; hidden (temp) names are skipped.

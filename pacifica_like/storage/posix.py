@@ -12,7 +12,6 @@ from collections.abc import Iterator, Sequence
 from pacifica_like.core.config import Settings
 from pacifica_like.storage.contract import (
     Backend,
-    Deleted,
     EventBus,
     ExpectedDigest,
     FileStatus,
@@ -20,7 +19,7 @@ from pacifica_like.storage.contract import (
     Reader,
     Writer,
 )
-from pacifica_like.storage.diskcache import AnnouncingWriter, DiskCache
+from pacifica_like.storage.diskcache import DiskCache
 
 
 class PosixBackend(Backend):
@@ -47,14 +46,7 @@ class PosixBackend(Backend):
 
     def open_writer(self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()) -> Writer:
         """Start an atomic upload; Conflict now if write-once and taken."""
-        return self.cache.open_writer(
-            file_id,
-            mtime,
-            expect,
-            lambda path, mtime, expect, replace: AnnouncingWriter(
-                self.events, file_id, path, mtime, expect, replace=replace
-            ),
-        )
+        return self.cache.open_announced_writer(self.events, file_id, mtime, expect)
 
     def status(self, file_id: int) -> FileStatus:
         """Stat the file and read its recorded digest, both from one open inode."""
@@ -67,16 +59,11 @@ class PosixBackend(Backend):
 
     def adopt(self, file_id: int, source_path: str) -> int:
         """Move a server-side file in (see :meth:`DiskCache.adopt`); return the bytes stored."""
-        with self.events.begin(file_id, "PATCH") as change:
-            size = self.cache.adopt(file_id, source_path)
-            change.done(self.cache.moved_in(file_id, size))
-        return size
+        return self.cache.adopt_announced(self.events, file_id, source_path)
 
     def delete(self, file_id: int) -> None:
         """Unlink the file and flush its directory."""
-        with self.events.begin(file_id, "DELETE") as change:
-            self.cache.delete(file_id)
-            change.done(Deleted(file_id))
+        self.cache.delete_announced(self.events, file_id)
 
     def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
         """Yield ids of archive files; hidden (temp) names are skipped."""

@@ -47,7 +47,6 @@ from pacifica_like.core.errors import (
 from pacifica_like.storage.contract import (
     ArchiveCopy,
     Backend,
-    Deleted,
     EventBus,
     ExpectedDigest,
     FileStatus,
@@ -58,7 +57,7 @@ from pacifica_like.storage.contract import (
     VolumeSession,
     Writer,
 )
-from pacifica_like.storage.diskcache import AnnouncingWriter, DiskCache
+from pacifica_like.storage.diskcache import DiskCache
 from pacifica_like.storage.hsm import DUAL, OFFLINE, REGULAR, TapeHsm
 from pacifica_like.storage.sideband import models
 from pacifica_like.storage.sideband.updater import _Statements, keep_sideband, open_sideband
@@ -544,27 +543,15 @@ class ExternalSidebandBackend(Backend):
 
     def open_writer(self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()) -> Writer:
         """Write through the filesystem (the HSM's updater records the new file)."""
-        return self.cache.open_writer(
-            file_id,
-            mtime,
-            expect,
-            lambda path, mtime, expect, replace: AnnouncingWriter(
-                self.events, file_id, path, mtime, expect, replace=replace
-            ),
-        )
+        return self.cache.open_announced_writer(self.events, file_id, mtime, expect)
 
     def adopt(self, file_id: int, source_path: str) -> int:
         """Move a server-side file in through the filesystem (see DiskCache.adopt)."""
-        with self.events.begin(file_id, "PATCH") as change:
-            size = self.cache.adopt(file_id, source_path)
-            change.done(self.cache.moved_in(file_id, size))
-        return size
+        return self.cache.adopt_announced(self.events, file_id, source_path)
 
     def delete(self, file_id: int) -> None:
         """Unlink the file through the filesystem."""
-        with self.events.begin(file_id, "DELETE") as change:
-            self.cache.delete(file_id)
-            change.done(Deleted(file_id))
+        self.cache.delete_announced(self.events, file_id)
 
     def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
         """Yield the ids of the files on the filesystem."""
