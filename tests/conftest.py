@@ -78,6 +78,23 @@ def prepare_backend(tmp_path: Path) -> Iterator[Callable[[str], dict[str, dict[s
         yield prepare
 
 
+@pytest.fixture(params=backend_cases())
+def make_backend(request, tmp_path: Path, prepare_backend) -> Iterator[Callable[..., Backend]]:
+    """Build the parametrised backend case (through the registry) over a fresh prefix; closed after."""
+    built: list[Backend] = []
+
+    def build(**archive: Any) -> Backend:
+        name = request.param.partition("@")[0]
+        archive = {"backend": name, "prefix": str(tmp_path / "archive"), **archive}
+        settings = load_settings(flags={"archive": archive, **prepare_backend(request.param)}, env={})
+        built.append(factory.create(settings))
+        return built[-1]
+
+    yield build
+    for backend in built:
+        backend.close()
+
+
 def flip_byte(path: str | Path, offset: int) -> None:
     """Invert one byte of a file in place, as a failing cartridge might."""
     with open(path, "r+b") as handle:

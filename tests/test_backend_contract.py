@@ -12,9 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import backend_cases
 
-from pacifica_like.core.config import load_settings
 from pacifica_like.core.errors import (
     Conflict,
     DigestMismatch,
@@ -23,27 +21,9 @@ from pacifica_like.core.errors import (
     StorageUnavailable,
 )
 from pacifica_like.core.httpfields import ExpectedDigest
-from pacifica_like.storage import registry
 from pacifica_like.storage.contract import Backend, FileStatus
 
 MTIME = 784111777.0
-
-
-@pytest.fixture(params=backend_cases())
-def make_backend(request, tmp_path: Path, prepare_backend):
-    """Build the parametrised backend over a fresh prefix (and whatever else it needs)."""
-    built = []
-
-    def build(**archive) -> Backend:
-        name = request.param.partition("@")[0]
-        archive = {"backend": name, "prefix": str(tmp_path / "archive"), **archive}
-        settings = load_settings(flags={"archive": archive, **prepare_backend(request.param)}, env={})
-        built.append(registry.create(settings))
-        return built[-1]
-
-    yield build
-    for backend in built:
-        backend.close()
 
 
 @pytest.fixture

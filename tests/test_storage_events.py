@@ -11,12 +11,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import backend_cases, corrupt
+from conftest import corrupt
 
 from pacifica_like.core.config import load_settings
 from pacifica_like.core.errors import DigestMismatch, OfflineOnTape, StorageUnavailable
@@ -39,23 +38,6 @@ from pacifica_like.storage.sideband.updater import SidebandUpkeep
 from pacifica_like.storage.tape import operations
 
 MTIME = 784111777.0
-
-
-@pytest.fixture(params=backend_cases())
-def make_backend(request, tmp_path: Path, prepare_backend) -> Iterator[Callable[..., Backend]]:
-    """Build the parametrised backend (through the registry) over a fresh prefix."""
-    built: list[Backend] = []
-
-    def build(**archive: Any) -> Backend:
-        name = request.param.partition("@")[0]
-        archive = {"backend": name, "prefix": str(tmp_path / "archive"), **archive}
-        settings = load_settings(flags={"archive": archive, **prepare_backend(request.param)}, env={})
-        built.append(registry.create(settings))
-        return built[-1]
-
-    yield build
-    for backend in built:
-        backend.close()
 
 
 def store(backend: Backend, file_id: int, data: bytes, expect: tuple = ()) -> int:
