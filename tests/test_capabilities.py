@@ -18,8 +18,9 @@ from pacifica_like.cli.main import main
 from pacifica_like.core import durable
 from pacifica_like.core.config import load_settings
 from pacifica_like.core.ids import id2filename
-from pacifica_like.storage import registry
-from pacifica_like.storage.contract import KeepsSideband, TapeManaged
+from pacifica_like.storage import contract, registry
+from pacifica_like.storage.contract import HoldsVolumes, KeepsSideband, LocatesOnTape, TapeManaged
+from pacifica_like.storage.tape.library import vsn_name
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pacifica_like"
 STORAGE = PACKAGE / "storage"
@@ -71,6 +72,41 @@ def test_the_external_hsm_is_no_tape_managed_backend(tmp_path: Path, prepare_bac
         assert not issubclass(registry.backend_class(external.settings), TapeManaged)
     finally:
         external.close()
+
+
+def test_tape_positions_and_volume_sessions_are_capabilities(tmp_path: Path, prepare_backend):
+    """Only backends with tape locate files on it or hold volumes; the others stage each file alone."""
+    found: dict[str, tuple[bool, bool]] = {}
+    for case in ("posix", "memory", "tape", "sideband"):
+        flags = {"archive": {"backend": case, "prefix": str(tmp_path / case)}, **prepare_backend(case)}
+        backend = registry.create(load_settings(flags=flags, env={}))
+        try:
+            found[case] = (isinstance(backend, LocatesOnTape), isinstance(backend, HoldsVolumes))
+            with backend.open_writer(3, 1_000_000.0) as writer:
+                writer.write(b"on disk")
+                writer.commit()
+            assert contract.tape_positions(backend, [3, 4]) == {}  # on disk, unknown: nothing to recall
+            with contract.open_volume(backend, vsn_name(0)) as session:
+                staged = session.recall(3)
+            # A held volume finds the file on disk already (False); staging alone says it is there (True).
+            assert staged is (not found[case][1])
+        finally:
+            backend.close()
+    flags = {"archive": {"backend": "sideband", "prefix": str(tmp_path / "x")}, **prepare_backend("sideband")}
+    registry.create(load_settings(flags=flags, env={})).close()
+    flags["sideband"] = {**flags.get("sideband", {}), "hsm": "external"}
+    external = registry.create(load_settings(flags=flags, env={}))
+    try:
+        found["sideband external"] = (isinstance(external, LocatesOnTape), isinstance(external, HoldsVolumes))
+    finally:
+        external.close()
+    assert found == {
+        "posix": (False, False),
+        "memory": (False, False),
+        "tape": (True, True),
+        "sideband": (True, True),
+        "sideband external": (True, False),
+    }
 
 
 # -- no backend imports another ------------------------------------------------------------------

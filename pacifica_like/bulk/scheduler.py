@@ -16,7 +16,7 @@ thread; ``pacifica-like worker`` runs only it). Each *pass*:
    and starts a thread for it.
 
 A volume thread holds one drive with the volume mounted
-(``Backend.open_volume``) and reads its queue in one pass in position order,
+(``contract.open_volume``) and reads its queue in one pass in position order,
 claiming jobs in batches (at most ``max_recalls_in_flight`` over all drives)
 and taking files queued meanwhile behind the head in a second pass. Each
 outcome goes to every request waiting for the file. A failed recall is
@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pacifica_like.bulk.store import COMPLETED, FAILED, BulkStore, Job, VolumeQueue, make_owner
 from pacifica_like.core.config import Settings
 from pacifica_like.core.errors import ArchiveError
+from pacifica_like.storage import contract
 from pacifica_like.storage.contract import Backend
 
 log = logging.getLogger("pacifica_like.bulk")
@@ -222,7 +223,7 @@ class Scheduler:
         """Mount ``vsn`` and drain its queue; always give the volume back."""
         mounted = False
         try:
-            with self.backend.open_volume(vsn) as session:
+            with contract.open_volume(self.backend, vsn) as session:
                 mounted = True
                 self._drain(vsn, session.recall)
         except ArchiveError as exc:
@@ -293,7 +294,7 @@ class Scheduler:
                 self.store.finish_job(file_id, self.owner, COMPLETED)
                 return
         try:
-            position = self.backend.tape_positions([file_id]).get(file_id)
+            position = contract.tape_positions(self.backend, [file_id]).get(file_id)
         except ArchiveError:
             position = None
         if attempt >= self.policy.max_attempts or position is None:

@@ -11,7 +11,7 @@ Plugin API (what a backend implements and the web layer calls):
 * :class:`TapePosition` - where a file that is only on tape would be recalled from
   (backends with tape behind the disk; the bulk-staging scheduler orders by it);
 * :class:`VolumeSession` - a drive held with one volume mounted, for recalls in
-  tape order (:meth:`Backend.open_volume`);
+  tape order (:class:`HoldsVolumes`);
 * capability protocols, checked with ``isinstance`` where a caller needs more
   than the contract: :class:`TapeManaged` (migrate, release, recall, verify),
   :class:`KeepsSideband` (a sideband database kept by the backend itself);
@@ -381,7 +381,7 @@ LOCALITIES = ("DISK", "TAPE", "DISK_AND_TAPE", "LOST", "NONE", "UNAVAILABLE")
 
 
 class VolumeSession(abc.ABC):
-    """A drive held with one volume mounted (see :meth:`Backend.open_volume`); one thread uses it."""
+    """A drive held with one volume mounted (see :class:`HoldsVolumes`); one thread uses it."""
 
     @abc.abstractmethod
     def recall(self, file_id: int) -> bool | None:
@@ -555,14 +555,6 @@ class Backend(abc.ABC):
         except ConfigError as exc:
             raise StorageUnavailable(str(exc)) from exc
 
-    def tape_positions(self, file_ids: Iterable[int]) -> dict[int, TapePosition]:
-        """Return where each of ``file_ids`` that is only on tape would be recalled from.
-
-        Ids on disk, unknown ids and ids whose every tape copy is damaged are
-        left out. Backends without tape have nothing to recall: the default is empty.
-        """
-        return {}
-
     def localities(self, file_ids: Iterable[int]) -> dict[int, str]:
         """Return where each file's bytes are: one of :data:`LOCALITIES` per id.
 
@@ -583,17 +575,6 @@ class Backend(abc.ABC):
                 on_disk, on_tape = status.media == "disk", sum(status.bytes_per_level[1:]) > 0
                 found[file_id] = "DISK_AND_TAPE" if on_disk and on_tape else "DISK" if on_disk else "TAPE"
         return found
-
-    @contextlib.contextmanager
-    def open_volume(self, vsn: str) -> Iterator[VolumeSession]:
-        """Hold a drive with volume ``vsn`` mounted while the caller recalls files from it.
-
-        The bulk-staging scheduler recalls a volume's files in position order
-        inside one session, so the cartridge is mounted once. Raises
-        StorageUnavailable when the volume cannot be mounted. The default,
-        for backends without drives to hold, stages each file on its own.
-        """
-        yield StagingSession(self)
 
     def metrics_snapshot(self) -> list[MetricSample]:
         """Return the backend's own metrics, read now from shared state; none by default.
@@ -632,6 +613,44 @@ class TapeManaged(Protocol):
 
     def migration_source(self, file_id: int) -> tuple[int, os.stat_result, bytes] | None:
         """Open a REGULAR file for migration."""
+
+
+@runtime_checkable
+class LocatesOnTape(Protocol):
+    """A backend that can say where an offline file would be recalled from.
+
+    Bulk staging orders its queue by these positions; a backend without tape
+    has nothing to recall (:func:`tape_positions` answers empty for it).
+    """
+
+    def tape_positions(self, file_ids: Iterable[int]) -> dict[int, TapePosition]:
+        """Return where each of ``file_ids`` that is only on tape would be recalled from.
+
+        Ids on disk, unknown ids and ids whose every tape copy is damaged are left out.
+        """
+
+
+@runtime_checkable
+class HoldsVolumes(Protocol):
+    """A backend with drives to hold: a volume's files are recalled inside one mount."""
+
+    def open_volume(self, vsn: str) -> contextlib.AbstractContextManager[VolumeSession]:
+        """Hold a drive with volume ``vsn`` mounted while the caller recalls files from it.
+
+        Raises StorageUnavailable when the volume cannot be mounted.
+        """
+
+
+def tape_positions(backend: Backend, file_ids: Iterable[int]) -> dict[int, TapePosition]:
+    """Ask a :class:`LocatesOnTape` backend for tape positions; any other has none."""
+    return backend.tape_positions(file_ids) if isinstance(backend, LocatesOnTape) else {}
+
+
+def open_volume(backend: Backend, vsn: str) -> contextlib.AbstractContextManager[VolumeSession]:
+    """Hold ``vsn`` on a :class:`HoldsVolumes` backend; any other stages each file on its own."""
+    if isinstance(backend, HoldsVolumes):
+        return backend.open_volume(vsn)
+    return contextlib.nullcontext(StagingSession(backend))
 
 
 @runtime_checkable

@@ -3,7 +3,7 @@
 Mounted on the CherryPy application behind the file API (``app.build_app``):
 ``/.well-known/wlcg-tape-rest-api`` and ``/api/v1/{stage,release,archiveinfo,queues}``.
 Handlers parse and check the request, resolve files through the backend
-contract (``localities``, ``tape_positions``) and read or write
+contract (``localities``, and ``tape_positions`` where the backend is ``LocatesOnTape``) and read or write
 :class:`~pacifica_like.bulk.store.BulkStore`; the scheduler does the recalls.
 Every error, ours and CherryPy's (unknown path, wrong verb), is
 ``application/problem+json`` (RFC 9457) without a traceback, rendered by
@@ -47,6 +47,7 @@ from pacifica_like.core.errors import (
 )
 from pacifica_like.core.ids import MAX_ID, parse_id
 from pacifica_like.core.slots import SlotPool, directory_for
+from pacifica_like.storage import contract
 from pacifica_like.storage.contract import Backend
 from pacifica_like.web import errors
 
@@ -324,7 +325,7 @@ class BulkAPI:
         ids = {path: file_id_of(path) for path, _ in entries}
         wanted = sorted({i for i in ids.values() if i is not None})
         # Positions first: in a bulk request most files are offline, and need no other look-up.
-        positions = self.backend.tape_positions(wanted)
+        positions = contract.tape_positions(self.backend, wanted)
         where = self.backend.localities([i for i in wanted if i not in positions])
         resolved = []
         for path, pin in entries:
