@@ -39,8 +39,7 @@ from pacifica_like.core.ids import id2filename
 from pacifica_like.gateway import audit
 from pacifica_like.gateway.catalog import LOST, PRESENT, GatewayCatalog
 from pacifica_like.storage import registry
-from pacifica_like.storage.contract import SHA256_XATTR, read_sha256
-from pacifica_like.storage.contract import Backend as InventoryBackend
+from pacifica_like.storage.contract import SHA256_XATTR, Backend, read_sha256
 from pacifica_like.web.app import build_app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,10 +110,10 @@ class Site:
         return self._app
 
     @property
-    def backend(self) -> InventoryBackend:
-        """The app's backend: the real one wrapped by the inventory."""
+    def backend(self) -> Backend:
+        """The app's backend (the inventory listens to its storage events)."""
         api = self.app.app
-        while not isinstance(getattr(api, "backend", None), InventoryBackend):
+        while not isinstance(getattr(api, "backend", None), Backend):
             api = api.app  # a middleware (access log, metrics) in front of the file API
         return api.backend
 
