@@ -27,7 +27,7 @@ from pacifica_like.core.ids import id2filename
 from pacifica_like.storage.contract import SHA256_XATTR
 from pacifica_like.storage.sideband import models
 from pacifica_like.storage.sideband.identity import ParentCache, read_disk_file
-from pacifica_like.storage.sideband.updater import _Statements, desired_rows
+from pacifica_like.storage.sideband.updater import Statements, desired_rows
 from pacifica_like.web.devserver import free_port, run_server, uwsgi_command
 
 FILES = 100_000
@@ -61,7 +61,7 @@ def fill_database(url: str, prefix: Path, count: int, log: Callable[[str], None]
     """Insert the rows the updater would write for ids 1..count, in bulk."""
     db = models.open_database(url, 10.0, 4)
     models.create_schema(db)
-    sql = _Statements(db)
+    sql = Statements(db)
     parents = ParentCache()
     batch: dict[str, list[tuple]] = {"sam_inode": [], "sam_file": [], "sam_path": []}
     with models.connected(db):

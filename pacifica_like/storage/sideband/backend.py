@@ -60,7 +60,7 @@ from pacifica_like.storage.contract import (
 from pacifica_like.storage.diskcache import DiskCache
 from pacifica_like.storage.hsm import DUAL, OFFLINE, REGULAR, TapeHsm
 from pacifica_like.storage.sideband import models
-from pacifica_like.storage.sideband.updater import _Statements, keep_sideband, open_sideband
+from pacifica_like.storage.sideband.updater import Statements, keep_sideband, open_sideband
 
 #: Paths per query when looking up tape positions (below SQLite's bound-parameter limit).
 POSITION_BATCH = 500
@@ -86,7 +86,7 @@ class SidebandIndex:
 
     def __init__(self, db: peewee.Database, offline_on_disk: bool) -> None:
         self.db = db
-        self.sql = _Statements(db)
+        self.sql = Statements(db)
         #: True (external HSM): an offline file keeps its inode and name on disk, as on SAM-QFS.
         #: False (emulator): a released file has no disk file at all.
         self.offline_on_disk = offline_on_disk
@@ -144,7 +144,7 @@ class SidebandIndex:
         def q(identifier: str) -> str:
             return f"{left}{identifier}{right}"
 
-        # HEAD's query (``_Statements.status``: the same columns in the same order) for a list of
+        # HEAD's query (``Statements.status``: the same columns in the same order) for a list of
         # paths, with the path added last to tell the files apart.
         head = (
             f"SELECT i.{q('ino')}, i.{q('gen')}, i.{q('size')}, i.{q('online')}, i.{q('csum')}, "

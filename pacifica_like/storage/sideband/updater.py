@@ -170,7 +170,7 @@ def desired_rows(
     return FileRows(inode, file, (ino, gen, relpath), archive)
 
 
-class _Statements:
+class Statements:
     """The SQL of the updater and of HEAD, written once per dialect (quoting, parameters)."""
 
     def __init__(self, db: peewee.Database) -> None:
@@ -253,7 +253,7 @@ class SidebandUpdater:
         self.backend = backend
         #: Called before every transaction: creates the tables on first use in this process.
         self.prepare = prepare
-        self.sql = _Statements(db)
+        self.sql = Statements(db)
         self._mysql = is_mysql(db)
 
     # -- reading -------------------------------------------------------------------
