@@ -10,6 +10,7 @@ and problem+json on the bulk API, chosen by mount.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import io
 import json
@@ -28,6 +29,7 @@ from conftest import LAST_MODIFIED, put
 
 from pacifica_like.core import errors as core_errors
 from pacifica_like.core.errors import ArchiveError, OfflineOnTape
+from pacifica_like.gateway.catalog import PRESENT, GatewayCatalog
 from pacifica_like.storage import registry
 from pacifica_like.storage.contract import CHUNK_SIZE
 from pacifica_like.web import devserver, errors
@@ -271,6 +273,7 @@ import sys
 import cherrypy
 
 from pacifica_like.core.config import load_settings
+from pacifica_like.gateway.catalog import PRESENT, GatewayCatalog
 from pacifica_like.storage import registry
 from pacifica_like.web.fileresource import DISPATCH_CONFIG, FileResource
 
@@ -319,3 +322,26 @@ def test_a_site_mounts_the_resource_in_its_own_cherrypy_tree_on_a_real_server(tm
         refused = requests.delete(f"{url}/12345", timeout=TIMEOUT)
         assert refused.status_code == 405 and "DELETE" not in refused.headers["Allow"]
         assert (prefix / "39" / "3039").read_bytes() == BODY
+
+
+def test_a_site_mounted_resource_keeps_the_catalog_inventory(tmp_path: Path):
+    """Mounted without build_app, the resource still records its changes (audit --fix relies on them)."""
+    script = tmp_path / "site.py"
+    script.write_text(textwrap.dedent(SITE))
+    prefix = tmp_path / "archive"
+    catalog_url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+    port = devserver.free_port()
+    env = {"PAI_PREFIX": str(prefix), "PAI_CATALOG": catalog_url}
+    with devserver.run_server([sys.executable, str(script), str(port)], port, env) as site:
+        url = site.url + "/archive"
+        stored = requests.put(
+            f"{url}/77", data=BODY, headers={"Last-Modified": LAST_MODIFIED}, timeout=TIMEOUT
+        )
+        assert stored.status_code == 201, stored.text
+        catalog = GatewayCatalog(catalog_url)
+        try:
+            entry = catalog.entry(77)
+        finally:
+            catalog.close()
+    assert entry is not None and entry.size == len(BODY) and entry.state == PRESENT
+    assert entry.sha256 == hashlib.sha256(BODY).hexdigest()

@@ -37,7 +37,7 @@ from typing import Any
 
 from pacifica_like.core.errors import ArchiveError
 from pacifica_like.gateway.catalog import GatewayCatalog, Operation
-from pacifica_like.gateway.inventory import storage_probe
+from pacifica_like.gateway.inventory import Inventory, attach_inventory, storage_probe
 from pacifica_like.storage.contract import TEMP_SUFFIX, Backend
 
 log = logging.getLogger("pacifica_like.error")
@@ -220,3 +220,19 @@ def sweep_at_start(backend: Backend, catalog: GatewayCatalog) -> Leftovers | Non
     for error in found.errors:
         log.warning("start-up sweep: could not remove %s", error)
     return found
+
+
+def keep_inventory(backend: Backend, catalog_url: str | None) -> Inventory | None:
+    """Have the catalog record ``backend``'s changes (see attach_inventory); sweep on first attach.
+
+    For front doors built without :func:`pacifica_like.web.app.build_app` (a
+    site mounting the file resource in its own CherryPy tree): without the
+    inventory, the next ``audit --fix`` would take their uploads for orphans.
+    """
+    attached = any(
+        isinstance(guard, Inventory) and guard.catalog.url == catalog_url for guard in backend.events.guards
+    )
+    inventory = attach_inventory(backend, catalog_url)
+    if inventory is not None and not attached:
+        sweep_at_start(backend, inventory.catalog)
+    return inventory

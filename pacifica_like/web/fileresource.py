@@ -23,6 +23,7 @@ from typing import Any
 import cherrypy
 
 from pacifica_like.core.config import Settings
+from pacifica_like.gateway import leftovers
 from pacifica_like.storage.contract import Backend
 from pacifica_like.web import errors
 from pacifica_like.web.filehandlers import (
@@ -84,6 +85,8 @@ class FileResource:
     }
 
     def __init__(self, backend: Backend, settings: Settings) -> None:
+        # Mounted alone, the resource still keeps the catalog's inventory (build_app's is reused).
+        leftovers.keep_inventory(backend, settings.archive.catalog)
         self.handlers = FileHandlers(backend, settings)
         # Exposed per instance, not per class: a class attribute would expose the class itself
         # at /__class__, where the dispatcher would call a verb without an instance.
