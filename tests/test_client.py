@@ -10,6 +10,7 @@ tests run the client's stage_many against the real bulk API over a tape archive.
 from __future__ import annotations
 
 import concurrent.futures
+import email.utils
 import hashlib
 import http.server
 import importlib.util
@@ -329,6 +330,24 @@ def test_download_not_matching_repr_digest_is_refused_and_leaves_nothing(stub: S
         assert leftovers(tmp_path) == []
         unverified = archive.get(8, tmp_path / "out", verify=False)
     assert (tmp_path / "out").read_bytes() == b"these bytes" and not unverified.verified
+
+
+def test_download_gets_a_new_files_permissions_under_the_umask_and_the_mtime(
+    stub: StubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    modified = email.utils.formatdate(MTIME, usegmt=True)
+    stub.replies["/9"] = canned(200, b"a user's file", "application/octet-stream", Last_Modified=modified)
+    monkeypatch.chdir(tmp_path)  # a bare name: the temp file goes beside it in the working directory
+    old = os.umask(0o027)
+    try:
+        with ArchiveClient(stub.url, timeout=TIMEOUT) as archive:
+            archive.get(9, "mine")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "mine").read_bytes() == b"a user's file"
+    assert (tmp_path / "mine").stat().st_mode & 0o777 == 0o640  # 0666 under the umask, not a temp file's 0600
+    assert (tmp_path / "mine").stat().st_mtime == MTIME
+    assert leftovers(tmp_path) == ["mine"]
 
 
 # -- errors -------------------------------------------------------------------------------------------------

@@ -8,10 +8,8 @@ the server's ``Repr-Digest``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -19,7 +17,7 @@ from typing import Any, BinaryIO
 import requests
 
 from pacifica_like.client.errors import TransportError, transport_errors
-from pacifica_like.core import httpfields
+from pacifica_like.core import durable, httpfields
 from pacifica_like.core.errors import DigestMismatch, InvalidRequest
 
 #: Bytes per read and write when streaming a body.
@@ -135,31 +133,10 @@ def download_to_path(
 ) -> tuple[int, str | None]:
     """Write the body to ``dest`` through a temp file renamed over it when complete and verified.
 
-    On any failure the temp file is removed and an existing ``dest`` is untouched.
+    The durable steps are :func:`pacifica_like.core.durable.atomic_write`'s: on
+    any failure (a short or mismatching body included) the temp file is removed
+    and an existing ``dest`` is untouched; the new file gets the usual
+    permissions (0666 under the umask) and ``mtime``.
     """
-    directory = dest.parent if str(dest.parent) else Path(".")
-    temp = directory / f".{dest.name}.{secrets.token_hex(4)}.part"
-    # 0o666 under the umask, as any new file; O_EXCL so no other file is ever reused.
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            result = copy_body(response, out, expected, progress)
-            out.flush()
-            os.fsync(out.fileno())  # the bytes are durable before the name points at them
-        if mtime is not None:
-            os.utime(temp, (mtime, mtime))
-        os.replace(temp, dest)  # readers see the old file or the whole new one
-        _fsync_directory(directory)  # and the new name survives a crash
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    return result
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with durable.atomic_write(os.fspath(dest), mtime=mtime, new_file=True) as out:
+        return copy_body(response, out, expected, progress)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -61,28 +62,52 @@ def publish(source: str, target: str, replace: bool = True) -> None:
 
 @contextlib.contextmanager
 def atomic_write(
-    target: str, binary: bool = True, replace: bool = True, mode: int | None = None
+    target: str,
+    binary: bool = True,
+    replace: bool = True,
+    mode: int | None = None,
+    mtime: float | None = None,
+    new_file: bool = False,
 ) -> Iterator[IO]:
     """Open a temp file beside ``target``; on leaving the block, make it durable and name it ``target``.
 
     An exception in the block (or in any step) removes the temp file and leaves
-    ``target`` as it was. ``replace=False`` refuses an existing target
-    (FileExistsError). ``mode``: the file's permission bits (default: mkstemp's 0600).
+    ``target`` as it was, so a writer that checks what it wrote (a digest) in
+    the block publishes nothing that failed the check. ``replace=False``
+    refuses an existing target (FileExistsError). ``mode``: the file's
+    permission bits (default: mkstemp's 0600); ``new_file``: instead, 0666
+    under the process umask, as any file a user's program creates (downloads).
+    ``mtime``: the file's access and modification times, set before it is named.
     """
     directory, name = os.path.split(target)
-    fd, temp = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=".tmp")
+    if new_file:
+        fd, temp = _create_beside(directory or ".", name)
+    else:
+        fd, temp = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as handle:
             yield handle
             handle.flush()
             if mode is not None:
                 os.fchmod(handle.fileno(), mode)
+            if mtime is not None:
+                os.utime(handle.fileno(), (mtime, mtime))
             os.fsync(handle.fileno())
         publish(temp, target, replace=replace)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
+
+
+def _create_beside(directory: str, name: str) -> tuple[int, str]:
+    """Create a new temp file for ``name`` in ``directory`` 0666 under the umask (O_EXCL: never reused)."""
+    while True:
+        temp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temp
+        except FileExistsError:
+            continue
 
 
 def write_file(target: str, data: bytes | str, mode: int | None = None) -> None:
