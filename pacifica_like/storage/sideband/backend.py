@@ -102,6 +102,11 @@ class SidebandIndex:
         retried (the server restarted and dropped it). A fresh connection that
         failed, or one that timed out, is not: the second try would only fail
         the same way and double the time the request waits.
+
+        Not :func:`pacifica_like.db.retry.retry`: that one retries a rolled-back
+        transaction on Contention with jittered pauses. This one retries a
+        read once, at once, on a *different* connection (the second try opens a
+        fresh one), and only when the first failure was a dropped connection.
         """
         started = time.monotonic()
         reused = not self.db.is_closed()
