@@ -88,15 +88,21 @@ backend = settings.archive.backend if "backend" in named else IMAGE_DEFAULTS["ba
 prefix = settings.archive.prefix if "prefix" in named else IMAGE_DEFAULTS["prefix"][1]
 print(f"BACKEND={backend}")
 print(f"DATA_DIR={prefix}")
-# uWSGI workers serve the bulk API but run no recall scheduler: a tape-backed archive gets
-# one `pacifica-like worker` beside them, unless [bulk] scheduler = off or there is no catalog.
+# uWSGI workers serve the bulk API but run no recall scheduler: a backend that locates files
+# on tape (bulk requests queue its offline files at their positions) gets one
+# `pacifica-like worker` beside them, unless [bulk] scheduler = off or there is no catalog.
+# The class is the variant the settings pick (sideband: emulated or external HSM); the external
+# HSM holds no drives, but its queued files still wait for the worker to stage them one by one.
+import dataclasses
+from pacifica_like.core.config import ConfigError
 from pacifica_like.storage import registry
-from pacifica_like.storage.contract import TapeManaged
+from pacifica_like.storage.contract import LocatesOnTape
+effective = dataclasses.replace(settings, archive=dataclasses.replace(settings.archive, backend=backend))
 try:
-    tape_backed = issubclass(registry.resolve(backend), TapeManaged)
-except KeyError:
-    tape_backed = False
-wanted = tape_backed and settings.bulk.scheduler == "in-process" and settings.archive.catalog is not None
+    recalls = issubclass(registry.backend_class(effective), LocatesOnTape)
+except ConfigError:
+    recalls = False
+wanted = recalls and settings.bulk.scheduler == "in-process" and settings.archive.catalog is not None
 print(f"SCHEDULER={1 if wanted else 0}")
 '
 }
