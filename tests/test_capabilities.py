@@ -262,3 +262,13 @@ def test_a_failed_copy_leaves_no_temp_and_a_refused_move_keeps_the_source(tmp_pa
     assert (source.read_bytes(), taken.read_bytes()) == (b"mine", b"theirs")
     durable.move_file(str(source), str(tmp_path / "to" / "moved"))
     assert (tmp_path / "to" / "moved").read_bytes() == b"mine" and not source.exists()
+
+
+def test_publish_over_says_whether_it_replaced_a_file_and_leaves_no_temp(tmp_path: Path):
+    target = tmp_path / "file"
+    for content, replaced in ((b"first", False), (b"second", True)):
+        temp = tmp_path / ".file.tmp"
+        temp.write_bytes(content)
+        assert durable.publish_over(str(temp), str(target)) is replaced
+        assert target.read_bytes() == content and target.stat().st_nlink == 1
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

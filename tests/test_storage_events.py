@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,9 @@ from conftest import corrupt
 from pacifica_like.core.config import load_settings
 from pacifica_like.core.errors import DigestMismatch, OfflineOnTape, StorageUnavailable
 from pacifica_like.core.httpfields import ExpectedDigest
-from pacifica_like.storage import registry
+from pacifica_like.storage import contract, registry
 from pacifica_like.storage.contract import (
+    AtomicFileWriter,
     Backend,
     CopyBad,
     Deleted,
@@ -81,6 +84,34 @@ def test_each_change_announces_its_event(make_backend, tmp_path: Path):
         Deleted(1),
     ]
     assert read_all(backend, 2) == b"moved in"
+
+
+def test_two_racing_uploads_of_a_new_id_announce_one_stored_and_one_replaced(
+    make_backend, monkeypatch: pytest.MonkeyPatch
+):
+    backend = make_backend()
+    seen: list[StorageEvent] = []
+    backend.subscribe(seen.append)
+    writers = [backend.open_writer(5, MTIME) for _ in range(2)]
+    if not all(isinstance(writer, AtomicFileWriter) for writer in writers):
+        for writer in writers:
+            writer.discard()
+        pytest.skip("this backend publishes under its own lock: no race to lose")
+    # Both commits get as far as their last step before publishing, then go on together.
+    both_ready = threading.Barrier(2, timeout=30)
+    record = contract.record_sha256
+
+    def record_then_wait(fd: int, digest: bytes) -> None:
+        record(fd, digest)
+        both_ready.wait()
+
+    monkeypatch.setattr(contract, "record_sha256", record_then_wait)
+    for writer, data in zip(writers, [b"one!", b"two!"], strict=True):
+        writer.write(data)
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(lambda writer: writer.commit(), writers)) == [4, 4]
+    assert sorted(type(event).__name__ for event in seen) == ["Replaced", "Stored"]
+    assert read_all(backend, 5) in (b"one!", b"two!")
 
 
 def test_a_failed_upload_announces_nothing_and_its_guard_hears_it_end(make_backend):

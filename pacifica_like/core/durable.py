@@ -51,6 +51,11 @@ def publish(source: str, target: str, replace: bool = True) -> None:
     else:
         os.link(source, target)
         os.unlink(source)
+    _flush_names(source, target)
+
+
+def _flush_names(source: str, target: str) -> None:
+    """Flush the directories a rename from ``source`` to ``target`` changed."""
     # The new entry lives in the target's directory: flush it so the name survives a crash.
     target_dir = os.path.dirname(target) or "."
     fsync_dir(target_dir)
@@ -58,6 +63,32 @@ def publish(source: str, target: str, replace: bool = True) -> None:
     if source_dir != target_dir and not os.path.samefile(source_dir, target_dir):
         # The old entry is gone from the source's directory: flush that removal too.
         fsync_dir(source_dir)
+
+
+def publish_over(source: str, target: str) -> bool:
+    """Publish as :func:`publish` with ``replace``, and return True when a file had the name before.
+
+    link() first: it succeeds only when no name was there at that instant (the
+    temp is then unlinked), else rename() replaces the file. So two racing
+    writers of a new name see one "new" and one "replaced" answer, at the same
+    number of calls as a check beside the rename. A filesystem without hard
+    links falls back to that check (then two racing writers may both say new).
+    """
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        replaced = True
+        os.rename(source, target)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+            raise
+        replaced = os.path.lexists(target)
+        os.rename(source, target)
+    else:
+        replaced = False
+        os.unlink(source)
+    _flush_names(source, target)
+    return replaced
 
 
 @contextlib.contextmanager

@@ -187,7 +187,7 @@ class StorageEvent:
 
 @dataclass(frozen=True)
 class Stored(StorageEvent):
-    """An upload created the file (no disk file was at its path): ``size`` bytes, ``sha256``, ``mtime``."""
+    """An upload created the file (its publish found no file at the path): size, sha256 and mtime."""
 
     size: int
     mtime: float
@@ -692,15 +692,19 @@ def translate_os_errors(what: str, missing: str | None = None) -> Iterator[None]
         raise ArchiveError(f"{what}: {reason}") from exc
 
 
-def publish(source: str, target: str, replace: bool) -> None:
-    """Give a durable file its archive name, then make the new name durable (:func:`durable.publish`).
+def publish(source: str, target: str, replace: bool) -> bool:
+    """Give a durable file its archive name, make the new name durable; True if it replaced a file.
 
-    ``replace``: rename() swaps the name atomically, so readers see the old
-    file or the new one. Otherwise link() refuses an existing name (Conflict),
-    so two racing write-once commits cannot both win.
+    ``replace``: the name is swapped atomically, so readers see the old file
+    or the new one (:func:`durable.publish_over`, which tells whether one was
+    there). Otherwise link() refuses an existing name (Conflict), so two
+    racing write-once commits cannot both win.
     """
     try:
-        durable.publish(source, target, replace)
+        if replace:
+            return durable.publish_over(source, target)
+        durable.publish(source, target, replace=False)
+        return False
     except FileExistsError:
         raise Conflict(f"{os.path.basename(target)} already exists and the archive is write-once") from None
 
@@ -807,6 +811,8 @@ class AtomicFileWriter(Writer):
         self.bytes_written = 0
         self._written_back = 0
         self._committed = False
+        #: After commit: True when the published file replaced one at ``final_path``.
+        self.replaced = False
         directory, name = os.path.split(final_path)
         with translate_os_errors(f"cannot store {name}"):
             os.makedirs(directory, exist_ok=True)
@@ -842,7 +848,7 @@ class AtomicFileWriter(Writer):
             # Data and metadata reach the disk before any name points at them.
             os.fsync(fd)
             self._file.close()
-            publish(self._temp_path, self.final_path, replace=self._replace)
+            self.replaced = publish(self._temp_path, self.final_path, replace=self._replace)
             self._committed = True
         self.sha256 = digest
         return self.bytes_written

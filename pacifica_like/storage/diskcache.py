@@ -64,8 +64,9 @@ class AnnouncingWriter(AtomicFileWriter):
 
     Opening asks the event guards (``EventBus.begin``: the inventory writes its
     marker; a refusal removes the temp file and raises). Commit announces
-    Stored (no disk file was at the path) or Replaced; discard without commit
-    abandons the change.
+    Stored (no disk file was at the path) or Replaced, as the publish itself
+    found (of two racing uploads of a new id, one is Stored and one Replaced);
+    discard without commit abandons the change.
     """
 
     def __init__(self, events: EventBus, file_id: int, *args: object, **kwargs: object) -> None:
@@ -79,18 +80,17 @@ class AnnouncingWriter(AtomicFileWriter):
 
     def commit(self) -> int:
         """Publish (see :meth:`publish`), then announce the change."""
-        existed = os.path.lexists(self.final_path)
         written = self.publish()
-        self.announce(existed)
+        self.announce(self.replaced)
         return written
 
     def publish(self) -> int:
         """Verify, make durable and publish the file, announcing nothing; return bytes stored."""
         return super().commit()
 
-    def announce(self, existed: bool) -> None:
-        """End the change with Replaced when a file was at the path before the commit, else Stored."""
-        kind = Replaced if existed else Stored
+    def announce(self, replaced: bool) -> None:
+        """End the change with Replaced when the commit replaced a file at the path, else Stored."""
+        kind = Replaced if replaced else Stored
         self._change.done(kind(self._file_id, self.bytes_written, self._mtime, self.sha256))
 
     def discard(self) -> None:

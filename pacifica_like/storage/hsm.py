@@ -114,11 +114,10 @@ class TapeWriter(AnnouncingWriter):
         In this order a crash between the two steps leaves a disk file whose
         digest differs from the copies: REGULAR, so nothing trusts them.
         """
-        existed = os.path.lexists(self.final_path)
         written = self.publish()
         with translate_db_errors(f"file {self._file_id} was stored, but retiring its old tape copies failed"):
             self._backend.catalog.mark_stale(self._file_id)
-        self.announce(existed)
+        self.announce(self.replaced)
         return written
 
 
