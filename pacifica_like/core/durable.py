@@ -15,7 +15,9 @@ steps in the same order, and cleans up the same way when one fails:
 
 Uploads keep their own streaming writer (``pacifica_like.storage.contract.
 AtomicFileWriter``: hashing, early write-back) and publish through
-:func:`publish`. Stdlib only.
+:func:`publish_over` (which also says whether a file was replaced) or, when
+write-once, :func:`publish`. Client downloads use :func:`atomic_write`
+(``new_file``, ``mtime``). Stdlib only.
 """
 
 from __future__ import annotations
