@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -439,6 +440,85 @@ def test_many_processes_upgrading_at_once_create_the_schema_once(url: str, tmp_p
     assert versions(url) == {"catalog": 1, "bulk": 1}
     tables = set(open_database(url).get_tables())
     assert {"inventory", "operation", "audit_run", "bulk_request", "bulk_file", "bulk_mutex"} <= tables
+
+
+#: Run in a process: get ready, wait for the word, then use one component, so its schema is created
+#: on first use the way a request thread does it (translated, contention retried).
+FIRST_USE = """
+import sys
+from pacifica_like.bulk.store import BulkStore
+from pacifica_like.gateway.catalog import GatewayCatalog
+url, component = sys.argv[1:]
+print("ready", flush=True)
+sys.stdin.readline()
+if component == "catalog":
+    print(GatewayCatalog(url).count())
+else:
+    print(BulkStore.open(url).in_flight("nobody"))
+"""
+
+
+def start_first_use(url: str, components: list[str]) -> list[subprocess.Popen]:
+    """Start a process per component, each ready to use it (FIRST_USE) once told to go."""
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", FIRST_USE, url, component],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for component in components
+    ]
+    for process in processes:
+        assert process.stdout is not None and process.stdout.readline() == b"ready\n"
+    for process in processes:
+        assert process.stdin is not None
+        process.stdin.write(b"go\n")
+        process.stdin.flush()
+    return processes
+
+
+def wait_for_waiters(db: peewee.Database, application: str, count: int) -> None:
+    """Return once ``count`` connections named ``application`` wait for a lock (PostgreSQL)."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND wait_event_type = 'Lock'"
+    deadline = time.monotonic() + 60
+    while db.execute_sql(query, (application,)).fetchone()[0] < count:
+        assert time.monotonic() < deadline, f"{count} connections of {application} never waited together"
+
+
+def test_processes_upgrading_different_components_of_a_fresh_database_at_once_all_succeed(url: str):
+    # The catalog and the bulk store record their versions in one pl_schema_version table: the
+    # first upgrade of each must not race the other's to create it (PostgreSQL: duplicate key).
+    components = ["catalog", "bulk"] * 2
+    held = None
+    if kind_of(url) == "postgresql":
+        # Make the race certain: a transaction of ours creates the version table and holds it
+        # uncommitted until both processes wait (each on it, or one on it and one on the other's
+        # lock), so without one lock per database both CREATEs meet.
+        components = ["catalog", "bulk"]
+        application = f"pl_race_{os.getpid()}_{threading.get_ident()}"
+        target = f"{url}&application_name={application}"
+        held, watcher = open_database(url), open_database(url)
+        try:
+            with held.atomic() as transaction:
+                held.execute_sql(
+                    "CREATE TABLE pl_schema_version (component VARCHAR(64) PRIMARY KEY, "
+                    "version INTEGER NOT NULL, upgraded_at DOUBLE PRECISION NOT NULL)"
+                )
+                processes = start_first_use(target, components)
+                try:
+                    wait_for_waiters(watcher, application, len(components))
+                finally:
+                    transaction.rollback()
+        finally:
+            held.close()
+            watcher.close()
+    else:
+        processes = start_first_use(url, components)
+    results = [process.communicate(timeout=120) for process in processes]
+    assert [process.returncode for process in processes] == [0] * len(components), results
+    assert [stdout for stdout, _ in results] == [b"0\n"] * len(components)
+    assert versions(url) == {"catalog": 1, "bulk": 1}
 
 
 def test_a_catalog_of_a_newer_version_is_refused_and_left_alone(

@@ -132,14 +132,18 @@ def _too_new(label: str, schema: Schema, found: int) -> SchemaTooNew:
     )
 
 
-def _lock_name(db: peewee.Database, schema: Schema) -> str:
-    """Name the lock after the database (and PostgreSQL schema) and the component: others never wait."""
+def _lock_name(db: peewee.Database) -> str:
+    """Name the lock after the database (and PostgreSQL schema): upgrades elsewhere never wait.
+
+    One lock for every component of a database, not one per component: their versions share
+    one table, and two components' first upgrades must not race to create it.
+    """
     dialect = dialect_of(db)
     if dialect == "postgresql":
         where = db.execute_sql("SELECT current_database(), current_schema()").fetchone()
     else:
         where = db.execute_sql("SELECT DATABASE()").fetchone()
-    return f"pacifica_like:{'.'.join(str(part) for part in where)}:{schema.component}"
+    return f"pacifica_like:{'.'.join(str(part) for part in where)}"
 
 
 @contextlib.contextmanager
@@ -150,7 +154,7 @@ def upgrade_lock(db: peewee.Database, schema: Schema) -> Iterator[None]:
         with db.atomic(lock_type="IMMEDIATE"):
             yield
         return
-    name = _lock_name(db, schema)
+    name = _lock_name(db)
     if dialect == "postgresql":
         key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
         with db.atomic():
