@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,28 @@ def test_missing_file_is_404_on_every_read_verb_and_creates_nothing(app, prefix:
     assert list(prefix.rglob("*")) == []  # not even a shard directory
 
 
+def test_head_of_a_missing_id_carries_the_peers_not_found_headers(app):
+    """Pacifica's cart service reads every status header of a HEAD, 404 or not (else a KeyError)."""
+    put(app, 7, BODY)
+    response = app.head("/4242", expect_errors=True)
+    assert response.status_int == 404
+    headers = response.headers
+    assert headers["X-Pacifica-Messsage"] == "File Not found"
+    for name in (
+        "X-Pacifica-File",
+        "X-Content-Length",
+        "Last-Modified",
+        "X-Pacifica-Ctime",
+        "X-Pacifica-Bytes-Per-Level",
+        "X-Pacifica-File-Storage-Media",
+    ):
+        assert headers[name] == "File Not Found", name
+    assert headers["Content-Type"] == "application/json"
+    # Only HEAD speaks the peer's header dialect; GET's 404 stays a plain JSON error.
+    assert "X-Pacifica-File" not in app.get("/4242", expect_errors=True).headers
+    assert app.head("/7").headers["X-Pacifica-Messsage"] == "File was found"
+
+
 @pytest.mark.parametrize(
     "segment",
     [
@@ -205,10 +228,24 @@ def test_put_on_root_is_405(app):
     assert_json_error(app.put("/", b"x", expect_errors=True), 405)
 
 
-def test_put_without_last_modified_is_400_and_stores_nothing(app, prefix: Path):
+def test_put_without_last_modified_is_400_and_stores_nothing_when_required(make_app, prefix: Path):
+    app = make_app(require_last_modified=True)
     response = app.put("/5", BODY, expect_errors=True)
     assert "Last-Modified" in assert_json_error(response, 400)["message"]
     assert files_under(prefix) == []
+
+
+def test_put_without_last_modified_stores_the_file_with_the_upload_time(app, prefix: Path):
+    """Clients written against the peer never send Last-Modified: the upload's start is the mtime."""
+    before = time.time()
+    response = app.put("/12345", BODY)
+    after = time.time()
+    assert response.status_int == 201
+    assert response.json == {"message": "File added to archive", "total_bytes": len(BODY)}
+    stored = prefix / "39" / "3039"
+    assert stored.read_bytes() == BODY
+    assert before <= stored.stat().st_mtime <= after
+    assert before <= float(app.head("/12345").headers["Last-Modified"]) <= after
 
 
 @pytest.mark.parametrize(

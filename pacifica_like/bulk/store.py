@@ -579,6 +579,26 @@ class BulkStore:
                 f.update(pin_until=None).where(f.id.in_(list(chunk))).execute()
         return []
 
+    @_transaction("cannot release pins")
+    def release_own(self, client: str, paths: Sequence[str], now: float | None = None) -> int:
+        """Drop every unexpired pin ``client``'s requests hold on ``paths``; return how many were held.
+
+        For a release naming no request of ours (gfal2's ``gfal2-placeholder-id``
+        when it lost the request id): the caller can only let go of its own pins.
+        """
+        now = time.time() if now is None else now
+        r, f = self.Request, self.File
+        own = r.select(r.id).where(r.client == client[:255])
+        released = 0
+        with self.db.atomic():
+            for chunk in _chunks(list(dict.fromkeys(paths)), ID_CHUNK):
+                released += (
+                    f.update(pin_until=None)
+                    .where(f.request_id.in_(own) & f.path.in_(list(chunk)) & (f.pin_until > now))
+                    .execute()
+                )
+        return released
+
     @_transaction("cannot read pins")
     def pins(self, file_ids: Iterable[int], now: float | None = None) -> dict[int, float]:
         """Return, for each of ``file_ids`` held by an unexpired pin, when its last pin expires."""

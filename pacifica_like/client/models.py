@@ -107,10 +107,17 @@ class StagedFile:
     @classmethod
     def from_json(cls, entry: Mapping[str, Any]) -> StagedFile:
         """Build from one entry of the request's ``files``."""
+        # Servers send state or onDisk, never both (the spec): each is derived from the other.
+        on_disk = entry.get("onDisk")
+        state = entry.get("state")
+        if state is None:
+            state = "COMPLETED" if on_disk else "FAILED" if entry.get("error") else "SUBMITTED"
+        elif on_disk is None:
+            on_disk = state == "COMPLETED"
         return cls(
             path=entry["path"],
-            state=entry["state"],
-            on_disk=entry.get("onDisk"),
+            state=state,
+            on_disk=on_disk,
             error=entry.get("error"),
             started_at=entry.get("startedAt"),
             finished_at=entry.get("finishedAt"),

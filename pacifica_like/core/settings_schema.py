@@ -169,6 +169,24 @@ def parse_optional_path(raw: str) -> str | None:
     return os.path.abspath(raw.strip()) if raw.strip() else None
 
 
+def parse_public_url(raw: str) -> str | None:
+    """Check the URL clients reach the gateway at (its scheme and host, maybe a path); empty is unset.
+
+    >>> parse_public_url("https://tape.example.org:8443/")
+    'https://tape.example.org:8443'
+    >>> parse_public_url("") is None
+    True
+    """
+    value = raw.strip()
+    if not value:
+        return None
+    scheme, sep, rest = value.partition("://")
+    host = rest.partition("/")[0]
+    if not sep or scheme.lower() not in ("http", "https") or not host or any(c in value for c in "?# "):
+        raise ValueError(f"expected http(s)://HOST[:PORT][/PATH] with no query, got {value[:80]!r}")
+    return value.rstrip("/")
+
+
 def parse_dirs(raw: str) -> tuple[str, ...]:
     """Split a comma/newline separated list of existing directories, resolving links."""
     roots = []
@@ -302,6 +320,12 @@ class ArchiveSettings:
     )
     allow_delete: bool = setting(
         parse_bool, "false", "DELETE removes files; false answers 405", env="PAI_ALLOW_DELETE"
+    )
+    require_last_modified: bool = setting(
+        parse_bool,
+        "false",
+        "a PUT without Last-Modified is a 400; false stores it with the upload's start as its mtime",
+        env="PAI_REQUIRE_LAST_MODIFIED",
     )
     patch_roots: tuple[str, ...] = setting(
         parse_dirs,
@@ -452,8 +476,12 @@ class BulkSettings:
         parse_seconds, "3600", "a recall running longer is failed by the watchdog, with that reason"
     )
     max_attempts: int = setting(parse_positive, "3", "tries per file before it is FAILED")
+    #: FTS brings files online, then queues their transfers, which may wait hours: a short default
+    #: pin lets the disk cache drop a file before FTS copies it (StoRM sites pin for 3 days).
     default_pin_seconds: float = setting(
-        parse_seconds, "3600", "pin lifetime when a request gives no diskLifetime"
+        parse_seconds,
+        "259200",
+        "pin lifetime when a request gives no diskLifetime, or one that is no duration",
     )
     max_pin_seconds: float = setting(parse_seconds, "604800", "the longest pin lifetime granted")
     poll_seconds: float = setting(
@@ -498,6 +526,14 @@ class ServerSettings:
         "60",
         "serve only: seconds a connection may stay silent before it is closed",
         env="PAI_IDLE_TIMEOUT",
+    )
+    #: Behind a TLS proxy the request's own address is not the one clients use.
+    public_url: str | None = setting(
+        parse_public_url,
+        "",
+        "the URL clients reach the gateway at (a TLS proxy's); the Tape REST discovery uri uses it",
+        env="PAI_PUBLIC_URL",
+        unset="the URL the request came in on",
     )
     #: Directory shared by uWSGI workers for Prometheus counters (prometheus_client multiprocess mode).
     metrics_dir: str | None = setting(

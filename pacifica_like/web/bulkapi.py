@@ -130,14 +130,29 @@ def _read_json(max_bytes: int) -> Any:
         raise InvalidRequest(f"the request body is not JSON: {exc}") from None
 
 
-def _paths_of(body: Any, limit: int) -> list[str]:
-    """Return the ``paths`` list of a cancel, release or archiveinfo body."""
+_SLASHES = re.compile(r"//+")
+
+
+def sanitise(path: str) -> str:
+    """Return ``path`` with runs of slashes collapsed, as the spec has servers do (``//3`` is ``/3``).
+
+    Requests store, and answers carry, the sanitised path.
+    """
+    return _SLASHES.sub("/", path) if "//" in path else path
+
+
+def _paths_of(body: Any, limit: int, truncate: bool = False) -> list[str]:
+    """Return the sanitised, distinct ``paths`` of a cancel, release or archiveinfo body.
+
+    More than ``limit`` paths is a 413, or with ``truncate`` the first
+    ``limit`` of them (archiveinfo: the spec forbids an error for too many).
+    """
     if not isinstance(body, dict) or not isinstance(body.get("paths"), list):
         raise InvalidRequest('the body must be a JSON object with a "paths" list')
     paths = body["paths"]
     if not paths:
         raise InvalidRequest('"paths" is empty')
-    if len(paths) > limit:
+    if len(paths) > limit and not truncate:
         raise RequestTooLarge(f'"paths" names {len(paths)} files; at most {limit} are accepted')
     bad = next((i for i, p in enumerate(paths) if not isinstance(p, str)), None)
     if bad is not None:
@@ -145,7 +160,7 @@ def _paths_of(body: Any, limit: int) -> list[str]:
     bad = next((i for i, p in enumerate(paths) if not _storable(p)), None)
     if bad is not None:
         raise InvalidRequest(f'"paths"[{bad}] {_UNSTORABLE}')
-    return paths
+    return list(dict.fromkeys(sanitise(p) for p in paths))[:limit]
 
 
 #: Why a path is refused before any database sees it.
@@ -291,34 +306,34 @@ class BulkAPI:
         )
 
     def _entries(self, files: list[Any]) -> list[tuple[str, float]]:
-        """Return (path, pin seconds) per file; InvalidRequest naming the first bad entry."""
-        seen: set[str] = set()
-        duplicates: list[str] = []
-        entries = []
+        """Return (sanitised path, pin seconds) per distinct file; InvalidRequest naming a bad entry.
+
+        As dCache and StoRM do, a path named twice is staged once (the first
+        entry's lifetime counts), and a ``diskLifetime`` that is no ISO 8601
+        duration gets the default pin: the spec lets the server ignore it, and
+        refusing would fail every file of an FTS job.
+        """
+        entries: dict[str, float] = {}
         default, longest = self.policy.default_pin_seconds, self.policy.max_pin_seconds
         for index, entry in enumerate(files):
             if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
                 raise InvalidRequest(f'"files"[{index}] must be an object with a string "path"')
-            path = entry["path"]
+            path = sanitise(entry["path"])
             if len(path) > MAX_PATH:
                 raise InvalidRequest(f'"files"[{index}].path is longer than {MAX_PATH} characters')
             if not _storable(path):
                 raise InvalidRequest(f'"files"[{index}].path {_UNSTORABLE}')
-            if path in seen:
-                duplicates.append(path)
+            if path in entries:
                 continue
-            seen.add(path)
-            lifetime = entry.get("diskLifetime")
             pin = default
+            lifetime = entry.get("diskLifetime")
             if lifetime is not None:
                 try:
                     pin = min(parse_duration(lifetime), longest)
-                except ValueError as exc:
-                    raise InvalidRequest(f'"files"[{index}].diskLifetime: {exc}') from None
-            entries.append((path, pin))
-        if duplicates:
-            raise InvalidRequest(f"the request names these paths more than once: {_name(duplicates)}")
-        return entries
+                except ValueError:
+                    pin = default
+            entries[path] = pin
+        return list(entries.items())
 
     def _resolve(self, entries: list[tuple[str, float]]) -> list[NewFile]:
         """Decide each file's first state: on disk (COMPLETED), queued at a tape position, or FAILED."""
@@ -379,11 +394,16 @@ class BulkAPI:
             files, next_row = store.files(request_id, page, after, states)
             summary = store.summary(request_id)
         open_files = sum(summary.states[s] for s in OPEN_STATES)
-        document = {
+        # startedAt is mandatory: createdAt until a file starts, as the spec says. completedAt is
+        # optional, so absent (not null) while the request is open.
+        document: dict[str, Any] = {
             "id": info.id,
             "createdAt": _epoch(info.created_at),
-            "startedAt": _epoch(info.started_at),
-            "completedAt": _epoch(info.completed_at),
+            "startedAt": _epoch(info.started_at if info.started_at is not None else info.created_at),
+        }
+        if info.completed_at is not None:
+            document["completedAt"] = _epoch(info.completed_at)
+        document |= {
             "files": [_file_document(f) for f in files],
             "summary": {
                 "files": info.files,
@@ -424,12 +444,18 @@ class BulkAPI:
         return _json({"requestId": request_id})
 
     def release(self, request_id: str) -> bytes:
-        """Drop the request's pins on the named files; disk space may then be reclaimed."""
+        """Drop the request's pins on the named files; disk space may then be reclaimed.
+
+        An id that names no request (gfal2 sends ``gfal2-placeholder-id`` when
+        it has none, and dCache answers every release with 200) drops the
+        caller's own pins on those paths instead: 200, with how many there were.
+        """
         paths = _paths_of(_read_json(self.max_body), self.policy.max_files_per_request)
         with self.heavy("release", len(paths)):
             unknown = self.store.release(request_id, paths) if _REQUEST_ID.fullmatch(request_id) else None
-        if unknown is None:
-            raise UnknownRequest(f"no stage request {request_id!r} (never made, or deleted)")
+            if unknown is None:
+                released = self.store.release_own(self.client(), paths)
+                return _json({"requestId": request_id, "releasedPins": released})
         if unknown:
             raise InvalidRequest(
                 f"request {request_id} does not hold these paths, so no pin was released: {_name(unknown)}"
@@ -439,8 +465,12 @@ class BulkAPI:
     # -- archiveinfo and queues ------------------------------------------------
 
     def archiveinfo(self) -> bytes:
-        """Report each path's locality (or why it has none)."""
-        paths = _paths_of(_read_json(self.max_body), self.policy.max_files_per_request)
+        """Report each path's locality, or an error for a path that names no file.
+
+        Past ``max_files_per_request`` paths the answer covers the first ones
+        only: the spec forbids an error for asking about too many.
+        """
+        paths = _paths_of(_read_json(self.max_body), self.policy.max_files_per_request, truncate=True)
         with self.heavy("archiveinfo", len(paths)):
             ids = {path: file_id_of(path) for path in paths}
             where = self.backend.localities(sorted({i for i in ids.values() if i is not None}))
@@ -458,7 +488,11 @@ class BulkAPI:
                 locality = where.get(file_id, "NONE")
                 if locality == "NONE" and file_id in lost:
                     locality = "LOST"
-                answers.append({"path": path, "locality": locality})
+                if locality == "NONE":
+                    # The spec's NONE is an empty file; a file that does not exist gets an error.
+                    answers.append({"path": path, "error": "no such file in the archive"})
+                else:
+                    answers.append({"path": path, "locality": locality})
             return _json(answers)
 
     def _inventory_lost(self, file_ids: list[int]) -> set[int]:
@@ -490,8 +524,8 @@ class BulkAPI:
         return _json({"volumes": volumes})
 
     def well_known(self) -> bytes:
-        """Describe the endpoint and its limits."""
-        base = cherrypy.serving.request.base
+        """Describe the endpoint and its limits; the ``uri`` is ``[server] public_url``'s when it is set."""
+        base = self.settings.server.public_url or cherrypy.serving.request.base
         endpoint = {
             "uri": f"{base}/api/v1",
             "version": "v1",
@@ -566,11 +600,19 @@ def _states(raw: str | list[str] | None) -> list[str]:
 
 
 def _file_document(f: Any) -> dict[str, Any]:
-    document: dict[str, Any] = {"path": f.path, "state": f.state, "onDisk": bool(f.on_disk)}
+    """One file of a poll: its ``state`` and never ``onDisk`` (the spec makes them exclusive).
+
+    gfal2 reads ``onDisk`` first when both are there, so a COMPLETED file whose
+    pin was later released would poll as not on disk forever. Times are left
+    out rather than null until they exist.
+    """
+    document: dict[str, Any] = {"path": f.path, "state": f.state}
     if f.error is not None and f.state in (FAILED, CANCELLED):
         document["error"] = f.error
-    document["startedAt"] = _epoch(f.started_at)
-    document["finishedAt"] = _epoch(f.finished_at)
+    if f.started_at is not None:
+        document["startedAt"] = _epoch(f.started_at)
+    if f.finished_at is not None:
+        document["finishedAt"] = _epoch(f.finished_at)
     return document
 
 

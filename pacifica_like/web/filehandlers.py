@@ -14,6 +14,7 @@ ways: uploads are copied in chunks from ``wsgi.input``, downloads are a
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from typing import Any
@@ -22,6 +23,7 @@ from urllib.parse import parse_qs, unquote_to_bytes
 from pacifica_like.core import httpfields
 from pacifica_like.core.config import Settings
 from pacifica_like.core.errors import (
+    FileNotInArchive,
     IncompleteUpload,
     InvalidRequest,
     LengthRequired,
@@ -44,6 +46,19 @@ VERBS_WITHOUT_DELETE = "GET, HEAD, PATCH, POST, PUT"
 Headers = list[tuple[str, str]]
 Response = tuple[int, Headers, Iterable[bytes]]
 Handler = Callable[[int, dict[str, Any]], Response]
+
+#: The peer's HEAD answer for a missing id: every status header present, each saying so.
+#: Pacifica's cart service reads them all unconditionally; without them it fails on the 404.
+NOT_FOUND_VALUE = "File Not Found"
+NOT_FOUND_HEADERS = {
+    "X-Pacifica-Messsage": "File Not found",  # sic, both spellings are the peer's
+    "X-Pacifica-File": NOT_FOUND_VALUE,
+    "X-Content-Length": NOT_FOUND_VALUE,
+    "Last-Modified": NOT_FOUND_VALUE,
+    "X-Pacifica-Ctime": NOT_FOUND_VALUE,
+    "X-Pacifica-Bytes-Per-Level": NOT_FOUND_VALUE,
+    "X-Pacifica-File-Storage-Media": NOT_FOUND_VALUE,
+}
 
 STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
 #: environ key: request body bytes read so far (for metrics and the access log).
@@ -137,16 +152,32 @@ class FileHandlers:
             raise
 
     def head(self, file_id: int, environ: dict[str, Any]) -> Response:
-        """Report a file's status in Pacifica's headers, answering 204."""
-        return 204, status_headers(self.backend.status(file_id)), []
+        """Report a file's status in Pacifica's headers, answering 204 (404 with the peer's headers)."""
+        try:
+            status = self.backend.status(file_id)
+        except FileNotInArchive as exc:
+            exc.headers = {**exc.headers, **NOT_FOUND_HEADERS}
+            raise
+        return 204, status_headers(status), []
 
     def put(self, file_id: int, environ: dict[str, Any]) -> Response:
-        """Store the request body under the id, atomically; answer 201."""
+        """Store the request body under the id, atomically; answer 201.
+
+        ``Last-Modified`` becomes the file's mtime. Clients written against
+        the peer never send it (the peer never reads it), so without one the
+        upload's start is the mtime, unless ``require_last_modified`` is set.
+        """
         headers = RequestHeaders(environ)
         last_modified = headers.get("Last-Modified")
-        if not last_modified:
-            raise InvalidRequest("PUT needs a Last-Modified header (an HTTP date) for the file's mtime")
-        mtime = httpfields.parse_http_date(last_modified)
+        if last_modified is not None:
+            mtime = httpfields.parse_http_date(last_modified)
+        elif self.settings.archive.require_last_modified:
+            raise InvalidRequest(
+                "PUT needs a Last-Modified header (an HTTP date) for the file's mtime "
+                "(require_last_modified = true)"
+            )
+        else:
+            mtime = time.time()
         expect = httpfields.parse_digest_headers(headers)
         length = _content_length(headers)
         with self.backend.open_writer(file_id, mtime, expect) as writer:
