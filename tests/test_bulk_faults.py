@@ -86,7 +86,7 @@ def test_the_watchdog_fails_a_recall_that_runs_past_recall_timeout(archive):
     running = scheduler(settings, backend)
     running.start()
     try:
-        document = wait_for(lambda: (d := poll(app, request_id))["completedAt"] and d)
+        document = wait_for(lambda: (d := poll(app, request_id)).get("completedAt") and d)
     finally:
         running.stop()
     (entry,) = document["files"]
@@ -302,7 +302,7 @@ def test_a_server_killed_mid_recall_finishes_every_file_after_restart(tmp_path: 
         assert unfinished.states["COMPLETED"] < len(sizes)
         with cli_server(args) as server:
             poll_url = f"{server.url}/api/v1/stage/{request_id}"
-            document = wait_for(lambda: (d := _get(poll_url))["completedAt"] and d)
+            document = wait_for(lambda: (d := _get(poll_url)).get("completedAt") and d)
         assert set(states(document).values()) == {"COMPLETED"}, document
         for file_id, size in sizes.items():
             assert on_disk(backend, file_id) == content(file_id, size)
@@ -331,7 +331,7 @@ def test_uwsgi_serves_the_api_and_a_worker_beside_it_recalls(tmp_path: Path, pre
         body = {"files": [{"path": f"/{i}"} for i in sizes]}
         request_id = _post(server.url + "/api/v1/stage", body)["requestId"]
         poll_url = f"{server.url}/api/v1/stage/{request_id}"
-        document = wait_for(lambda: (d := _get(poll_url))["completedAt"] and d)
+        document = wait_for(lambda: (d := _get(poll_url)).get("completedAt") and d)
     assert set(states(document).values()) == {"COMPLETED"}, document
     for file_id, size in sizes.items():
         assert on_disk(backend, file_id) == content(file_id, size)
