@@ -30,6 +30,9 @@ lint: $(VENV)/.installed-test
 test: lint
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light)
+	@command -v gfal-bringonline >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			gfal2 gfal2-plugin-http python3-gfal2 python3-gfal2-util gfal2-util-scripts)
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed-test

@@ -93,7 +93,7 @@ def test_requests_bytes_and_latency_are_counted_per_endpoint_method_and_status(a
 
 
 def test_uploads_rejected_are_counted_by_reason(make_app, prefix: Path):
-    app = make_app(write_once=True)
+    app = make_app(write_once=True, require_last_modified=True)
     body = b"some bytes"
     assert put(app, 1, body).status_int == 201
     assert put(app, 1, body).status_int == 409  # write-once conflict
@@ -101,7 +101,7 @@ def test_uploads_rejected_are_counted_by_reason(make_app, prefix: Path):
     short = app.put("/3", b"only ten b", headers={"Last-Modified": LAST_MODIFIED, "Content-Length": "100"},
                     expect_errors=True)  # fmt: skip
     assert short.status_int == 400
-    assert app.put("/4", body, expect_errors=True).status_int == 400  # no Last-Modified
+    assert app.put("/4", body, expect_errors=True).status_int == 400  # no Last-Modified, where required
     assert put(app, "x4", body).status_int == 400  # not an id
     patched = app.request("/5", method="PATCH", body=b"{}", headers={"Content-Type": "text/plain"},
                           expect_errors=True)  # fmt: skip
