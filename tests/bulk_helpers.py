@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -111,3 +112,14 @@ def poll(app: webtest.TestApp, request_id: str, status: int = 200, **params: Any
 def states(document: dict[str, Any]) -> dict[str, str]:
     """Path -> state of a poll's files."""
     return {f["path"]: f["state"] for f in document["files"]}
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 60, pause: float = 0.05) -> Any:
+    """Return ``check()``'s first true value, asking every ``pause`` s; AssertionError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(pause)
+    raise AssertionError(f"timed out after {timeout} s")

@@ -27,6 +27,7 @@ from bulk_helpers import (
     states,
     store_offline,
     submit,
+    wait_for,
 )
 from dbservers import scratch_database
 
@@ -54,16 +55,6 @@ def archive(tmp_path: Path, prepare_backend):
     yield build
     for backend in built:
         backend.close()
-
-
-def wait_for(check, timeout: float = TIMEOUT, pause: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(pause)
-    raise AssertionError(f"timed out after {timeout} s")
 
 
 # -- watchdog, retries, policy ---------------------------------------------------------

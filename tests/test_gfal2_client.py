@@ -23,13 +23,13 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from bulk_helpers import MTIME, content, store_offline
+from bulk_helpers import MTIME, content, store_offline, wait_for
 from conftest import init_tape_library
 
 from pacifica_like.bulk.store import BulkStore
@@ -218,16 +218,6 @@ def pins(gateway: Gateway, *file_ids: int) -> dict[int, float]:
         return store.pins(file_ids)
     finally:
         store.close()
-
-
-def wait_for(check: Callable[[], Any], timeout: float = TIMEOUT, pause: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(pause)
-    raise AssertionError(f"timed out after {timeout} s")
 
 
 def assert_served(gateway: Gateway, *file_ids: int) -> None:
