@@ -210,15 +210,7 @@ def background(
     try:
         yield process
     finally:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, stop)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=15)
+        devserver.stop_group(process, stop)
 
 
 def delete_queue(python: Path, broker: str, queue: str) -> None:

@@ -591,7 +591,7 @@ class BulkStore:
         own = r.select(r.id).where(r.client == client[:255])
         released = 0
         with self.db.atomic():
-            for chunk in _chunks(list(dict.fromkeys(paths)), ID_CHUNK):
+            for chunk in _chunks(list(paths), ID_CHUNK):
                 released += (
                     f.update(pin_until=None)
                     .where(f.request_id.in_(own) & f.path.in_(list(chunk)) & (f.pin_until > now))

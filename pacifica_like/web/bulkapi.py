@@ -325,14 +325,11 @@ class BulkAPI:
                 raise InvalidRequest(f'"files"[{index}].path {_UNSTORABLE}')
             if path in entries:
                 continue
-            pin = default
+            entries[path] = default
             lifetime = entry.get("diskLifetime")
             if lifetime is not None:
-                try:
-                    pin = min(parse_duration(lifetime), longest)
-                except ValueError:
-                    pin = default
-            entries[path] = pin
+                with contextlib.suppress(ValueError):
+                    entries[path] = min(parse_duration(lifetime), longest)
         return list(entries.items())
 
     def _resolve(self, entries: list[tuple[str, float]]) -> list[NewFile]:

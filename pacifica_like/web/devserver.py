@@ -114,7 +114,7 @@ def run_server(
         _wait_until_up(server, timeout)
         yield server
     finally:
-        _stop(process)
+        stop_group(process)
 
 
 def _wait_until_up(server: RunningServer, timeout: float) -> None:
@@ -131,10 +131,11 @@ def _wait_until_up(server: RunningServer, timeout: float) -> None:
     raise RuntimeError(f"server did not answer within {timeout} s:\n{server.log()}")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_group(process: subprocess.Popen[bytes], first: signal.Signals = signal.SIGTERM) -> None:
+    """Stop a process started in its own session: its group gets ``first``, SIGKILL after 15 s."""
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+            os.killpg(process.pid, first)
         try:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
@@ -212,7 +213,7 @@ def production_server(
             _wait_until_up(server, 30.0)
             yield server
     finally:
-        _stop(uwsgi)
+        stop_group(uwsgi)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
