@@ -44,6 +44,8 @@ API_PATHS = [
     "/api/v1/release/0123abcd",
     "/api/v1/archiveinfo",
     "/api/v1/queues",
+    "/webdav",
+    "/webdav/7",
 ]
 #: Targets that try to reach a stored file some other way than its own path.
 NEAR_MISSES = [
@@ -79,7 +81,7 @@ TARGET = st.one_of(
     st.builds(lambda t: "/" + t, TOKEN),
 )
 METHOD = st.one_of(
-    st.sampled_from(["GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"]),
+    st.sampled_from(["GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS", "PROPFIND", "MKCOL"]),
     st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=1, max_size=8),
 )
 

@@ -68,6 +68,11 @@ REQUESTS: list[tuple[str, str, dict[str, str], bytes]] = [
     ("DELETE", "/5", {}, b""),
     ("OPTIONS", "/5", {}, b""),
     ("OPTIONS", "/", {}, b""),
+    ("PROPFIND", "/5", {"Depth": "0"}, b""),
+    ("PROPFIND", "/", {"Depth": "1"}, b""),
+    ("PROPFIND", "/", {}, b""),
+    ("MKCOL", "/5", {}, b""),
+    ("MKCOL", "/", {}, b""),
     ("PUT", "/", {"Last-Modified": LAST_MODIFIED}, b"x"),
     ("get", "/5", {}, b""),
     ("GET", "//5", {}, b""),
@@ -99,17 +104,17 @@ def test_both_adapters_give_the_same_answers(make_settings, tmp_path: Path):
         assert wsgi == resource, request
     # The cases reached the handlers: a file, a health check, and refusals of every kind.
     statuses = [status for status, _, _ in answers["cherrypy"]]
-    assert {200, 204, 206, 400, 404, 405, 415, 416} <= set(statuses)
+    assert {200, 204, 206, 207, 400, 404, 405, 415, 416} <= set(statuses)
 
 
 def test_the_resource_answers_unknown_verbs_in_the_file_apis_words(make_app):
     app = make_app()
-    file_refusal = app.request("/5", method="OPTIONS", expect_errors=True)
-    assert json.loads(file_refusal.body) == {"status": 405, "message": "OPTIONS is not supported on /<id>"}
-    assert file_refusal.headers["Allow"] == "DELETE, GET, HEAD, PATCH, POST, PUT"
-    root_refusal = app.request("/", method="OPTIONS", expect_errors=True)
-    assert json.loads(root_refusal.body)["message"] == "OPTIONS needs a file id: OPTIONS /<id>"
-    assert root_refusal.headers["Allow"] == "GET, HEAD"
+    file_refusal = app.request("/5", method="MKCOL", expect_errors=True)
+    assert json.loads(file_refusal.body) == {"status": 405, "message": "MKCOL is not supported on /<id>"}
+    assert file_refusal.headers["Allow"] == "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PROPFIND, PUT"
+    root_refusal = app.request("/", method="MKCOL", expect_errors=True)
+    assert json.loads(root_refusal.body)["message"] == "MKCOL needs a file id: MKCOL /<id>"
+    assert root_refusal.headers["Allow"] == "GET, HEAD, OPTIONS, PROPFIND"
 
 
 def raw_call(app: Any, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], Any]:

@@ -1,7 +1,8 @@
 """Parse and format the HTTP header values the archive speaks.
 
 Dates (``Last-Modified``), integrity headers (RFC 9530 ``Repr-Digest`` and
-``Content-Digest``, RFC 3230 ``Digest``, ``Content-MD5``) and byte ranges
+``Content-Digest`` with ``Want-Repr-Digest``, RFC 3230 ``Digest`` with
+``Want-Digest``, ``Content-MD5``) and byte ranges
 (``Range`` and Pacifica's ``?byte_range=S-E``). Pure functions over strings,
 raising :class:`~pacifica_like.core.errors.InvalidRequest` on malformed input, so the
 web layer stays thin and every rule is unit-testable.
@@ -18,8 +19,21 @@ from datetime import UTC, datetime, timedelta
 
 from pacifica_like.core.errors import InvalidRequest, RangeNotSatisfiable
 
-# RFC 9530 / IANA names -> hashlib names; the digests we can verify on ingest.
-_DIGEST_ALGORITHMS = {"sha-256": "sha256", "sha-512": "sha512", "md5": "md5"}
+# RFC 9530 / RFC 3230 (IANA) names -> hashlib names; the digests we can verify on ingest.
+# RFC 3230's registry says ADLER32, RFC 9530's says adler; the grid sends the first.
+_DIGEST_ALGORITHMS = {
+    "sha-256": "sha256",
+    "sha-512": "sha512",
+    "md5": "md5",
+    "adler32": "adler32",
+    "adler": "adler32",
+}
+#: hashlib name -> the name an answer uses (RFC 3230 Digest; RFC 9530 uses "adler" for adler32).
+_DIGEST_NAMES = {"sha256": "sha-256", "sha512": "sha-512", "md5": "md5", "adler32": "adler32"}
+_REPR_DIGEST_NAMES = {**_DIGEST_NAMES, "adler32": "adler"}
+_DIGEST_SIZES = {"sha256": 32, "sha512": 64, "md5": 16, "adler32": 4}
+_QVALUE = re.compile(r"\s*q\s*=\s*([01](?:\.[0-9]{0,3})?)\s*", re.IGNORECASE)
+_SF_INTEGER = re.compile(r"\s*([A-Za-z0-9-]+)\s*=\s*([0-9]{1,2})\s*")
 _SF_BYTES = re.compile(r"\s*([A-Za-z0-9-]+)\s*=\s*:([A-Za-z0-9+/=]*):\s*")
 _RANGE = re.compile(r"bytes[ \t]*=[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)[ \t]*")
 _BYTE_RANGE = re.compile(r"([0-9]+)-([0-9]+)")
@@ -96,14 +110,77 @@ def _claim(header: str, name: str, b64value: str) -> list[ExpectedDigest]:
     algorithm = _DIGEST_ALGORITHMS.get(name.lower())
     if algorithm is None:
         return []
+    if header == "Digest" and algorithm == "adler32":
+        # RFC 3230's adler32 is 8 hex digits (what gfal2, davix, dCache and StoRM send), not base64.
+        try:
+            value = bytes.fromhex(b64value) if len(b64value) == 8 else b""
+        except ValueError:
+            value = b""
+        if not value:
+            raise InvalidRequest(f"{header}: adler32 value is not 8 hex digits: {b64value!r}")
+        return [ExpectedDigest(algorithm, value, header)]
     try:
         value = base64.b64decode(b64value, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest(f"{header}: {name} value is not base64: {b64value!r}") from None
-    expected_len = {"sha256": 32, "sha512": 64, "md5": 16}[algorithm]
+    expected_len = _DIGEST_SIZES[algorithm]
     if len(value) != expected_len:
         raise InvalidRequest(f"{header}: {name} value has {len(value)} bytes, not {expected_len}")
     return [ExpectedDigest(algorithm, value, header)]
+
+
+def parse_want_digest(value: str) -> list[str]:
+    """Return the algorithms an RFC 3230 ``Want-Digest`` asks for (hashlib names), most wanted first.
+
+    ``adler32, MD5;q=0.5, UNIXsum;q=0`` -> ``["adler32", "md5"]``: names are
+    case-insensitive, ``q=0`` declines, and algorithms we do not keep are left
+    out (the answer then carries no digest for them, as RFC 3230 allows).
+    """
+    wanted: list[tuple[float, int, str]] = []
+    for index, member in enumerate(value.split(",")):
+        name, _, params = member.partition(";")
+        algorithm = _DIGEST_ALGORITHMS.get(name.strip().lower())
+        quality = 1.0
+        for param in params.split(";") if params else ():
+            match = _QVALUE.fullmatch(param)
+            if match is not None:
+                quality = float(match.group(1))
+        if algorithm is not None and quality > 0:
+            wanted.append((-quality, index, algorithm))
+    return list(dict.fromkeys(algorithm for _, _, algorithm in sorted(wanted)))
+
+
+def parse_want_repr_digest(value: str) -> list[str]:
+    """Return what an RFC 9530 ``Want-Repr-Digest`` asks for (hashlib names), most preferred first.
+
+    ``sha-256=10, adler=3, md5=0`` -> ``["sha256", "adler32"]``; a member that is
+    not ``name=0..10`` is skipped rather than refused, as a receiver may.
+    """
+    wanted: list[tuple[int, int, str]] = []
+    for index, member in enumerate(value.split(",")):
+        match = _SF_INTEGER.fullmatch(member)
+        if match is None:
+            continue
+        algorithm = _DIGEST_ALGORITHMS.get(match.group(1).lower())
+        preference = int(match.group(2))
+        if algorithm is not None and 0 < preference <= 10:
+            wanted.append((-preference, index, algorithm))
+    return list(dict.fromkeys(algorithm for _, _, algorithm in sorted(wanted)))
+
+
+def format_digest(digests: list[tuple[str, bytes]]) -> str:
+    """Return an RFC 3230 ``Digest`` value: adler32 in 8 hex digits, the others in base64."""
+    return ",".join(
+        f"{_DIGEST_NAMES[name]}={raw.hex() if name == 'adler32' else base64.b64encode(raw).decode('ascii')}"
+        for name, raw in digests
+    )
+
+
+def format_repr_digests(digests: list[tuple[str, bytes]]) -> str:
+    """Return an RFC 9530 ``Repr-Digest`` value (a dictionary of byte sequences) for several digests."""
+    return ", ".join(
+        f"{_REPR_DIGEST_NAMES[name]}=:{base64.b64encode(raw).decode('ascii')}:" for name, raw in digests
+    )
 
 
 def format_repr_digest(sha256: bytes) -> str:

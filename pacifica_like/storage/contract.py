@@ -23,8 +23,9 @@ Plugin API (what a backend implements and the web layer calls):
 
 Helpers (not part of the API, shared so every backend commits the same way):
 :class:`AtomicFileWriter`, :class:`UploadDigests`, :class:`FileReader`, :func:`translate_os_errors`,
-:func:`read_sha256`, :func:`publish` (over :mod:`pacifica_like.core.durable`). Opening a
-PATCH source safely lives in :mod:`pacifica_like.storage.safeopen`.
+:func:`read_sha256`, :func:`read_checksums`, :func:`publish` (over
+:mod:`pacifica_like.core.durable`). Opening a PATCH source safely lives in
+:mod:`pacifica_like.storage.safeopen`.
 
 Backends raise only :mod:`pacifica_like.core.errors` types. OS errors are translated
 in one place, :func:`translate_os_errors`, keeping the cause.
@@ -47,7 +48,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from pacifica_like.core import durable
+from pacifica_like.core import checksums, durable
 from pacifica_like.core.config import ConfigError, Settings
 from pacifica_like.core.errors import (
     ArchiveError,
@@ -64,6 +65,8 @@ log = logging.getLogger("pacifica_like.storage")
 
 #: Extended attribute holding the raw sha-256 of a stored file's bytes.
 SHA256_XATTR = "user.pacifica_like.sha256"
+#: The grid checksums (adler32, md5) recorded beside it (:func:`pacifica_like.core.checksums.encode_grid`).
+CHECKSUMS_XATTR = "user.pacifica_like.checksums"
 #: Bytes moved per read/write call; large enough for syscall cost to vanish,
 #: small enough that memory stays flat whatever the file size.
 CHUNK_SIZE = 1 << 20
@@ -443,6 +446,8 @@ class Writer(abc.ABC):
     """
 
     sha256: bytes | None = None
+    #: After commit: every digest computed while the bytes streamed (:data:`checksums.KEPT`).
+    checksums: dict[str, bytes] | None = None
 
     @abc.abstractmethod
     def write(self, chunk: bytes) -> None:
@@ -498,6 +503,17 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def status(self, file_id: int) -> FileStatus:
         """Return the status of a stored file; FileNotInArchive if there is none."""
+
+    def checksums(self, file_id: int) -> dict[str, bytes]:
+        """Return the digests recorded for the file's current version, by hashlib name.
+
+        Read only when a client asks (``Want-Digest``, PROPFIND), so HEAD and
+        GET pay nothing for them. Backends that record the grid's adler32 and
+        md5 return those beside the sha-256; a version recorded before they
+        were kept has only what it has. FileNotInArchive if there is no file.
+        """
+        sha256 = self.status(file_id).sha256
+        return {"sha256": sha256} if sha256 is not None else {}
 
     @classmethod
     def preflight(cls, settings: Settings) -> None:
@@ -720,6 +736,35 @@ def read_sha256(fd_or_path: int | str) -> bytes | None:
     return value if len(value) == 32 else None
 
 
+def read_checksums(fd_or_path: int | str) -> dict[str, bytes]:
+    """Return every digest recorded with a file (sha-256, adler32, md5), by hashlib name."""
+    found: dict[str, bytes] = {}
+    sha256 = read_sha256(fd_or_path)
+    if sha256 is not None:
+        found["sha256"] = sha256
+    try:
+        found.update(checksums.decode_grid(os.getxattr(fd_or_path, CHECKSUMS_XATTR)))
+    except OSError as exc:
+        if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    return found
+
+
+def record_checksums(fd: int, digests: dict[str, bytes]) -> None:
+    """Store the sha-256 and the grid checksums with the file (none where there are no user xattrs)."""
+    if "sha256" in digests:
+        record_sha256(fd, digests["sha256"])
+    grid = checksums.encode_grid(digests)
+    try:
+        if grid:
+            os.setxattr(fd, CHECKSUMS_XATTR, grid)
+        else:
+            os.removexattr(fd, CHECKSUMS_XATTR)
+    except OSError as exc:
+        if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+
+
 def record_sha256(fd: int, digest: bytes) -> None:
     """Store the digest with the file; filesystems without user xattrs keep none."""
     try:
@@ -751,35 +796,37 @@ def temp_name_prefix(name: str) -> str:
 
 
 class UploadDigests:
-    """Hash an upload as it arrives: sha-256 (recorded with the file) and every algorithm the client claimed.
+    """Hash an upload as it arrives: what the archive keeps (sha-256, adler32, md5) and every claim.
 
     Shared by the writers of every backend, so all of them accept and refuse
-    the same uploads with the same message.
+    the same uploads with the same message. After :meth:`verify`,
+    ``checksums`` holds the kept digests, to be recorded with the file.
     """
 
     def __init__(self, expect: Sequence[ExpectedDigest] = ()) -> None:
         self._expect = list(expect)
-        self._sha256 = hashlib.sha256()
-        self._extra = {e.algorithm: hashlib.new(e.algorithm) for e in self._expect}
-        self._extra.pop("sha256", None)
+        names = dict.fromkeys([*checksums.KEPT, *(e.algorithm for e in self._expect)])
+        self._hashers = [(name, checksums.new(name)) for name in names]
+        self._updates = [hasher.update for _, hasher in self._hashers]
+        self.checksums: dict[str, bytes] = {}
 
     def update(self, chunk: bytes) -> None:
         """Hash ``chunk`` with every algorithm."""
-        self._sha256.update(chunk)
-        for hasher in self._extra.values():
-            hasher.update(chunk)
+        for update in self._updates:
+            update(chunk)
 
     def verify(self, bytes_received: int) -> bytes:
         """Return the sha-256 of what was hashed; DigestMismatch unless every claim matches."""
-        digest = self._sha256.digest()
+        computed = {name: hasher.digest() for name, hasher in self._hashers}
         for claim in self._expect:
-            actual = digest if claim.algorithm == "sha256" else self._extra[claim.algorithm].digest()
+            actual = computed[claim.algorithm]
             if not hmac.compare_digest(actual, claim.value):
                 raise DigestMismatch(
                     f"{claim.header}: {claim.algorithm} of the {bytes_received} bytes received "
                     "does not match the digest sent; nothing was stored"
                 )
-        return digest
+        self.checksums = {name: computed[name] for name in checksums.KEPT}
+        return computed["sha256"]
 
 
 class AtomicFileWriter(Writer):
@@ -841,8 +888,8 @@ class AtomicFileWriter(Writer):
             # Flush Python's buffer first: metadata calls below act on the fd.
             self._file.flush()
             fd = self._file.fileno()
-            # Record the digest and times before fsync so one flush makes them durable together.
-            record_sha256(fd, digest)
+            # Record the digests and times before fsync so one flush makes them durable together.
+            record_checksums(fd, self._digests.checksums)
             os.fchmod(fd, self._mode)
             os.utime(fd, (self._mtime, self._mtime))
             # Data and metadata reach the disk before any name points at them.
@@ -851,6 +898,7 @@ class AtomicFileWriter(Writer):
             self.replaced = publish(self._temp_path, self.final_path, replace=self._replace)
             self._committed = True
         self.sha256 = digest
+        self.checksums = self._digests.checksums
         return self.bytes_written
 
     def discard(self) -> None:

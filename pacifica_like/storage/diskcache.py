@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import os
 import secrets
 import signal
@@ -26,6 +25,7 @@ import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from pacifica_like.core import checksums
 from pacifica_like.core.config import ArchiveSettings
 from pacifica_like.core.durable import fsync_dir
 from pacifica_like.core.errors import (
@@ -38,6 +38,7 @@ from pacifica_like.core.errors import (
 from pacifica_like.core.ids import filename2id, relative_path
 from pacifica_like.storage import safeopen
 from pacifica_like.storage.contract import (
+    CHECKSUMS_XATTR,
     CHUNK_SIZE,
     SHA256_XATTR,
     TEMP_SUFFIX,
@@ -51,8 +52,9 @@ from pacifica_like.storage.contract import (
     Moved,
     Replaced,
     Stored,
+    read_checksums,
     read_sha256,
-    record_sha256,
+    record_checksums,
     status_from_stat,
     temp_name_prefix,
     translate_os_errors,
@@ -216,6 +218,18 @@ class DiskCache:
         with self.open_reader(file_id) as reader:
             return reader.status
 
+    def checksums(self, file_id: int) -> dict[str, bytes]:
+        """Return the digests recorded with the file, read from the inode a reader opens."""
+        with self.open_reader(file_id) as reader:
+            return read_checksums(reader.fileno())
+
+    def checksums_or_none(self, file_id: int) -> dict[str, bytes] | None:
+        """Return the file's recorded digests, or None when it is not on disk."""
+        try:
+            return self.checksums(file_id)
+        except FileNotInArchive:
+            return None
+
     def status_or_none(self, file_id: int) -> FileStatus | None:
         """Return the file's status, or None when it is not on disk."""
         try:
@@ -270,15 +284,15 @@ class DiskCache:
         published = False
         try:
             before = os.fstat(source.fd)
-            digest = _hash_fd(source.fd)
+            digests = _hash_fd(source.fd)
             after = os.fstat(source.fd)
             # No writer could open it under the lease; the stat comparison double-checks that, and a
             # second name made since the checks would outlive the move: copy in either case.
             if not _unchanged(before, after) or after.st_nlink != 1 or not _still_leased(source.fd):
                 claim.undo(source.fd)
                 return False
-            record_sha256(source.fd, digest)
-            # Digest, mode and data are durable before any archive name points at them.
+            record_checksums(source.fd, digests)
+            # Digests, mode and data are durable before any archive name points at them.
             os.fsync(source.fd)
             temp = temp_name_prefix(final_name) + secrets.token_hex(8) + TEMP_SUFFIX
             # First to a hidden name beside the target (an upload's temp name, so a sweep after a
@@ -420,19 +434,21 @@ class _Claim:
 
     uid: int
     mode: int
-    sha256: bytes | None
+    #: The digest attributes the source had: name -> raw value, None where it had none.
+    recorded: dict[str, bytes | None]
 
     def undo(self, fd: int) -> None:
-        """Restore owner, mode and recorded digest (best effort: the refusal matters more)."""
+        """Restore owner, mode and recorded digests (best effort: the refusal matters more)."""
         with contextlib.suppress(OSError):
             if os.fstat(fd).st_uid != self.uid:
                 os.fchown(fd, self.uid, -1)
             os.fchmod(fd, self.mode)
-            if self.sha256 is None:
+            for name, value in self.recorded.items():
                 with contextlib.suppress(OSError):
-                    os.removexattr(fd, SHA256_XATTR)
-            else:
-                record_sha256(fd, self.sha256)
+                    if value is None:
+                        os.removexattr(fd, name)
+                    else:
+                        os.setxattr(fd, name, value)
 
 
 def _claim(fd: int) -> _Claim | None:
@@ -457,7 +473,7 @@ def _claim(fd: int) -> _Claim | None:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
     except OSError:
         return None
-    claim = _Claim(st.st_uid, stat.S_IMODE(st.st_mode), _recorded_sha256(fd))
+    claim = _Claim(st.st_uid, stat.S_IMODE(st.st_mode), _recorded_attributes(fd))
     try:
         if st.st_uid != os.geteuid():
             os.fchown(fd, os.geteuid(), -1)
@@ -469,11 +485,15 @@ def _claim(fd: int) -> _Claim | None:
     return claim
 
 
-def _recorded_sha256(fd: int) -> bytes | None:
-    try:
-        return read_sha256(fd)
-    except OSError:
-        return None
+def _recorded_attributes(fd: int) -> dict[str, bytes | None]:
+    """Return the source's own digest attributes, so a refused move can put them back."""
+    recorded: dict[str, bytes | None] = {}
+    for name in (SHA256_XATTR, CHECKSUMS_XATTR):
+        try:
+            recorded[name] = os.getxattr(fd, name)
+        except OSError:
+            recorded[name] = None
+    return recorded
 
 
 def _still_leased(fd: int) -> bool:
@@ -498,14 +518,16 @@ def _unchanged(before: os.stat_result, after: os.stat_result) -> bool:
     )
 
 
-def _hash_fd(fd: int) -> bytes:
-    """Return the sha-256 of an open file's bytes, read from offset 0 (the offset is not moved)."""
-    digest = hashlib.sha256()
-    offset = 0
-    while chunk := os.pread(fd, CHUNK_SIZE, offset):
-        digest.update(chunk)
-        offset += len(chunk)
-    return digest.digest()
+def _hash_fd(fd: int) -> dict[str, bytes]:
+    """Return the kept digests of an open file's bytes, read from offset 0 (the offset is not moved)."""
+
+    def chunks() -> Iterator[bytes]:
+        offset = 0
+        while chunk := os.pread(fd, CHUNK_SIZE, offset):
+            yield chunk
+            offset += len(chunk)
+
+    return checksums.compute(chunks())
 
 
 def _copy_from_fd(source: safeopen.AdoptSource, target: str, replace: bool) -> int:

@@ -61,7 +61,7 @@ from pacifica_like.storage.contract import (
     hash_file,
     publish,
     read_sha256,
-    record_sha256,
+    record_checksums,
     translate_os_errors,
 )
 from pacifica_like.storage.diskcache import AnnouncingWriter, DiskCache
@@ -253,6 +253,17 @@ class TapeHsm(Backend):
         """Report disk and tape bytes and the DMF state, answering from the catalog when offline."""
         disk = self._disk_status(file_id)
         return self._combine(file_id, disk, self.catalog.current_copies(file_id))
+
+    @_catalog_errors
+    def checksums(self, file_id: int) -> dict[str, bytes]:
+        """Return the disk copy's recorded digests, else those the newest tape copy keeps."""
+        on_disk = self.cache.checksums_or_none(file_id)
+        if on_disk is not None:
+            return on_disk
+        copies = self.catalog.current_copies(file_id)
+        if not copies:
+            raise FileNotInArchive(self._missing(file_id))
+        return {"sha256": copies[0].sha256, **dict(copies[0].checksums)}
 
     def state(self, file_id: int) -> str:
         """Return the file's DMF state; FileNotInArchive if it has neither disk nor tape copy."""
@@ -467,7 +478,7 @@ class TapeHsm(Backend):
             # Open until the end: while it is, no other file can get this inode's number.
             try:
                 with translate_os_errors(f"cannot store recalled file {file_id}"):
-                    record_sha256(fd, copy.sha256)
+                    record_checksums(fd, {"sha256": copy.sha256, **dict(copy.checksums)})
                     os.fchmod(fd, 0o444)
                     os.utime(fd, (copy.mtime, copy.mtime))
                     # The stager flushed the data; this flush covers the digest and times.

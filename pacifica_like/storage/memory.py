@@ -52,6 +52,7 @@ class _Stored:
 
     data: bytes
     status: FileStatus
+    checksums: dict[str, bytes]
 
 
 class _Archive:
@@ -126,9 +127,11 @@ class MemoryWriter(Writer):
             raise ValueError("commit of a committed or discarded upload")
         size = len(self._buffer)
         digest = self._digests.verify(size)
-        existed = self._backend._publish(self._file_id, bytes(self._buffer), self._mtime, digest)
+        kept = self._digests.checksums
+        existed = self._backend._publish(self._file_id, bytes(self._buffer), self._mtime, kept)
         self._buffer = None
         self.sha256 = digest
+        self.checksums = kept
         kind = Moved if self._moved else Replaced if existed else Stored
         self._change.done(kind(self._file_id, size, self._mtime, digest))
         return size
@@ -176,7 +179,7 @@ class MemoryBackend(Backend):
             raise FileNotInArchive(f"file {file_id} is not in the archive")
         return stored
 
-    def _publish(self, file_id: int, data: bytes, mtime: float, digest: bytes) -> bool:
+    def _publish(self, file_id: int, data: bytes, mtime: float, kept: dict[str, bytes]) -> bool:
         """Make ``data`` the current version of ``file_id``; return whether it replaced one.
 
         Conflict if write-once and taken.
@@ -193,9 +196,9 @@ class MemoryBackend(Backend):
                 bytes_per_level=(size, 0),
                 media="disk",
                 relpath=self.relpath(file_id),
-                sha256=digest,
+                sha256=kept["sha256"],
             )
-            self._archive.files[file_id] = _Stored(data, status)
+            self._archive.files[file_id] = _Stored(data, status, kept)
         return existed
 
     def open_reader(self, file_id: int) -> Reader:
@@ -216,6 +219,10 @@ class MemoryBackend(Backend):
     def status(self, file_id: int) -> FileStatus:
         """Return the status recorded at commit."""
         return self._get(file_id).status
+
+    def checksums(self, file_id: int) -> dict[str, bytes]:
+        """Return the digests computed at commit."""
+        return dict(self._get(file_id).checksums)
 
     def stage(self, file_id: int) -> bool:
         """Memory is the fastest level there is: only check that the file exists."""

@@ -52,6 +52,10 @@ class PosixBackend(Backend):
         """Stat the file and read its recorded digest, both from one open inode."""
         return self.cache.status(file_id)
 
+    def checksums(self, file_id: int) -> dict[str, bytes]:
+        """Return the digests recorded with the file (sha-256, adler32, md5)."""
+        return self.cache.checksums(file_id)
+
     def stage(self, file_id: int) -> bool:
         """Posix data is always on disk: only check that the file exists."""
         self.status(file_id)

@@ -7,7 +7,8 @@ the same handlers (``pacifica_like.web.filehandlers``): the plain WSGI
 mounts unless ``[server] file_api = wsgi``). The
 other paths (``/metrics``, ``/ready``: ``pacifica_like.web.probes``; the
 bulk-staging API ``/.well-known``, ``/api``: ``pacifica_like.web.bulkapi``)
-are a CherryPy application beside it. ``pacifica_like.web.errors`` renders
+are a CherryPy application beside it; the WebDAV door ``/webdav/``
+(``pacifica_like.web.dav``) is a WSGI application in front of both. ``pacifica_like.web.errors`` renders
 every error, JSON or problem+json by mount; ``pacifica_like.web.observe``
 wraps it all (request ids, access log, metrics).
 """
@@ -25,6 +26,7 @@ from pacifica_like.gateway.inventory import attach_inventory
 from pacifica_like.storage.contract import Backend
 from pacifica_like.web import bulkapi as bulk_api
 from pacifica_like.web import errors, logs
+from pacifica_like.web.dav import DOOR, WebDavDoor
 from pacifica_like.web.fileapi import FileAPI, MountSplit
 from pacifica_like.web.filehandlers import FileHandlers
 from pacifica_like.web.fileresource import DISPATCH_CONFIG, FileResource
@@ -97,8 +99,10 @@ def build_app(settings: Settings, backend: Backend, file_api: str = "wsgi") -> O
         api = MountSplit(files, fallback, fallback_names)
     else:
         api = FileAPI(FileHandlers(backend, settings), fallback, fallback_names=fallback_names)
+    # The grid's WebDAV door beside the file API, over the same handlers (pacifica_like.web.dav).
+    api = MountSplit(api, WebDavDoor(FileHandlers(backend, settings)), (DOOR,))
     logs.install(settings.server.access_log)
     if inventory is not None:
         # Temp files and markers of uploads whose process died (a kill -9): removed, and logged.
         leftovers.sweep_at_start(storage, inventory.catalog)
-    return ObservedApp(api, metrics, fallback_names, access_log=settings.server.access_log != "off")
+    return ObservedApp(api, metrics, fallback_names | {DOOR}, access_log=settings.server.access_log != "off")

@@ -32,6 +32,7 @@ from pacifica_like.core.errors import (
 )
 from pacifica_like.core.ids import parse_id
 from pacifica_like.storage.contract import CHUNK_SIZE, Backend, FileStatus, Reader
+from pacifica_like.web import davprops
 
 HEALTH_MESSAGE = "Pacifica Archive Interface Up and Running"
 #: The largest PATCH body we read; it only carries a path.
@@ -94,8 +95,8 @@ class RequestHeaders:
 def unsupported_method(method: str, path: str) -> MethodDisabled:
     """Return the 405 for ``method`` on ``path`` (``/`` or ``/<id>``), naming the verbs it takes."""
     if not path[1:]:
-        return MethodDisabled(f"{method} needs a file id: {method} /<id>", allow="GET, HEAD")
-    return MethodDisabled(f"{method} is not supported on /<id>", allow=FILE_VERBS)
+        return MethodDisabled(f"{method} needs a file id: {method} /<id>", allow=davprops.ROOT_DAV_VERBS)
+    return MethodDisabled(f"{method} is not supported on /<id>", allow=davprops.FILE_DAV_VERBS)
 
 
 class FileHandlers:
@@ -111,12 +112,15 @@ class FileHandlers:
             "POST": self.post,
             "PATCH": self.patch,
             "DELETE": self.delete,
+            "PROPFIND": self.propfind,
+            "OPTIONS": self.options,
         }
+        self.propfinder = davprops.Propfinder(backend)
 
     def answer(self, method: str, path: str, environ: dict[str, Any]) -> Response:
         """Answer ``method`` on ``path`` (checked by :func:`check_request`): ``/`` or ``/<id>``."""
         if not path[1:]:
-            return self.root(method)
+            return self.root(method, environ)
         handler = self.verbs.get(method)
         if handler is None:
             raise unsupported_method(method, path)
@@ -134,9 +138,14 @@ class FileHandlers:
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
 
-    @staticmethod
-    def root(method: str) -> Response:
-        """Answer the liveness check on ``/``."""
+    def root(self, method: str, environ: dict[str, Any]) -> Response:
+        """Answer the liveness check on ``/``; PROPFIND lists it as the collection of every id."""
+        if method == "PROPFIND":
+            depth = davprops.depth_of(environ)
+            mount = (environ.get("SCRIPT_NAME") or "") + "/"
+            return self.propfinder.collection(mount, depth, self.propfind_request(environ))
+        if method == "OPTIONS":
+            return davprops.options_response(davprops.ROOT_DAV_VERBS)
         if method not in ("GET", "HEAD"):
             raise unsupported_method(method, "/")
         return json_response(200, {"message": HEALTH_MESSAGE})
@@ -146,6 +155,8 @@ class FileHandlers:
         reader = self.backend.open_reader(file_id)
         try:
             code, headers, start, end = _plan_read(reader.status, environ)
+            if "HTTP_WANT_DIGEST" in environ or "HTTP_WANT_REPR_DIGEST" in environ:
+                headers = self.wanted_digests(file_id, reader.status.sha256, environ, headers)
             if start:
                 reader.seek(start)
             return code, headers, ReaderBody(reader, end - start)
@@ -160,7 +171,39 @@ class FileHandlers:
         except FileNotInArchive as exc:
             exc.headers = {**exc.headers, **NOT_FOUND_HEADERS}
             raise
-        return 204, status_headers(status), []
+        headers = status_headers(status)
+        if "HTTP_WANT_DIGEST" in environ or "HTTP_WANT_REPR_DIGEST" in environ:
+            headers = self.wanted_digests(file_id, status.sha256, environ, headers)
+        return 204, headers, []
+
+    def wanted_digests(
+        self, file_id: int, sha256: bytes | None, environ: dict[str, Any], headers: Headers
+    ) -> Headers:
+        """Add the digests ``Want-Digest`` (RFC 3230) and ``Want-Repr-Digest`` (RFC 9530) ask for.
+
+        They are read from what was recorded at ingest, never computed here (a
+        file may be on tape). Digests of another version than the one this
+        answer describes (a replace raced the request) are left out.
+        """
+        recorded = self.backend.checksums(file_id)
+        if sha256 is not None and recorded.get("sha256", sha256) != sha256:
+            return headers
+        want = environ.get("HTTP_WANT_DIGEST")
+        if want:
+            chosen = [
+                (name, recorded[name]) for name in httpfields.parse_want_digest(want) if name in recorded
+            ]
+            if chosen:
+                headers = [*headers, ("Digest", httpfields.format_digest(chosen))]
+        want = environ.get("HTTP_WANT_REPR_DIGEST")
+        if want:
+            names = [name for name in httpfields.parse_want_repr_digest(want) if name in recorded]
+            if "sha256" in recorded and "sha256" not in names:
+                names.append("sha256")  # always there when known; the asked-for ones first
+            if names:
+                value = httpfields.format_repr_digests([(name, recorded[name]) for name in names])
+                headers = [(k, v) for k, v in headers if k != "Repr-Digest"] + [("Repr-Digest", value)]
+        return headers
 
     def put(self, file_id: int, environ: dict[str, Any]) -> Response:
         """Store the request body under the id, atomically; answer 201.
@@ -169,11 +212,16 @@ class FileHandlers:
         the peer never send it (the peer never reads it), so without one the
         upload's start is the mtime, unless ``require_last_modified`` is set.
         """
+        total = self.store(file_id, environ, self.settings.archive.require_last_modified)
+        return json_response(201, {"message": "File added to archive", "total_bytes": total})
+
+    def store(self, file_id: int, environ: dict[str, Any], require_date: bool) -> int:
+        """Commit the request body as the file's new version (digests checked); return bytes stored."""
         headers = RequestHeaders(environ)
         last_modified = headers.get("Last-Modified")
         if last_modified is not None:
             mtime = httpfields.parse_http_date(last_modified)
-        elif self.settings.archive.require_last_modified:
+        elif require_date:
             raise InvalidRequest(
                 "PUT needs a Last-Modified header (an HTTP date) for the file's mtime "
                 "(require_last_modified = true)"
@@ -186,8 +234,25 @@ class FileHandlers:
             received = copy_body(body_file(environ, length), length, writer.write)
             if length is not None and received < length:
                 raise IncompleteUpload(f"upload ended after {received} of {length} bytes; nothing was stored")
-            total = writer.commit()
-        return json_response(201, {"message": "File added to archive", "total_bytes": total})
+            return writer.commit()
+
+    def propfind(self, file_id: int, environ: dict[str, Any]) -> Response:
+        """Answer PROPFIND of ``/<id>`` (gfal-stat, davix-ls): the file's WebDAV properties."""
+        davprops.depth_of(environ)
+        request = self.propfind_request(environ)
+        return self.propfinder.file(request_path(environ), file_id, request)
+
+    def options(self, file_id: int, environ: dict[str, Any]) -> Response:
+        """Answer OPTIONS of ``/<id>``: the verbs it takes, and WebDAV class 1."""
+        return davprops.options_response(davprops.FILE_DAV_VERBS)
+
+    @staticmethod
+    def propfind_request(environ: dict[str, Any]) -> davprops.PropfindRequest:
+        """Read a PROPFIND body (bounded) and parse what it asks for."""
+        length = content_length(environ)
+        raw = bytearray()
+        copy_body(body_file(environ, length), length, raw.extend, limit=davprops.MAX_PROPFIND_BODY)
+        return davprops.PropfindRequest.parse(bytes(raw))
 
     def post(self, file_id: int, environ: dict[str, Any]) -> Response:
         """Stage the file to disk: 200 once it is there, 202 while a recall is still running.
@@ -392,6 +457,11 @@ def check_framing(environ: dict[str, Any]) -> None:
             "this server cannot check chunked framing: send a Content-Length, "
             "or upload through the nginx front end (README, Production)"
         )
+
+
+def content_length(environ: dict[str, Any]) -> int | None:
+    """Return the request's declared body length, None for a chunked body (see check_framing)."""
+    return _content_length(RequestHeaders(environ))
 
 
 def _content_length(headers: RequestHeaders) -> int | None:

@@ -116,6 +116,14 @@ class FileResource:
         """Remove the file, where the deployment allows it."""
         return self._answer("DELETE")
 
+    def PROPFIND(self, /, *segments: str, **query: str) -> Iterable[bytes]:  # noqa: N802 (the verb's name)
+        """List a file's WebDAV properties (``/<id>``), or the collection of every id (``/``)."""
+        return self._answer("PROPFIND")
+
+    def OPTIONS(self, /, *segments: str, **query: str) -> Iterable[bytes]:  # noqa: N802 (the verb's name)
+        """Name the verbs ``/`` or ``/<id>`` takes, and WebDAV class 1."""
+        return self._answer("OPTIONS")
+
     def _answer(self, verb: str) -> Iterable[bytes]:
         """Run the shared handler for ``verb`` and hand its answer to CherryPy as it is."""
         request = cherrypy.serving.request

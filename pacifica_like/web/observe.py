@@ -24,7 +24,7 @@ from pacifica_like.web.filehandlers import BYTES_IN_KEY
 from pacifica_like.web.metrics import Metrics
 
 #: Methods counted under their own name; anything else is "other" (bounded label values).
-KNOWN_METHODS = frozenset(("GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"))
+KNOWN_METHODS = frozenset(("GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS", "PROPFIND"))
 #: Longest path written to the access log; ids are far shorter, junk is cut.
 MAX_LOGGED_PATH = 256
 

@@ -366,6 +366,10 @@ class SidebandBackend(Backend):
         """Answer from the sideband database (see :meth:`SidebandIndex.status`)."""
         return self.index.status(file_id, self.relpath(file_id), self.path(file_id))
 
+    def checksums(self, file_id: int) -> dict[str, bytes]:
+        """Return the recorded digests (see TapeHsm.checksums)."""
+        return self.hsm.checksums(file_id)
+
     def state(self, file_id: int) -> str:
         """Return the file's HSM state as the sideband database reports it."""
         state = self.status(file_id).state
@@ -475,6 +479,11 @@ class ExternalSidebandBackend(Backend):
     def status(self, file_id: int) -> FileStatus:
         """Answer from the sideband database (see :meth:`SidebandIndex.status`)."""
         return self.index.status(file_id, self.relpath(file_id), self.path(file_id))
+
+    def checksums(self, file_id: int) -> dict[str, bytes]:
+        """Return the digests recorded with the file's inode (kept while the HSM has it released)."""
+        recorded = self.cache.checksums_or_none(file_id)
+        return recorded if recorded else super().checksums(file_id)
 
     def open_reader(self, file_id: int) -> Reader:
         """Open a file whose data is online; an offline one is a 503 telling the client to POST.

@@ -20,8 +20,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import peewee
-from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import SchemaMigrator, migrate
 
+from pacifica_like.core import checksums
 from pacifica_like.db.binding import bind_models
 from pacifica_like.db.errors import ErrorTranslator
 from pacifica_like.db.migrations import Schema, upgrade
@@ -77,7 +78,9 @@ class _TapeCopy(peewee.Model):
     ``stale``: a newer version replaced it (PUT, PATCH, DELETE). ``bad``: its
     bytes failed a checksum; never cleared silently. ``size``, ``sha256``,
     ``mtime`` and ``ctime`` describe the file version, so HEAD of a file that
-    is only on tape needs no tape access.
+    is only on tape needs no tape access; ``checksums`` holds the grid's
+    adler32 and md5 the disk file carried when it was written (schema 2), so
+    they survive release and recall.
     """
 
     file_id = peewee.BigIntegerField(index=True)
@@ -93,6 +96,7 @@ class _TapeCopy(peewee.Model):
     written_at = peewee.FloatField()
     verified_at = peewee.FloatField(null=True)
     verify_result = peewee.CharField(null=True)
+    checksums = peewee.CharField(max_length=128, null=True)
 
     class Meta:
         indexes = ((("vsn", "offset"), True),)
@@ -115,6 +119,13 @@ def _create_v1(db: peewee.Database, migrator: SchemaMigrator) -> None:
     db.create_tables(list(bind_models(db, _TABLES).values()), safe=True)
 
 
+def _add_checksums_v2(db: peewee.Database, migrator: SchemaMigrator) -> None:
+    """Version 2: each tape copy keeps the grid checksums (adler32, md5) of the version it holds."""
+    if "checksums" not in {column.name for column in db.get_columns("tapecopy")}:
+        field = peewee.CharField(max_length=128, null=True)
+        migrate(migrator.add_column("tapecopy", "checksums", field))
+
+
 class MetaVersionStore:
     """The library's schema version lives in its ``meta`` table (key ``schema_version``)."""
 
@@ -134,7 +145,7 @@ class MetaVersionStore:
 
 
 #: The library catalog's schema versions (see pacifica_like.db.migrations).
-SCHEMA = Schema("tape", (_create_v1,), MetaVersionStore())
+SCHEMA = Schema("tape", (_create_v1, _add_checksums_v2), MetaVersionStore())
 #: The version this code reads and writes; a library made by another version is refused.
 SCHEMA_VERSION = SCHEMA.latest
 #: Errors of any library's catalog; the message names the step that failed. OSError passes:
@@ -160,6 +171,8 @@ class CopyInfo:
     written_at: float
     verified_at: float | None
     verify_result: str | None
+    #: The grid checksums recorded with the version (adler32, md5), empty for copies written before schema 2.
+    checksums: tuple[tuple[str, bytes], ...] = ()
 
     @property
     def safe(self) -> bool:
@@ -301,4 +314,5 @@ def to_info(row: peewee.Model) -> CopyInfo:
         written_at=row.written_at,
         verified_at=row.verified_at,
         verify_result=row.verify_result,
+        checksums=tuple(checksums.decode_grid((row.checksums or "").encode("ascii")).items()),
     )

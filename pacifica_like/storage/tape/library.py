@@ -24,12 +24,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from pacifica_like.core import checksums
 from pacifica_like.core.config import ConfigError, TapeSettings
 from pacifica_like.core.errors import ArchiveError, InsufficientStorage, StorageUnavailable
 from pacifica_like.core.owners import alive_here, owner_name
-from pacifica_like.storage.contract import translate_os_errors
+from pacifica_like.storage.contract import read_checksums, translate_os_errors
 from pacifica_like.storage.tape import stager as stager_module
-from pacifica_like.storage.tape.catalog import Catalog, CopyInfo, to_info
+from pacifica_like.storage.tape.catalog import SCHEMA_VERSION, Catalog, CopyInfo, to_info
 
 MIB = 1 << 20
 #: A volume with less room than this left takes no more writes (like a tape at its early-warning mark).
@@ -146,8 +147,11 @@ class TapeLibrary:
                 "run `pacifica-like tape init --config <archive.ini>` first"
             )
         version = self.catalog.schema_version()
-        if version != 1:
-            raise ConfigError(f"tape library {self.directory}: catalog schema {version}, this build needs 1")
+        if version != SCHEMA_VERSION:
+            raise ConfigError(
+                f"tape library {self.directory}: catalog schema {version}, this build needs {SCHEMA_VERSION}"
+                + (": run `pacifica-like tape init` to upgrade it" if (version or 0) < SCHEMA_VERSION else "")
+            )
 
     def volume_path(self, vsn: str) -> str:
         """Return the file holding volume ``vsn``."""
@@ -398,6 +402,9 @@ class MountedDrive:
             with translate_os_errors(f"cannot write file {file_id} to volume {self.vsn}"):
                 raise exc
         end = volume.fill + stager_module.HEADER_SIZE + written
+        # The grid checksums recorded with the disk file, kept only when they describe the bytes written.
+        recorded = read_checksums(source)
+        grid = checksums.encode_grid(recorded) if recorded.get("sha256") == digest else b""
         with catalog.db.atomic():
             row = catalog.TapeCopy.create(
                 file_id=file_id,
@@ -406,6 +413,7 @@ class MountedDrive:
                 offset=volume.fill,
                 size=written,
                 sha256=digest.hex(),
+                checksums=grid.decode("ascii") or None,
                 mtime=mtime,
                 ctime=ctime,
                 written_at=time.time(),
