@@ -33,6 +33,8 @@ test: lint
 	@command -v gfal-bringonline >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			gfal2 gfal2-plugin-http python3-gfal2 python3-gfal2-util gfal2-util-scripts)
+	@command -v davix-ls >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq davix)
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed-test
