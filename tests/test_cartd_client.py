@@ -14,7 +14,6 @@ test ends.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -22,7 +21,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tarfile
 import time
 import uuid
@@ -32,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from client_venvs import cache_home, ensure_venv
 from conftest import LAST_MODIFIED, LAST_MODIFIED_EPOCH, init_tape_library
 
 from pacifica_like.core.config import Settings, load_settings
@@ -85,37 +84,6 @@ with Connection(sys.argv[1], connect_timeout=5) as connection:
 # -- the cart service -----------------------------------------------------------------
 
 
-def cartd_home() -> Path:
-    """Return where the cartd virtualenv is cached between test runs."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "pacifica-like-tests" / f"cartd-{CARTD_VERSION}"
-
-
-def ensure_cartd_venv(home: Path) -> Path:
-    """Return the Python of a venv at ``home`` holding CARTD_REQUIREMENTS; build it when missing or stale.
-
-    Built by this interpreter's ``venv`` (the project's Python) under a lock, so
-    two test sessions never build it at once; a stamp written last marks it complete.
-    """
-    python = home / "bin" / "python"
-    stamp = home / ".pacifica-like-stamp"
-    wanted = json.dumps({"python": sys.version, "requirements": CARTD_REQUIREMENTS})
-    home.parent.mkdir(parents=True, exist_ok=True)
-    with open(home.parent / f"{home.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if python.exists() and stamp.exists() and stamp.read_text() == wanted:
-            return python
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(home)], check=True, timeout=300)
-        install = subprocess.run(
-            [str(python), "-m", "pip", "install", "--quiet", *CARTD_REQUIREMENTS],
-            capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
-        if install.returncode != 0:
-            pytest.fail(f"pip could not install {CARTD_REQUIREMENTS} into {home}:\n{install.stderr[-3000:]}")
-        stamp.write_text(wanted)
-    return python
-
-
 @pytest.fixture(scope="module")
 def broker() -> str:
     """The broker's URL; skip the module when nothing listens on 127.0.0.1:5672."""
@@ -129,7 +97,7 @@ def broker() -> str:
 @pytest.fixture(scope="module")
 def cartd_python(broker: str) -> Path:
     """The Python of the cached cartd venv (built on first use, which takes about 30 s)."""
-    return ensure_cartd_venv(cartd_home())
+    return ensure_venv(cache_home(f"cartd-{CARTD_VERSION}"), CARTD_REQUIREMENTS)
 
 
 @dataclass
