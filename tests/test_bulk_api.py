@@ -25,6 +25,7 @@ from bulk_helpers import (
 )
 from conftest import corrupt
 
+from pacifica_like.bulk.store import BulkStore
 from pacifica_like.core.config import load_settings
 from pacifica_like.storage import registry as factory
 
@@ -294,16 +295,40 @@ def test_unknown_requests_paths_and_verbs(archive):
     problem(app.post_json("/api/v1/archiveinfo", {"paths": [1]}, expect_errors=True), 400)
 
 
-def test_a_client_over_its_in_flight_cap_gets_429(archive):
+def test_a_client_over_its_in_flight_cap_is_throttled_not_refused(archive):
+    """FTS stages from one address and fails every file of a refused job: past the cap files wait."""
     settings, backend = archive(bulk={"max_in_flight_per_client": 3})
-    store_offline(backend, {1: 10, 2: 10, 3: 10})
+    store_offline(backend, {i: 10 for i in range(1, 8)})
     app = http(settings, backend)
-    submit(app, ["/1", "/2"], X_Client_Id="alice")
-    over = submit(app, ["/3", "/4"], status=429, X_Client_Id="alice")
-    assert "alice" in problem(over, 429)["detail"] and over.headers["Retry-After"]
-    submit(app, ["/3", "/4"], X_Client_Id="bob")  # another client has its own share
+    first = submit(app, ["/1", "/2"], X_Client_Id="alice").json["requestId"]
+    second = submit(app, ["/3", "/4", "/5"], X_Client_Id="alice").json["requestId"]  # 201, not 429
+    bob = submit(app, ["/6"], X_Client_Id="bob").json["requestId"]  # another client has its own share
+    store = BulkStore.open(settings.archive.catalog)
+    try:
+        # Clients see SUBMITTED; underneath, /4 and /5 wait without a recall job.
+        assert states(poll(app, second)) == {"/3": "SUBMITTED", "/4": "SUBMITTED", "/5": "SUBMITTED"}
+        assert poll(app, second)["summary"]["states"]["SUBMITTED"] == 3  # as the files say
+        listed = poll(app, second, state="SUBMITTED")
+        assert sorted(states(listed)) == ["/3", "/4", "/5"]
+        rows = {row.path: row.state for row in store.File.select().where(store.File.request_id == second)}
+        assert rows == {"/3": "SUBMITTED", "/4": "DEFERRED", "/5": "DEFERRED"}
+        assert sorted(job.file_id for job in store.Job.select()) == [1, 2, 3, 6]
+        # Nothing finished: no room, nothing starts. One finishes: one deferred file starts, oldest first.
+        assert store.activate_deferred(3) == 0
+        assert store.finish_job(1, "test", "COMPLETED") == 1
+        assert store.activate_deferred(3) == 1
+        assert sorted(job.file_id for job in store.Job.select()) == [2, 3, 4, 6]
+        # A cancel reaches a deferred file too.
+        cancelled = submit(app, ["/7"], X_Client_Id="alice").json["requestId"]
+        app.post_json(f"/api/v1/stage/{cancelled}/cancel", {"paths": ["/7"]})
+        assert states(poll(app, cancelled)) == {"/7": "CANCELLED"}
+    finally:
+        store.close()
     assert scheduler(settings, backend).run_until_idle(timeout=TIMEOUT)
-    submit(app, ["/3", "/4"], X_Client_Id="alice")  # its earlier files are done now
+    for request_id in (first, second, bob):
+        document = poll(app, request_id)
+        assert set(states(document).values()) == {"COMPLETED"}, document
+        assert "completedAt" in document
 
 
 def test_without_a_catalog_the_bulk_api_says_so(archive):
@@ -349,3 +374,52 @@ def test_odd_query_parameters_paths_and_ids_are_400_or_404_never_500(archive):
         problem(app.get(f"/api/v1/stage/{bad}", expect_errors=True), 404)
         problem(app.delete(f"/api/v1/stage/{bad}", expect_errors=True), 404)
     assert poll(app, request_id, limit=1)["files"][0]["path"] == "/1"
+
+
+def test_a_heavy_stage_request_waits_for_a_slot_then_gets_429_past_heavy_wait_seconds(archive):
+    from pacifica_like.core.slots import SlotPool, directory_for
+
+    bulk = {"max_heavy_requests": 1, "heavy_request_files": 2, "heavy_wait_seconds": 0.2}
+    settings, backend = archive(bulk=bulk)
+    store_offline(backend, {1: 10, 2: 10})
+    app = http(settings, backend)
+    slots = SlotPool(directory_for(settings.archive.prefix), "heavy", 1)
+    held = slots.try_acquire()  # another process's heavy request, as far as the server can tell
+    assert held is not None
+    try:
+        refused = submit(app, ["/1", "/2"], status=429)
+        assert "try again" in problem(refused, 429)["detail"]
+    finally:
+        slots.release(held)
+    assert submit(app, ["/1", "/2"]).status_int == 201
+
+
+def test_a_client_at_its_stored_requests_cap_loses_its_oldest_finished_unpinned_request_not_the_new_one(
+    archive,
+):
+    settings, backend = archive(bulk={"max_requests_per_client": 2})
+    store_offline(backend, {1: 10})
+    with backend.open_writer(5, 784111777.0) as writer:
+        writer.write(b"on disk")
+        writer.commit()
+    app = http(settings, backend)
+
+    def stage_unpinned(path: str) -> str:
+        body = {"files": [{"path": path, "diskLifetime": "PT0S"}]}
+        return app.post_json("/api/v1/stage", body, headers={"X-Client-Id": "fts"}).json["requestId"]
+
+    oldest = stage_unpinned("/5")  # on disk: COMPLETED at once, pinned for 0 s
+    newer = stage_unpinned("/5")
+    third = stage_unpinned("/5")  # 201: the oldest finished one made room
+    assert app.get(f"/api/v1/stage/{oldest}", status=404)
+    assert states(poll(app, newer)) == {"/5": "COMPLETED"}
+    assert states(poll(app, third)) == {"/5": "COMPLETED"}
+    # Open and pinning requests still fill the cap: the client waits for them (429), as before.
+    open_one = stage_unpinned("/1")  # purges `newer`
+    assert states(poll(app, open_one)) == {"/1": "SUBMITTED"}
+    pinning = app.post_json("/api/v1/stage", {"files": [{"path": "/5"}]}, headers={"X-Client-Id": "fts"})
+    assert pinning.status_int == 201  # purges `third`; pins /5 for default_pin_seconds
+    refused = app.post_json(
+        "/api/v1/stage", {"files": [{"path": "/5"}]}, headers={"X-Client-Id": "fts"}, status=429
+    )
+    assert "stored requests" in problem(refused, 429)["detail"]

@@ -105,7 +105,7 @@ def _write_ini(root: Path, library: str) -> Path:
         f"[archive]\nbackend = tape\nprefix = {root / 'archive'}\n"
         f"[tape]\nlibrary = {library}\nvolume_capacity = 64MiB\ntime_scale = 0\n"
         f"stage_timeout = 60\nstage_waiters = {STAGE_WAITERS}\n"
-        "[bulk]\nscheduler = off\nmax_requests_per_client = 3\n"
+        "[bulk]\nscheduler = off\nmax_requests_per_client = 3\nheavy_wait_seconds = 60\n"
         f"max_heavy_requests = {MAX_HEAVY}\nheavy_request_files = {HEAVY}\n",
         encoding="utf-8",
     )
@@ -258,7 +258,7 @@ def test_archiveinfo_answers_100000_paths(archive: Archive):
 def test_heavy_requests_past_the_limit_get_429_while_get_root_answers(archive: Archive):
     url = archive.url
     big = submit_request(url, paths(HEAVY, 1 << 41), client="heavy-poller")
-    with ThreadPoolExecutor(max_workers=MAX_HEAVY + 1) as pool, held(archive.hold) as wait_entered:
+    with ThreadPoolExecutor(max_workers=MAX_HEAVY + 2) as pool, held(archive.hold) as wait_entered:
         in_flight = [
             pool.submit(
                 call, url + "/api/v1/archiveinfo", "POST", {"paths": [f"/{ON_DISK[0]}", *paths(HEAVY)]}
@@ -266,9 +266,13 @@ def test_heavy_requests_past_the_limit_get_429_while_get_root_answers(archive: A
             for _ in range(MAX_HEAVY)
         ]
         wait_entered(MAX_HEAVY)  # both hold a slot now
+        # A heavy stage request waits for a slot (heavy_wait_seconds) instead of a 429: FTS
+        # fails every file of a job whose stage request is refused.
+        waiting_stage = pool.submit(
+            call, url + "/api/v1/stage", "POST", {"files": [{"path": p} for p in paths(HEAVY)]}
+        )
         refused = [
             call(url + "/api/v1/archiveinfo", "POST", {"paths": paths(HEAVY)}),
-            call(url + "/api/v1/stage", "POST", {"files": [{"path": p} for p in paths(HEAVY)]}),
             call(url + f"/api/v1/stage/{big}"),  # a poll of every file: a large page
         ]
         for answer in refused:
@@ -281,6 +285,7 @@ def test_heavy_requests_past_the_limit_get_429_while_get_root_answers(archive: A
         code, _, _ = call(url + f"/api/v1/stage/{big}?limit=10")
         assert code == 200
         assert all(not f.done() for f in in_flight)
+        assert not waiting_stage.done()
         # The Python client waits a refused page out (Retry-After) and asks again: it gets its
         # listing once the held requests are let go below.
         refused = threading.Event()
@@ -298,8 +303,10 @@ def test_heavy_requests_past_the_limit_get_429_while_get_root_answers(archive: A
     for future in in_flight:
         code, _, body = future.result(timeout=TIMEOUT)
         assert code == 200 and json.loads(body)[0] == {"path": f"/{ON_DISK[0]}", "locality": "DISK"}
+    code, _, body = waiting_stage.result(timeout=TIMEOUT)
+    assert code == 201, body[:300]
     assert sorted(listing.result(timeout=TIMEOUT)) == sorted(paths(HEAVY, 1 << 41))
-    # The refused submit stored nothing; the slots are free again.
+    # The slots are free again: a poll of every file answers.
     code, _, body = call(url + f"/api/v1/stage/{big}")
     assert code == 200 and len(json.loads(body)["files"]) == HEAVY
     assert call(url + f"/api/v1/stage/{big}", "DELETE")[0] == 200

@@ -583,13 +583,13 @@ def test_db_upgrade_creates_the_emulated_sideband_tables_and_refuses_another_ver
 
 
 def test_the_tape_catalog_is_versioned_by_the_same_migrations(tmp_path: Path):
-    from pacifica_like.storage.tape.catalog import Catalog
+    from pacifica_like.storage.tape.catalog import SCHEMA_VERSION, Catalog
 
     catalog = Catalog(str(tmp_path))
     try:
         assert catalog.create({"VOL000": 1 << 20}, ["drive0"]) == (["VOL000"], ["drive0"])
         assert catalog.create({"VOL000": 1 << 20, "VOL001": 1 << 20}, ["drive0"]) == (["VOL001"], [])
-        assert catalog.schema_version() == 1
+        assert catalog.schema_version() == SCHEMA_VERSION == 2
         catalog.db.execute_sql("UPDATE meta SET value = '9' WHERE key = 'schema_version'")
         with pytest.raises(
             StorageUnavailable, match="holds schema version 9, but this gateway reads and writes"

@@ -120,7 +120,7 @@ class Scheduler:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self.run_pass()
-            if not self.active_volumes() and not self.store.queues(self.lease):
+            if not self.active_volumes() and not self.store.queues(self.lease) and not self.store.deferred():
                 return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False
@@ -160,6 +160,9 @@ class Scheduler:
                 log.warning("queued again %d files whose recall job was lost to a concurrent update", jobless)
             self.purge_expired(now)
             self._next_sweep = time.monotonic() + JOBLESS_SWEEP_SECONDS
+        deferred = self.store.activate_deferred(self.policy.max_in_flight_per_client, now)
+        if deferred:
+            log.info("started %d deferred files as their clients' earlier files finished", deferred)
         active = self.active_volumes()
         orphans = self.store.requeue_orphans(self.owner, active)
         if orphans:

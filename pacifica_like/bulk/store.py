@@ -4,8 +4,9 @@ Five tables beside the inventory (same database, so one URL serves both):
 
 * ``bulk_request``: one row per accepted request (id, client, times);
 * ``bulk_file``: one row per file of a request: path, resolved id, tape
-  position, state (SUBMITTED, STARTED, COMPLETED, FAILED, CANCELLED), error,
-  times, and its pin (``pin_until``: the file stays on disk until then);
+  position, state (SUBMITTED, STARTED, COMPLETED, FAILED, CANCELLED, and
+  DEFERRED: accepted past its client's in-flight cap, no job yet, answered as
+  SUBMITTED), error, times, and its pin (``pin_until``: the file stays on disk until then);
 * ``bulk_recall``: one *job* per file id to recall, shared by every request
   that wants that file (QUEUED, then RUNNING under its owner; deleted when it
   ends, after its outcome was copied to every waiting ``bulk_file`` row);
@@ -41,8 +42,15 @@ from pacifica_like.db.retry import RetryPolicy, transaction
 from pacifica_like.gateway.catalog import LOST, GatewayCatalog
 
 SUBMITTED, STARTED, COMPLETED, FAILED, CANCELLED = "SUBMITTED", "STARTED", "COMPLETED", "FAILED", "CANCELLED"
+#: The states clients see (the Tape REST API's).
 FILE_STATES = (SUBMITTED, STARTED, COMPLETED, FAILED, CANCELLED)
-OPEN_STATES = (SUBMITTED, STARTED)
+#: Ours only: a file accepted past its client's in-flight cap waits without a recall job until
+#: the client's earlier files finish (:meth:`BulkStore.activate_deferred`); clients see SUBMITTED.
+DEFERRED = "DEFERRED"
+#: Files a recall job stands for.
+ACTIVE_STATES = (SUBMITTED, STARTED)
+#: Files not finished: their request stays open, a cancel reaches them.
+OPEN_STATES = (SUBMITTED, STARTED, DEFERRED)
 QUEUED, RUNNING = "QUEUED", "RUNNING"
 #: Rows per INSERT when a request is stored (13 parameters each: below every database's limit).
 INSERT_CHUNK = 1000
@@ -361,10 +369,58 @@ class BulkStore:
 
     @_transaction("cannot count the client's files in flight")
     def in_flight(self, client: str) -> int:
-        """Return how many files of ``client``'s requests are not terminal yet."""
+        """Return how many files of ``client``'s requests are queued for a recall or being recalled."""
         r, f = self.Request, self.File
         open_requests = r.select(r.id).where((r.client == client[:255]) & r.completed_at.is_null())
-        return f.select().where(f.request_id.in_(open_requests) & f.state.in_(OPEN_STATES)).count()
+        return f.select().where(f.request_id.in_(open_requests) & f.state.in_(ACTIVE_STATES)).count()
+
+    @_transaction("cannot start deferred files")
+    def activate_deferred(self, cap: int, now: float | None = None) -> int:
+        """Queue the recalls of deferred files while their client is under ``cap``; return how many.
+
+        Oldest request first, per client: a client's deferred files start as
+        its earlier ones finish, so a request past the cap is throttled, never
+        refused (FTS fails every file of a job that is refused). Two schedulers
+        activating at once may pass the cap by what they activate together.
+        """
+        now = time.time() if now is None else now
+        r, f, j = self.Request, self.File, self.Job
+        waiting = (
+            r.select(r.client)
+            .join(f, on=(f.request_id == r.id))
+            .where(r.completed_at.is_null() & (f.state == DEFERRED))
+            .distinct()
+        )
+        started = 0
+        for (client,) in list(waiting.tuples()):
+            room = cap - self.in_flight(client)
+            if room <= 0:
+                continue
+            with self.db.atomic():
+                rows = list(
+                    f.select(f.id, f.file_id, f.vsn, f.position, f.size)
+                    .join(r, on=(f.request_id == r.id))
+                    .where((r.client == client) & (f.state == DEFERRED))
+                    .order_by(r.created_at, f.id)
+                    .limit(room)
+                    .tuples()
+                )
+                jobs = {
+                    file_id: (file_id, vsn, position, size, QUEUED, now, 0.0, 0)
+                    for _, file_id, vsn, position, size in rows
+                }
+                fields = [
+                    j.file_id, j.vsn, j.position, j.size, j.state, j.queued_at, j.not_before, j.attempts,
+                ]  # fmt: skip
+                self._insert_rows(j, fields, list(jobs.values()), ignore_duplicates=True)
+                for chunk in _chunks([row[0] for row in rows], ID_CHUNK):
+                    f.update(state=SUBMITTED).where(f.id.in_(list(chunk)) & (f.state == DEFERRED)).execute()
+            started += len(rows)
+        return started
+
+    def deferred(self) -> int:
+        """Return how many files wait past their client's cap (for ``run_until_idle``)."""
+        return self.File.select().where(self.File.state == DEFERRED).count()
 
     @_transaction("cannot count the client's requests")
     def stored_requests(self, client: str) -> tuple[int, float | None]:
@@ -444,11 +500,15 @@ class BulkStore:
             (f.request_id == request_id) & (f.id > after)
         )
         if states:
-            query = query.where(f.state.in_(list(states)))
+            # Deferred files are SUBMITTED to clients.
+            query = query.where(f.state.in_([*states, *([DEFERRED] if SUBMITTED in states else [])]))
         query = query.order_by(f.id)
         if limit is not None:
             query = query.limit(limit + 1)
-        rows = [FileInfo(*row) for row in query.tuples()]
+        rows = [
+            FileInfo(*row) if row[2] != DEFERRED else FileInfo(*row[:2], SUBMITTED, *row[3:])
+            for row in query.tuples()
+        ]
         if limit is not None and len(rows) > limit:
             return rows[:limit], rows[limit - 1].row
         return rows, None
@@ -467,6 +527,7 @@ class BulkStore:
         open_volumes: set[str] = set()
         volumes: set[str] = set()
         for vsn, state, count, size in query:
+            state = SUBMITTED if state == DEFERRED else state
             summary.states[state] = summary.states.get(state, 0) + count
             size = int(size or 0)
             if state != CANCELLED and not (state == FAILED and vsn is None):
@@ -869,7 +930,7 @@ class BulkStore:
         f, j = self.File, self.Job
         with self.db.atomic():
             query = f.select(f.file_id, f.vsn, f.position, f.size).where(
-                f.state.in_(OPEN_STATES)
+                f.state.in_(ACTIVE_STATES)
                 & f.file_id.is_null(False)
                 & f.vsn.is_null(False)
                 & f.file_id.not_in(j.select(j.file_id))

@@ -169,6 +169,33 @@ def parse_optional_path(raw: str) -> str | None:
     return os.path.abspath(raw.strip()) if raw.strip() else None
 
 
+#: First path segments the gateway's own mounts use: a namespace may not start with one.
+RESERVED_SEGMENTS = frozenset(("api", ".well-known", "metrics", "ready", "webdav"))
+
+
+def parse_namespace(raw: str) -> str:
+    """Check the path prefix files are named under (``/archive``: ``/archive/12345``); empty is none.
+
+    >>> parse_namespace("/archive/")
+    '/archive'
+    >>> parse_namespace("")
+    ''
+    """
+    value = raw.strip().rstrip("/")
+    if not value:
+        return ""
+    segments = value.split("/")
+    if segments[0] != "" or any(not part or part in (".", "..") for part in segments[1:]):
+        raise ValueError(f"{raw!r} is not an absolute path like /archive (no empty, . or .. segments)")
+    if any(c in value for c in "?#%;\\ ") or not value.isascii():
+        raise ValueError(f"{raw!r} holds characters a URL path would have to encode")
+    if segments[1] in RESERVED_SEGMENTS:
+        raise ValueError(f"{raw!r} starts with /{segments[1]}, which the gateway serves itself")
+    if segments[-1].isdigit():
+        raise ValueError(f"{raw!r} ends in a number, which would read as a file id")
+    return value
+
+
 def parse_public_url(raw: str) -> str | None:
     """Check the URL clients reach the gateway at (its scheme and host, maybe a path); empty is unset.
 
@@ -450,7 +477,9 @@ class BulkSettings:
         parse_positive, "100000", "most files one request may name (more: 413)"
     )
     max_in_flight_per_client: int = setting(
-        parse_positive, "1000000", "files one client may have waiting across its requests (more: 429)"
+        parse_positive,
+        "1000000",
+        "files of one client recalled or queued at once; more are accepted and wait (seen as SUBMITTED)",
     )
     min_poll_seconds: float = setting(
         parse_seconds, "1", "advertised: clients poll a request no more often than this"
@@ -490,6 +519,11 @@ class BulkSettings:
     max_heavy_requests: int = setting(
         parse_positive, "2", "heavy requests served at once by all processes of this host (more: 429)"
     )
+    heavy_wait_seconds: float = setting(
+        parse_seconds,
+        "30",
+        "a heavy stage request waits this long for a slot before its 429 (FTS fails a refused job)",
+    )
     heavy_request_files: int = setting(
         parse_positive,
         "1000",
@@ -501,7 +535,9 @@ class BulkSettings:
         "a finished request is forgotten this long after it finished, once none of its pins holds",
     )
     max_requests_per_client: int = setting(
-        parse_positive, "1000", "requests a client may have stored, open or retained (more: 429)"
+        parse_positive,
+        "1000",
+        "requests a client may have open or pinning files (finished ones make room; more: 429)",
     )
 
 
@@ -526,6 +562,15 @@ class ServerSettings:
         "60",
         "serve only: seconds a connection may stay silent before it is closed",
         env="PAI_IDLE_TIMEOUT",
+    )
+    #: Sites that publish their files below a path (an RSE prefix) name them there on every door.
+    namespace: str = setting(
+        parse_namespace,
+        "",
+        "path prefix files are also named under: /archive serves /archive/<id>, /webdav/archive/<id> "
+        "and Tape REST paths /archive/<id>",
+        env="PAI_NAMESPACE",
+        unset="none: /<id> only",
     )
     #: Behind a TLS proxy the request's own address is not the one clients use.
     public_url: str | None = setting(

@@ -27,7 +27,7 @@ from pacifica_like.storage.contract import Backend
 from pacifica_like.web import bulkapi as bulk_api
 from pacifica_like.web import errors, logs
 from pacifica_like.web.dav import DOOR, WebDavDoor
-from pacifica_like.web.fileapi import FileAPI, MountSplit
+from pacifica_like.web.fileapi import FileAPI, MountSplit, Namespace
 from pacifica_like.web.filehandlers import FileHandlers
 from pacifica_like.web.fileresource import DISPATCH_CONFIG, FileResource
 from pacifica_like.web.metrics import Metrics
@@ -85,7 +85,7 @@ def build_app(settings: Settings, backend: Backend, file_api: str = "wsgi") -> O
     if settings.cpconfig_file:
         fallback.merge(settings.cpconfig_file)
     fallback_names = PROBE_PATHS | bulk_api.PATHS
-    api: FileAPI | MountSplit
+    api: FileAPI | MountSplit | Namespace
     if file_api == "cherrypy":
         files = cherrypy.Application(FileResource(backend, settings), "", DISPATCH_CONFIG)
         files.log.access_log.propagate = False
@@ -101,6 +101,8 @@ def build_app(settings: Settings, backend: Backend, file_api: str = "wsgi") -> O
         api = FileAPI(FileHandlers(backend, settings), fallback, fallback_names=fallback_names)
     # The grid's WebDAV door beside the file API, over the same handlers (pacifica_like.web.dav).
     api = MountSplit(api, WebDavDoor(FileHandlers(backend, settings)), (DOOR,))
+    if settings.server.namespace:
+        api = Namespace(api, settings.server.namespace)
     logs.install(settings.server.access_log)
     if inventory is not None:
         # Temp files and markers of uploads whose process died (a kill -9): removed, and logged.

@@ -26,12 +26,13 @@ import cherrypy
 
 from pacifica_like.bulk.durations import parse_duration
 from pacifica_like.bulk.store import (
+    ACTIVE_STATES,
     CANCELLED,
     COMPLETED,
+    DEFERRED,
     FAILED,
     FILE_STATES,
     MAX_PATH,
-    OPEN_STATES,
     SUBMITTED,
     BulkStore,
     NewFile,
@@ -63,6 +64,8 @@ MAX_PAGE = 100_000
 _REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 #: Seconds a client refused for lack of a heavy-request slot is asked to wait: about one heavy request.
 HEAVY_RETRY_AFTER = 2
+#: Seconds between looks for a free heavy slot while a stage submit waits for one.
+HEAVY_WAIT_STEP = 0.05
 #: Called with the endpoint's name while a heavy request holds its slot. None in service; tests
 #: set it (in a server process, from a ``sitecustomize``) to hold requests in flight at will.
 HEAVY_HOOK: Callable[[str], None] | None = None
@@ -182,8 +185,10 @@ def _storable(path: str) -> bool:
     return True
 
 
-def file_id_of(path: str) -> int | None:
-    """Return the file id a ``/<id>`` path names, or None when it is not such a path."""
+def file_id_of(path: str, namespace: str = "") -> int | None:
+    """Return the file id a ``/<id>`` (or ``<namespace>/<id>``) path names, or None when it is neither."""
+    if namespace and path.startswith(namespace + "/"):
+        path = path[len(namespace) :]
     if not path.startswith("/"):
         return None
     try:
@@ -211,18 +216,23 @@ class BulkAPI:
         )
 
     @contextlib.contextmanager
-    def heavy(self, what: str, files: int) -> Iterator[None]:
+    def heavy(self, what: str, files: int, wait: float = 0.0) -> Iterator[None]:
         """Run the block in a heavy-request slot when it handles many files; 429 when none is free.
 
         Requests naming fewer than ``heavy_request_files`` files pass freely.
         The slots count across every process of this host, so heavy requests
         never hold every uWSGI worker or serve thread: ``GET /`` and small
-        requests always find one.
+        requests always find one. ``wait``: seconds to wait for a slot before
+        the 429 (stage submits: FTS fails every file of a refused job).
         """
         if files < self.policy.heavy_request_files:
             yield
             return
         slot = self.heavy_slots.try_acquire()
+        deadline = time.monotonic() + wait
+        while slot is None and time.monotonic() < deadline:
+            time.sleep(HEAVY_WAIT_STEP)
+            slot = self.heavy_slots.try_acquire()
         if slot is None:
             raise TooManyRequests(
                 f"the server is already handling {self.policy.max_heavy_requests} requests of "
@@ -267,33 +277,51 @@ class BulkAPI:
         limit = self.policy.max_files_per_request
         if len(files) > limit:
             raise RequestTooLarge(f"the request names {len(files)} files; at most {limit} are accepted")
-        with self.heavy("stage", len(files)):
+        with self.heavy("stage", len(files), wait=self.policy.heavy_wait_seconds):
             entries = self._entries(files)
             client = self.client()
             self._check_stored(client)
-            cap = self.policy.max_in_flight_per_client
-            in_flight = store.in_flight(client)
-            if in_flight + len(entries) > cap:
-                raise TooManyRequests(
-                    f"client {client!r} has {in_flight} files in flight; {len(entries)} more would pass its "
-                    f"cap of {cap}; wait for earlier requests to finish",
-                    retry_after=max(1, int(self.policy.min_poll_seconds * 10)),
-                )
-            request_id = store.create_request(client, self._resolve(entries))
+            resolved = self._throttle(client, self._resolve(entries))
+            request_id = store.create_request(client, resolved)
         cherrypy.serving.response.headers["Location"] = f"/api/v1/stage/{request_id}"
         return _json({"requestId": request_id}, 201)
+
+    def _throttle(self, client: str, files: list[NewFile]) -> list[NewFile]:
+        """Defer the files past the client's in-flight cap: accepted now, recalled as earlier ones finish.
+
+        Never a 429: FTS stages from one address, and fails every file of a job whose
+        stage request is refused. The scheduler starts deferred files in request
+        order (``BulkStore.activate_deferred``); clients see them SUBMITTED.
+        """
+        room = self.policy.max_in_flight_per_client - self.store.in_flight(client)
+        throttled = []
+        for new in files:
+            if new.state == SUBMITTED:
+                if room <= 0:
+                    new = new._replace(state=DEFERRED)
+                room -= 1
+            throttled.append(new)
+        return throttled
 
     def _check_stored(self, client: str) -> None:
         """Refuse (429) a client that already has ``max_requests_per_client`` requests stored.
 
         Its own expired requests are purged first, so a client is never refused
-        for requests the scheduler's sweep simply has not reached yet.
+        for requests the scheduler's sweep simply has not reached yet; then, if
+        it is still full, its oldest finished requests that pin nothing, before
+        their retention ends. Only open or pinning requests fill the cap.
         """
         cap, retention = self.policy.max_requests_per_client, self.policy.retention_seconds
         stored, _ = self.store.stored_requests(client)
         if stored < cap:
             return
         self.store.purge_expired(retention, client=client)
+        stored, earliest = self.store.stored_requests(client)
+        if stored < cap:
+            return
+        # Still full: its oldest finished requests that pin nothing go before their retention ends,
+        # rather than refuse the new one (FTS fails every file of a job whose stage is refused).
+        self.store.purge_expired(0.0, client=client, limit=stored - cap + 1)
         stored, earliest = self.store.stored_requests(client)
         if stored < cap:
             return
@@ -334,7 +362,8 @@ class BulkAPI:
 
     def _resolve(self, entries: list[tuple[str, float]]) -> list[NewFile]:
         """Decide each file's first state: on disk (COMPLETED), queued at a tape position, or FAILED."""
-        ids = {path: file_id_of(path) for path, _ in entries}
+        namespace = self.settings.server.namespace
+        ids = {path: file_id_of(path, namespace) for path, _ in entries}
         wanted = sorted({i for i in ids.values() if i is not None})
         # Positions first: in a bulk request most files are offline, and need no other look-up.
         positions = contract.tape_positions(self.backend, wanted)
@@ -390,7 +419,7 @@ class BulkAPI:
         with self.heavy("poll", min(info.files, page or info.files)):
             files, next_row = store.files(request_id, page, after, states)
             summary = store.summary(request_id)
-        open_files = sum(summary.states[s] for s in OPEN_STATES)
+        open_files = sum(summary.states[s] for s in ACTIVE_STATES)  # deferred files count as SUBMITTED
         # startedAt is mandatory: createdAt until a file starts, as the spec says. completedAt is
         # optional, so absent (not null) while the request is open.
         document: dict[str, Any] = {
@@ -469,7 +498,7 @@ class BulkAPI:
         """
         paths = _paths_of(_read_json(self.max_body), self.policy.max_files_per_request, truncate=True)
         with self.heavy("archiveinfo", len(paths)):
-            ids = {path: file_id_of(path) for path in paths}
+            ids = {path: file_id_of(path, self.settings.server.namespace) for path in paths}
             where = self.backend.localities(sorted({i for i in ids.values() if i is not None}))
             lost = self._inventory_lost(
                 sorted({i for i in ids.values() if i is not None and where.get(i, "NONE") == "NONE"})

@@ -49,6 +49,10 @@ class WebDavDoor:
         """Route ``/webdav``, ``/webdav/`` (the collection) and ``/webdav/<id>``."""
         mount = (environ.get("SCRIPT_NAME") or "") + f"/{DOOR}/"
         rest = path[len(DOOR) + 2 :]
+        namespace = self.handlers.settings.server.namespace[1:]
+        if namespace and (rest == namespace or rest.startswith(namespace + "/")):
+            # /webdav/<namespace>/<id>: the same files, named as the site publishes them.
+            mount, rest = mount + namespace + "/", rest[len(namespace) + 1 :]
         if not rest:
             return self._collection(method, mount, environ)
         file_id = self.handlers.file_id("/" + rest)

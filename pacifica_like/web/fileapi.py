@@ -54,6 +54,28 @@ class FileAPI:
         return body
 
 
+class Namespace:
+    """Serve the file API below a path prefix too: ``<namespace>/<id>`` is ``/<id>`` (``[server] namespace``).
+
+    The prefix moves from PATH_INFO to SCRIPT_NAME, as a mount below a prefix
+    would have it, so the handlers see ``/<id>``, the target check compares the
+    whole path, and PROPFIND's hrefs keep the prefix. Other paths pass as they are.
+    """
+
+    def __init__(self, app: WSGIApp, namespace: str) -> None:
+        self.app = app
+        self.namespace = namespace
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """Strip the namespace from a path below it, then serve."""
+        path = environ.get("PATH_INFO") or "/"
+        namespace = self.namespace
+        if path.startswith(namespace) and path[len(namespace) : len(namespace) + 1] in ("", "/"):
+            environ["SCRIPT_NAME"] = (environ.get("SCRIPT_NAME") or "") + namespace
+            environ["PATH_INFO"] = path[len(namespace) :] or "/"
+        return self.app(environ, start_response)
+
+
 class MountSplit:
     """WSGI application sending the ``fallback_names`` mounts to ``fallback``, the rest to ``files``.
 

@@ -240,7 +240,8 @@ class FileHandlers:
         """Answer PROPFIND of ``/<id>`` (gfal-stat, davix-ls): the file's WebDAV properties."""
         davprops.depth_of(environ)
         request = self.propfind_request(environ)
-        return self.propfinder.file(request_path(environ), file_id, request)
+        href = (environ.get("SCRIPT_NAME") or "") + request_path(environ)
+        return self.propfinder.file(href, file_id, request)
 
     def options(self, file_id: int, environ: dict[str, Any]) -> Response:
         """Answer OPTIONS of ``/<id>``: the verbs it takes, and WebDAV class 1."""

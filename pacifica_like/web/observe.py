@@ -131,6 +131,8 @@ class Exchange:
         environ = self.environ
         observer = self.observer
         path = environ.get("PATH_INFO") or "/"
+        # Below a namespace (web.fileapi.Namespace) the path's prefix is in SCRIPT_NAME.
+        mount = environ.get("SCRIPT_NAME") or ""
         segment = path[1:].partition("/")[0]
         endpoint = segment if segment in observer.endpoints else "root" if path == "/" else "file"
         method = environ.get("REQUEST_METHOD", "")
@@ -148,7 +150,7 @@ class Exchange:
                     self.request_id,
                     environ.get("REMOTE_ADDR"),
                     method[:16],
-                    path[:MAX_LOGGED_PATH],
+                    (mount + path)[:MAX_LOGGED_PATH],
                     segment if is_id else None,
                     self.status,
                     received,
