@@ -4,8 +4,8 @@
 ``pacifica-like serve`` runs a tape archive (files on disk, on disk and tape, and only on tape);
 the production shape (nginx in front of uWSGI) runs posix, to show the front end passes
 PROPFIND, OPTIONS and the digest headers through. Each test checks what the tool prints and
-what the gateway then holds. davix 0.8 lists a single file with HEAD, whose Pacifica answer
-(204, ``X-Content-Length``) it cannot read; so its file listings go through ``/webdav/``.
+what the gateway then holds. davix 0.8 lists a single ``http://`` file with HEAD, whose Pacifica
+answer (204, ``X-Content-Length``) it cannot read; ``dav://`` URLs make it use PROPFIND.
 """
 
 from __future__ import annotations
@@ -196,6 +196,10 @@ def test_davix_put_ls_get_rm(tape: Live, tmp_path: Path):
     tape.ok("davix-put", str(source), tape.url("/46"))  # no Last-Modified: stored with the upload time
     listing = tape.ok("davix-ls", "-l", tape.url("/webdav/46"))
     assert " 33333 " in listing
+    # On the Pacifica door davix must be told the server speaks WebDAV (dav://): over http:// it
+    # stats one file with HEAD, and Pacifica's HEAD is a 204 without Content-Length.
+    pacifica_door = tape.ok("davix-ls", "-l", tape.url("/46").replace("http://", "dav://"))
+    assert " 33333 " in pacifica_door and " 1970-" not in pacifica_door
     root = tape.ok("davix-ls", "-l", tape.url("/webdav/"))
     mine = next(line for line in root.splitlines() if line.endswith(f" {DISK_ONLY}"))
     assert f" {size_of(DISK_ONLY)} " in mine
