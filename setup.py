@@ -51,6 +51,8 @@ setup(
         # through peewee 4's PostgresqlDatabase, and driver error codes by their attributes).
         "peewee>=4.5,<5",
         "prometheus_client>=0.20",
+        # Bearer tokens (pacifica_like.identity): JWT checks and JWKS keys; [crypto] for RS256/ES256.
+        "PyJWT[crypto]>=2.8,<3",
         # The Python client (pacifica_like.client, `pacifica-like client`).
         "requests>=2.31",
         "tqdm>=4.66",

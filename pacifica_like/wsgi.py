@@ -118,6 +118,22 @@ def make_metrics_dir(parent: str | None = None) -> str:
     return tempfile.mkdtemp(prefix=f"{METRICS_TEMP_PREFIX}{os.getpid()}-", dir=parent)
 
 
+def uwsgi_addresses(options: dict[str, Any]) -> list[str]:
+    """Return the TCP addresses uWSGI listens on (http, https, socket, http-socket), unix sockets left out."""
+    found = []
+    for name in ("http", "https", "socket", "http-socket", "uwsgi-socket", "shared-socket"):
+        values = options.get(name)
+        for value in values if isinstance(values, list) else [values]:
+            if value is None:
+                continue
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            address = text.split(",")[0]
+            if address.startswith(("/", "@", "unix:")) or ":" not in address:
+                continue
+            found.append(address)
+    return found
+
+
 def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -147,6 +163,10 @@ if _under_uwsgi():  # pragma: no cover - exercised by the uWSGI live tests
     # Our access log (pacifica_like.web.logs) has every request; CherryPy's would double the probes'.
     cherrypy.config.update({"log.screen": False, "engine.autoreload.on": False, "checker.on": False})
     logging.getLogger("cherrypy.access").propagate = False
+    from pacifica_like.identity.access import check_exposure
     from pacifica_like.storage import registry
 
+    # Without identity, anyone reaching a TCP address could change the archive: loopback only.
+    # A unix socket's exposure is its front end's (nginx) to configure.
+    check_exposure(_settings, uwsgi_addresses(uwsgi.opt))
     registry.check(_settings)

@@ -34,6 +34,7 @@ SPEC: dict[type[errors.ArchiveError], tuple[type[errors.ArchiveError], str]] = {
     errors.InvalidRequest: (errors.InvalidRequest, "file"),
     errors.IncompleteUpload: (errors.InvalidRequest, "file"),
     errors.LengthRequired: (errors.LengthRequired, "file"),
+    errors.NotAuthenticated: (errors.NotAuthenticated, "file"),
     errors.Forbidden: (errors.Forbidden, "file"),
     errors.FileNotInArchive: (errors.FileNotInArchive, "file"),
     errors.MethodDisabled: (errors.MethodDisabled, "file"),

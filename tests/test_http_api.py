@@ -211,7 +211,7 @@ def test_paths_given_to_cherrypy_answer_json(make_settings):
     from pacifica_like.web.app import build_app
 
     settings = make_settings()
-    api = build_app(settings, registry.create(settings)).app.files  # inside the WebDAV door's split
+    api = build_app(settings, registry.create(settings)).app.app.files  # below the guard and WebDAV split
     # Not a mounted API (/api is the bulk API, whose errors are problem+json): CherryPy's own 404.
     api.fallback_names = frozenset({"extra"})
     response = webtest.TestApp(api).get("/extra/v1/nothing", expect_errors=True)

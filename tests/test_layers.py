@@ -13,7 +13,7 @@ reader nor from the next change; the tape <-> sideband circle was a lazy one.
 A separate test holds the imports that run at import time to no circle at all,
 so a failure says which kind of circle came back.
 
-Layers, lowest first: core <- db <- storage <- gateway <- bulk <- web <- cli;
+Layers, lowest first: core <- db <- storage <- gateway <- bulk <- identity <- web <- cli;
 the client sits beside them and imports only core. ``pacifica_like.wsgi`` and
 ``pacifica_like.__main__`` are entry points above everything.
 """
@@ -35,7 +35,7 @@ from pacifica_like.storage import registry
 
 PACKAGE = Path(pacifica_like.__file__).parent
 #: The server's layers, lowest first: each may import itself and the ones before it.
-SERVER_LAYERS = ("core", "db", "storage", "gateway", "bulk", "web", "cli")
+SERVER_LAYERS = ("core", "db", "storage", "gateway", "bulk", "identity", "web", "cli")
 #: What each layer may import.
 ALLOWED: dict[str, frozenset[str]] = {
     **{layer: frozenset(SERVER_LAYERS[: i + 1]) for i, layer in enumerate(SERVER_LAYERS)},

@@ -87,10 +87,12 @@ def serve(settings: Settings) -> int:
     import cherrypy
     from cherrypy.process.servers import ServerAdapter
 
+    from pacifica_like.identity.access import check_exposure
     from pacifica_like.storage import registry
     from pacifica_like.web.app import build_app
     from pacifica_like.web.httpserver import WaitressServer
 
+    check_exposure(settings, [f"{settings.server.address}:{settings.server.port}"])
     backend = registry.create(settings)
     app = build_app(settings, backend, settings.server.file_api)
     listen = {
@@ -115,6 +117,8 @@ def serve(settings: Settings) -> int:
     # CherryPy prints its engine log itself; passing it on to the root logger would print it twice.
     logging.getLogger("cherrypy").propagate = False
     host, port = cherrypy.config["server.socket_host"], cherrypy.config["server.socket_port"]
+    # Without identity, anyone reaching the port could change the archive: loopback only.
+    check_exposure(settings, [f"{host}:{port}"])
     http = WaitressServer(
         app,
         host=host,

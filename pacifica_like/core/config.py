@@ -35,6 +35,7 @@ from pacifica_like.core.settings_schema import (
     SIDEBAND_SCHEMES,
     ArchiveSettings,
     BulkSettings,
+    IdentitySettings,
     Option,
     ServerSettings,
     SidebandSettings,
@@ -59,6 +60,7 @@ __all__ = [
     "ArchiveSettings",
     "BulkSettings",
     "ConfigError",
+    "IdentitySettings",
     "Option",
     "ServerSettings",
     "Settings",
@@ -93,6 +95,7 @@ class Settings:
     tape: TapeSettings = field(default_factory=TapeSettings)
     sideband: SidebandSettings = field(default_factory=SidebandSettings)
     bulk: BulkSettings = field(default_factory=BulkSettings)
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
     config_file: str | None = None
     cpconfig_file: str | None = None
     sources: Mapping[tuple[str, str], str] = field(default_factory=dict)
@@ -178,6 +181,7 @@ def load_settings(
         tape=TapeSettings(**tape),
         sideband=SidebandSettings(**found["sideband"]),
         bulk=BulkSettings(**found["bulk"]),
+        identity=IdentitySettings(**found["identity"]),
         config_file=config_file,
         cpconfig_file=cpconfig_file,
         sources=sources,

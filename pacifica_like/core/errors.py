@@ -37,6 +37,12 @@ class LengthRequired(ArchiveError):
     http_status = 411
 
 
+class NotAuthenticated(ArchiveError):
+    """The request needs a token, or the token sent cannot be accepted (``WWW-Authenticate`` says how)."""
+
+    http_status = 401
+
+
 class Forbidden(ArchiveError):
     """The request touches something outside what the archive may touch."""
 

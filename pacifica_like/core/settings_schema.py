@@ -228,6 +228,47 @@ def parse_dirs(raw: str) -> tuple[str, ...]:
     return tuple(roots)
 
 
+def parse_urls(raw: str) -> tuple[str, ...]:
+    """Split comma/space separated http(s) URLs (token issuers); trailing slashes are kept as given.
+
+    >>> parse_urls("https://iam.example.org/, https://other.example.org")
+    ('https://iam.example.org/', 'https://other.example.org')
+    """
+    urls = tuple(item for item in raw.replace(",", " ").split() if item)
+    for url in urls:
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme.lower() not in ("http", "https") or not rest.partition("/")[0]:
+            raise ValueError(f"{url!r} is not an http(s) URL")
+    return urls
+
+
+def parse_words(raw: str) -> tuple[str, ...]:
+    """Split a comma/space separated list of words (audiences, groups)."""
+    return tuple(item for item in raw.replace(",", " ").split() if item)
+
+
+def parse_networks(raw: str) -> tuple[str, ...]:
+    """Split a comma/space separated list of addresses or networks (``10.0.0.0/8``), checking each."""
+    import ipaddress  # stdlib; only here
+
+    found = []
+    for item in raw.replace(",", " ").split():
+        try:
+            found.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network") from None
+    return tuple(found)
+
+
+#: What ``[identity] anonymous`` may grant a request that carries no token.
+ANONYMOUS_LEVELS = ("none", "read", "stage", "all")
+
+
+def parse_anonymous(raw: str) -> str | None:
+    """Parse ``[identity] anonymous``; empty is unset (all on loopback without identity, else none)."""
+    return one_of(*ANONYMOUS_LEVELS)(raw) if raw.strip() else None
+
+
 def one_of(*choices: str) -> Callable[[str], str]:
     """Return a parser accepting only ``choices`` (any case)."""
 
@@ -542,6 +583,61 @@ class BulkSettings:
 
 
 @dataclass(frozen=True)
+class IdentitySettings:
+    """The ``[identity]`` section: who may do what (WLCG bearer tokens, service tokens, anonymous).
+
+    Identity is configured when ``issuers`` or ``token_file`` is set. Without it the
+    service serves loopback only, unless ``anonymous`` says what anyone may do.
+    """
+
+    issuers: tuple[str, ...] = setting(
+        parse_urls, "", "token issuers trusted (WLCG JWT profile), comma separated", env="PAI_ISSUERS"
+    )
+    audiences: tuple[str, ...] = setting(
+        parse_words,
+        "",
+        "audiences a token may name (https://wlcg.cern.ch/jwt/v1/any is always accepted)",
+        env="PAI_AUDIENCES",
+    )
+    jwks_file: str | None = setting(
+        parse_optional_path,
+        "",
+        "a local JWKS file with the issuers' keys (no key fetching over the network)",
+        env="PAI_JWKS_FILE",
+        unset="keys fetched from each issuer's discovery document",
+    )
+    token_file: str | None = setting(
+        parse_optional_path,
+        "",
+        "the service tokens file (pacifica-like token create|list|revoke)",
+        env="PAI_TOKEN_FILE",
+        unset="no service tokens",
+    )
+    anonymous: str | None = setting(
+        parse_anonymous,
+        "",
+        "what a request without a token may do: none, read, stage or all",
+        env="PAI_ANONYMOUS",
+        unset="all on loopback without identity, else none",
+    )
+    admin_groups: tuple[str, ...] = setting(
+        parse_words,
+        "",
+        "wlcg.groups whose members may read /metrics, /api/v1/queues and any bulk request",
+        env="PAI_ADMIN_GROUPS",
+    )
+    leeway: float = setting(parse_seconds, "60", "seconds of clock skew allowed on exp, nbf and iat")
+    jwks_refresh_seconds: float = setting(
+        parse_seconds, "3600", "an issuer's keys are fetched again after this long (and on an unknown kid)"
+    )
+
+    @property
+    def configured(self) -> bool:
+        """True when tokens can be checked (an issuer or a service tokens file)."""
+        return bool(self.issuers or self.token_file)
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     """The ``[server]`` section: where ``pacifica-like serve`` listens, how it reports."""
 
@@ -571,6 +667,14 @@ class ServerSettings:
         "and Tape REST paths /archive/<id>",
         env="PAI_NAMESPACE",
         unset="none: /<id> only",
+    )
+    #: X-Forwarded-For is believed only from these (the TLS proxy in front); else the peer address counts.
+    trusted_proxies: tuple[str, ...] = setting(
+        parse_networks,
+        "",
+        "proxies whose X-Forwarded-For names the client (addresses or networks)",
+        env="PAI_TRUSTED_PROXIES",
+        unset="none: the connection's own address",
     )
     #: Behind a TLS proxy the request's own address is not the one clients use.
     public_url: str | None = setting(
@@ -612,6 +716,7 @@ SECTIONS: dict[str, type] = {
     "sideband": SidebandSettings,
     "bulk": BulkSettings,
     "server": ServerSettings,
+    "identity": IdentitySettings,
 }
 
 

@@ -492,12 +492,15 @@ class Backend(abc.ABC):
         """Open a stored file for reading; FileNotInArchive if there is none."""
 
     @abc.abstractmethod
-    def open_writer(self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()) -> Writer:
+    def open_writer(
+        self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = (), exclusive: bool = False
+    ) -> Writer:
         """Start an upload that will store ``file_id`` with modification time ``mtime``.
 
         ``expect`` lists digests the client claimed; commit() raises
         DigestMismatch unless the bytes match all of them. Raises Conflict up
-        front when the archive is write-once and the id is taken.
+        front when the archive is write-once (or ``exclusive``: a caller that may
+        only create) and the id is taken, and at commit when a file appeared meanwhile.
         """
 
     @abc.abstractmethod

@@ -165,14 +165,14 @@ class DiskCache:
         """Return the message of FileNotInArchive for ``file_id``."""
         return f"file {file_id} is not in the archive"
 
-    def target(self, file_id: int) -> str:
-        """Return the path an upload of ``file_id`` will take; Conflict now if write-once and taken.
+    def target(self, file_id: int, exclusive: bool = False) -> str:
+        """Return where an upload of ``file_id`` goes; Conflict now if it may not replace a file there.
 
         The early check spares streaming a body only to refuse it; publish()'s
         link() still decides races.
         """
         path = self.path(file_id)
-        if self.write_once:
+        if self.write_once or exclusive:
             if self._taken_elsewhere is not None and self._taken_elsewhere(file_id):
                 raise Conflict(f"file {file_id} already exists (on tape) and the archive is write-once")
             if os.path.lexists(path):
@@ -199,15 +199,17 @@ class DiskCache:
         mtime: float,
         expect: Sequence[ExpectedDigest] = (),
         make: WriterFactory | None = None,
+        exclusive: bool = False,
     ) -> AtomicFileWriter:
-        """Start an atomic upload; Conflict now if write-once and taken.
+        """Start an atomic upload; Conflict now if write-once (or ``exclusive``) and taken.
 
         ``make`` builds the writer (a subclass of AtomicFileWriter that does more on commit).
         """
-        path = self.target(file_id)
+        path = self.target(file_id, exclusive)
+        replace = not (self.write_once or exclusive)
         if make is None:
-            return AtomicFileWriter(path, mtime, expect, replace=not self.write_once)
-        return make(path, mtime, expect, not self.write_once)
+            return AtomicFileWriter(path, mtime, expect, replace=replace)
+        return make(path, mtime, expect, replace)
 
     def status(self, file_id: int) -> FileStatus:
         """Stat the file and read its recorded digest, both from one open inode.
@@ -358,7 +360,12 @@ class DiskCache:
     # so every such backend tells subscribers the same thing at the same moment.
 
     def open_announced_writer(
-        self, events: EventBus, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()
+        self,
+        events: EventBus,
+        file_id: int,
+        mtime: float,
+        expect: Sequence[ExpectedDigest] = (),
+        exclusive: bool = False,
     ) -> AtomicFileWriter:
         """Start an upload that announces Stored or Replaced on ``events`` once it is durable."""
         return self.open_writer(
@@ -368,6 +375,7 @@ class DiskCache:
             lambda path, mtime, expect, replace: AnnouncingWriter(
                 events, file_id, path, mtime, expect, replace=replace
             ),
+            exclusive=exclusive,
         )
 
     def adopt_announced(self, events: EventBus, file_id: int, source_path: str) -> int:

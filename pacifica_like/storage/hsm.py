@@ -296,7 +296,9 @@ class TapeHsm(Backend):
         return reader
 
     @_catalog_errors
-    def open_writer(self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()) -> Writer:
+    def open_writer(
+        self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = (), exclusive: bool = False
+    ) -> Writer:
         """Start an atomic upload whose commit makes older tape copies stale."""
         return self.cache.open_writer(
             file_id,
@@ -305,6 +307,7 @@ class TapeHsm(Backend):
             lambda path, mtime, expect, replace: TapeWriter(
                 self, file_id, path, mtime, expect, replace=replace
             ),
+            exclusive=exclusive,
         )
 
     @_catalog_errors

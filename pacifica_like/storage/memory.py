@@ -105,9 +105,11 @@ class MemoryWriter(Writer):
         mtime: float,
         expect: Sequence[ExpectedDigest],
         moved: bool = False,
+        exclusive: bool = False,
     ) -> None:
         self._backend = backend
         self._moved = moved
+        self._exclusive = exclusive
         self._change = backend.events.begin(file_id, "PATCH" if moved else "PUT")
         self._file_id = file_id
         self._mtime = mtime
@@ -128,7 +130,9 @@ class MemoryWriter(Writer):
         size = len(self._buffer)
         digest = self._digests.verify(size)
         kept = self._digests.checksums
-        existed = self._backend._publish(self._file_id, bytes(self._buffer), self._mtime, kept)
+        existed = self._backend._publish(
+            self._file_id, bytes(self._buffer), self._mtime, kept, self._exclusive
+        )
         self._buffer = None
         self.sha256 = digest
         self.checksums = kept
@@ -179,14 +183,16 @@ class MemoryBackend(Backend):
             raise FileNotInArchive(f"file {file_id} is not in the archive")
         return stored
 
-    def _publish(self, file_id: int, data: bytes, mtime: float, kept: dict[str, bytes]) -> bool:
+    def _publish(
+        self, file_id: int, data: bytes, mtime: float, kept: dict[str, bytes], exclusive: bool = False
+    ) -> bool:
         """Make ``data`` the current version of ``file_id``; return whether it replaced one.
 
-        Conflict if write-once and taken.
+        Conflict if write-once (or ``exclusive``) and taken.
         """
         with self._archive.lock:
             existed = file_id in self._archive.files
-            if self.write_once and existed:
+            if (self.write_once or exclusive) and existed:
                 raise Conflict(f"file {file_id} already exists and the archive is write-once")
             size = len(data)
             status = FileStatus(
@@ -205,16 +211,23 @@ class MemoryBackend(Backend):
         """Open the current version; later commits do not change what this reader returns."""
         return MemoryReader(self._get(file_id))
 
-    def open_writer(self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()) -> Writer:
-        """Start a buffered upload; Conflict now if write-once and taken (commit decides races)."""
-        return self._writer(file_id, mtime, expect)
+    def open_writer(
+        self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = (), exclusive: bool = False
+    ) -> Writer:
+        """Start a buffered upload; Conflict now if it may not replace a file there (commit decides races)."""
+        return self._writer(file_id, mtime, expect, exclusive=exclusive)
 
     def _writer(
-        self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = (), moved: bool = False
+        self,
+        file_id: int,
+        mtime: float,
+        expect: Sequence[ExpectedDigest] = (),
+        moved: bool = False,
+        exclusive: bool = False,
     ) -> MemoryWriter:
-        if self.write_once and file_id in self._archive.files:
+        if (self.write_once or exclusive) and file_id in self._archive.files:
             raise Conflict(f"file {file_id} already exists and the archive is write-once")
-        return MemoryWriter(self, file_id, mtime, expect, moved)
+        return MemoryWriter(self, file_id, mtime, expect, moved, exclusive)
 
     def status(self, file_id: int) -> FileStatus:
         """Return the status recorded at commit."""

@@ -44,9 +44,11 @@ class PosixBackend(Backend):
         """Open the stored file; the status describes exactly the inode opened."""
         return self.cache.open_reader(file_id)
 
-    def open_writer(self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()) -> Writer:
-        """Start an atomic upload; Conflict now if write-once and taken."""
-        return self.cache.open_announced_writer(self.events, file_id, mtime, expect)
+    def open_writer(
+        self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = (), exclusive: bool = False
+    ) -> Writer:
+        """Start an atomic upload; Conflict now if write-once (or exclusive) and taken."""
+        return self.cache.open_announced_writer(self.events, file_id, mtime, expect, exclusive)
 
     def status(self, file_id: int) -> FileStatus:
         """Stat the file and read its recorded digest, both from one open inode."""

@@ -23,9 +23,11 @@ from pacifica_like import __version__
 from pacifica_like.core.config import Settings
 from pacifica_like.gateway import leftovers
 from pacifica_like.gateway.inventory import attach_inventory
+from pacifica_like.identity.access import Authenticator
 from pacifica_like.storage.contract import Backend
 from pacifica_like.web import bulkapi as bulk_api
 from pacifica_like.web import errors, logs
+from pacifica_like.web.authz import Guard
 from pacifica_like.web.dav import DOOR, WebDavDoor
 from pacifica_like.web.fileapi import FileAPI, MountSplit, Namespace
 from pacifica_like.web.filehandlers import FileHandlers
@@ -85,7 +87,7 @@ def build_app(settings: Settings, backend: Backend, file_api: str = "wsgi") -> O
     if settings.cpconfig_file:
         fallback.merge(settings.cpconfig_file)
     fallback_names = PROBE_PATHS | bulk_api.PATHS
-    api: FileAPI | MountSplit | Namespace
+    api: FileAPI | MountSplit | Guard | Namespace
     if file_api == "cherrypy":
         files = cherrypy.Application(FileResource(backend, settings), "", DISPATCH_CONFIG)
         files.log.access_log.propagate = False
@@ -101,6 +103,10 @@ def build_app(settings: Settings, backend: Backend, file_api: str = "wsgi") -> O
         api = FileAPI(FileHandlers(backend, settings), fallback, fallback_names=fallback_names)
     # The grid's WebDAV door beside the file API, over the same handlers (pacifica_like.web.dav).
     api = MountSplit(api, WebDavDoor(FileHandlers(backend, settings)), (DOOR,))
+    # Who may do what (WLCG tokens, service tokens, anonymous), decided before any handler runs.
+    api = Guard(
+        api, Authenticator(settings), backend, settings.server.namespace, settings.server.trusted_proxies
+    )
     if settings.server.namespace:
         api = Namespace(api, settings.server.namespace)
     logs.install(settings.server.access_log)

@@ -19,7 +19,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import cherrypy
@@ -36,6 +36,7 @@ from pacifica_like.bulk.store import (
     SUBMITTED,
     BulkStore,
     NewFile,
+    RequestInfo,
 )
 from pacifica_like.core.config import Settings
 from pacifica_like.core.errors import (
@@ -48,9 +49,11 @@ from pacifica_like.core.errors import (
 )
 from pacifica_like.core.ids import MAX_ID, parse_id
 from pacifica_like.core.slots import SlotPool, directory_for
+from pacifica_like.identity.scopes import Principal
 from pacifica_like.storage import contract
 from pacifica_like.storage.contract import Backend
 from pacifica_like.web import errors
+from pacifica_like.web.authz import ANYONE, CLIENT_KEY, principal_of, refusal
 
 log = logging.getLogger("pacifica_like.error")
 
@@ -256,10 +259,47 @@ class BulkAPI:
             )
         return self._store
 
+    def principal(self) -> Principal:
+        """Who the request acts as (the access guard put it in the environ; anonymous without one)."""
+        found = principal_of(cherrypy.serving.request.wsgi_environ)
+        return found if found is not None else ANYONE
+
     def client(self) -> str:
-        """Who the per-client caps count against: X-Client-Id, else the remote address."""
+        """Who owns requests and counts against the per-client caps.
+
+        A token's (subject, issuer); without one, X-Client-Id, else the remote address.
+        """
+        principal = self.principal()
+        if principal.kind != "anonymous":
+            return principal.owner[:255]
         request = cherrypy.serving.request
-        return request.headers.get("X-Client-Id") or request.remote.ip or "unknown"
+        address = request.wsgi_environ.get(CLIENT_KEY) or request.remote.ip
+        return request.headers.get("X-Client-Id") or address or "unknown"
+
+    def allow(self, paths: Iterable[str], *actions: str) -> None:
+        """Refuse (401/403) unless the principal holds one of ``actions`` on every path's file."""
+        principal = self.principal()
+        namespace = self.settings.server.namespace
+        denied = []
+        for path in paths:
+            file_id = file_id_of(path, namespace)
+            target = f"{namespace}/{file_id}" if file_id is not None else path
+            if not any(principal.may(action, target) for action in actions):
+                denied.append(path)
+        if denied:
+            raise refusal(principal, f"this needs storage.{' or storage.'.join(actions)} on {_name(denied)}")
+
+    def own(self, info: RequestInfo | None, request_id: str) -> RequestInfo:
+        """Return the request if the caller may see it (its owner, or an admin); UnknownRequest otherwise.
+
+        Someone else's request answers as if it did not exist: its id tells nothing.
+        """
+        principal = self.principal()
+        if info is None or not (principal.admin or info.client == self.client()):
+            if principal.kind == "anonymous" and not principal.scopes:
+                raise refusal(principal, "bulk requests belong to a token's subject")
+            raise UnknownRequest(f"no stage request {request_id!r} (never made, or deleted)")
+        return info
 
     # -- submit ------------------------------------------------------------------
 
@@ -279,6 +319,7 @@ class BulkAPI:
             raise RequestTooLarge(f"the request names {len(files)} files; at most {limit} are accepted")
         with self.heavy("stage", len(files), wait=self.policy.heavy_wait_seconds):
             entries = self._entries(files)
+            self.allow((path for path, _ in entries), "stage")
             client = self.client()
             self._check_stored(client)
             resolved = self._throttle(client, self._resolve(entries))
@@ -412,9 +453,7 @@ class BulkAPI:
         page = _positive(limit, "limit", MAX_PAGE) if limit is not None else None
         after = _cursor(cursor)
         states = _states(state)
-        info = store.request(request_id) if _REQUEST_ID.fullmatch(request_id) else None
-        if info is None:
-            raise UnknownRequest(f"no stage request {request_id!r} (never made, or deleted)")
+        info = self.own(store.request(request_id) if _REQUEST_ID.fullmatch(request_id) else None, request_id)
         # The page is what costs; the summary is an index-only query.
         with self.heavy("poll", min(info.files, page or info.files)):
             files, next_row = store.files(request_id, page, after, states)
@@ -449,6 +488,7 @@ class BulkAPI:
     def cancel(self, request_id: str) -> bytes:
         """Cancel the named files of a request (all or nothing)."""
         paths = _paths_of(_read_json(self.max_body), self.policy.max_files_per_request)
+        self.own(self.store.request(request_id) if _REQUEST_ID.fullmatch(request_id) else None, request_id)
         with self.heavy("cancel", len(paths)):
             unknown = self.store.cancel(request_id, paths) if _REQUEST_ID.fullmatch(request_id) else None
         if unknown is None:
@@ -461,9 +501,9 @@ class BulkAPI:
 
     def delete(self, request_id: str) -> bytes:
         """Cancel what is still open, drop the request's pins and forget it."""
-        info = self.store.request(request_id) if _REQUEST_ID.fullmatch(request_id) else None
-        if info is None:
-            raise UnknownRequest(f"no stage request {request_id!r} (never made, or deleted)")
+        info = self.own(
+            self.store.request(request_id) if _REQUEST_ID.fullmatch(request_id) else None, request_id
+        )
         with self.heavy("delete", info.files):
             if not self.store.delete(request_id):
                 raise UnknownRequest(f"no stage request {request_id!r} (never made, or deleted)")
@@ -477,9 +517,13 @@ class BulkAPI:
         caller's own pins on those paths instead: 200, with how many there were.
         """
         paths = _paths_of(_read_json(self.max_body), self.policy.max_files_per_request)
+        info = self.store.request(request_id) if _REQUEST_ID.fullmatch(request_id) else None
+        if info is not None:
+            self.own(info, request_id)
         with self.heavy("release", len(paths)):
-            unknown = self.store.release(request_id, paths) if _REQUEST_ID.fullmatch(request_id) else None
+            unknown = self.store.release(request_id, paths) if info is not None else None
             if unknown is None:
+                self.allow(paths, "stage")
                 released = self.store.release_own(self.client(), paths)
                 return _json({"requestId": request_id, "releasedPins": released})
         if unknown:
@@ -497,6 +541,7 @@ class BulkAPI:
         only: the spec forbids an error for asking about too many.
         """
         paths = _paths_of(_read_json(self.max_body), self.policy.max_files_per_request, truncate=True)
+        self.allow(paths, "read", "stage", "poll")
         with self.heavy("archiveinfo", len(paths)):
             ids = {path: file_id_of(path, self.settings.server.namespace) for path in paths}
             where = self.backend.localities(sorted({i for i in ids.values() if i is not None}))
@@ -534,7 +579,10 @@ class BulkAPI:
             return set()
 
     def queues(self) -> bytes:
-        """Report the recall queue of each volume."""
+        """Report the recall queue of each volume (admins only: it describes the installation)."""
+        principal = self.principal()
+        if not principal.admin:
+            raise refusal(principal, "the recall queues are for admins (wlcg.groups in admin_groups)")
         now = time.time()
         lease = self.policy.recall_timeout + 60.0
         volumes = [

@@ -66,6 +66,8 @@ NOT_FOUND_HEADERS = {
 STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
 #: environ key: request body bytes read so far (for metrics and the access log).
 BYTES_IN_KEY = "pacifica_like.bytes_in"
+#: environ key set by the access guard (``pacifica_like.web.authz``): the caller may only create.
+CREATE_ONLY_KEY = "pacifica_like.create_only"
 
 
 def json_response(code: int, payload: dict[str, Any], headers: Headers | None = None) -> Response:
@@ -230,7 +232,8 @@ class FileHandlers:
             mtime = time.time()
         expect = httpfields.parse_digest_headers(headers)
         length = _content_length(headers)
-        with self.backend.open_writer(file_id, mtime, expect) as writer:
+        exclusive = bool(environ.get(CREATE_ONLY_KEY))
+        with self.backend.open_writer(file_id, mtime, expect, exclusive=exclusive) as writer:
             received = copy_body(body_file(environ, length), length, writer.write)
             if length is not None and received < length:
                 raise IncompleteUpload(f"upload ended after {received} of {length} bytes; nothing was stored")

@@ -6,7 +6,11 @@ Two loggers, each with one handler that writes a whole line in one call
 * ``pacifica_like.access``: one record per answered request (method, path,
   file id, status, bytes in and out, duration, request id, client address);
 * ``pacifica_like.error``: failures while serving (the 500s, with their
-  traceback), tagged with the id of the request being served.
+  traceback), tagged with the id of the request being served;
+* ``pacifica_like.audit``: one record per request that changes something
+  (PUT, PATCH, DELETE, stage, cancel, release) and per token change: who
+  (subject, issuer), from where, what, and the outcome. Never a token. Not
+  silenced by ``access_log = off``.
 
 Neither ever carries request or response bodies, header values (so no
 ``Authorization`` or ``Cookie``) or query strings. ``[server] access_log``
@@ -29,6 +33,7 @@ from typing import Any, NamedTuple
 
 ACCESS_LOGGER = "pacifica_like.access"
 ERROR_LOGGER = "pacifica_like.error"
+AUDIT_LOGGER = "pacifica_like.audit"
 
 #: The id of the request this thread is serving, for error records.
 current_request_id: ContextVar[str | None] = ContextVar("pacifica_like_request_id", default=None)
@@ -110,6 +115,9 @@ class JsonLineFormatter(logging.Formatter):
         entry: AccessEntry | None = getattr(record, "access", None)
         if entry is not None:
             return self.format_access(record.created, entry)
+        audit: dict[str, Any] | None = getattr(record, "audit", None)
+        if audit is not None:
+            return json.dumps({"time": _timestamp(record.created), "log": "audit", **audit})
         document = {
             "time": _timestamp(record.created),
             "log": "error" if record.levelno >= logging.ERROR else record.levelname.lower(),
@@ -139,6 +147,9 @@ class TextLineFormatter(logging.Formatter):
         entry: AccessEntry | None = getattr(record, "access", None)
         if entry is not None:
             return self.format_access(record.created, entry)
+        audit: dict[str, Any] | None = getattr(record, "audit", None)
+        if audit is not None:
+            return f"{_timestamp(record.created)} AUDIT " + " ".join(f"{k}={v!r}" for k, v in audit.items())
         line = f"{_timestamp(record.created)} {record.levelname} {current_request_id.get() or '-'} "
         line += record.getMessage()
         if record.exc_info:
@@ -189,7 +200,7 @@ def install(access_log: str) -> None:
     handler per logger. ``off`` silences access lines only.
     """
     formatter = TextLineFormatter() if access_log == "text" else JsonLineFormatter()
-    for name in (ACCESS_LOGGER, ERROR_LOGGER):
+    for name in (ACCESS_LOGGER, ERROR_LOGGER, AUDIT_LOGGER):
         logger = logging.getLogger(name)
         handler = next((h for h in logger.handlers if isinstance(h, StderrLineHandler)), None)
         if handler is None:
@@ -199,6 +210,11 @@ def install(access_log: str) -> None:
         logger.setLevel(logging.INFO)
         logger.propagate = False
     logging.getLogger(ACCESS_LOGGER).disabled = access_log == "off"
+
+
+def emit_audit(**fields: Any) -> None:
+    """Log one audit record (JSON: time, ``"log": "audit"``, then ``fields``)."""
+    logging.getLogger(AUDIT_LOGGER).info("audit %s", fields.get("action"), extra={"audit": fields})
 
 
 def emit_access(entry: AccessEntry) -> None:

@@ -18,6 +18,7 @@ from time import perf_counter
 from typing import Any
 
 from pacifica_like.web import logs
+from pacifica_like.web.authz import CLIENT_KEY, principal_of
 from pacifica_like.web.errors import ERROR_KEY
 from pacifica_like.web.fileapi import WSGIApp
 from pacifica_like.web.filehandlers import BYTES_IN_KEY
@@ -27,6 +28,24 @@ from pacifica_like.web.metrics import Metrics
 KNOWN_METHODS = frozenset(("GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS", "PROPFIND"))
 #: Longest path written to the access log; ids are far shorter, junk is cut.
 MAX_LOGGED_PATH = 256
+
+
+def _audited(method: str, path: str) -> str | None:
+    """Return the audit action of a request that changes something, else None.
+
+    POST /<id> stages; POST archiveinfo changes nothing.
+    """
+    if method in ("PUT", "PATCH"):
+        return method.lower()
+    if method == "DELETE":
+        return "bulk-delete" if path.startswith("/api/") else "delete"
+    if method != "POST":
+        return None
+    if path.startswith("/api/v1/stage"):
+        return "bulk-cancel" if path.endswith("/cancel") else "bulk-stage"
+    if path.startswith("/api/v1/release"):
+        return "bulk-release"
+    return None if path.startswith("/api/") else "stage"
 
 
 class ObservedApp:
@@ -141,6 +160,19 @@ class Exchange:
             label = method if method in KNOWN_METHODS else "other"
             observer.metrics.record(
                 endpoint, label, self.status, received, self.sent, seconds, environ.get(ERROR_KEY)
+            )
+        action = _audited(method, path)
+        if action is not None:
+            principal = principal_of(environ)
+            logs.emit_audit(
+                request_id=self.request_id,
+                action=action,
+                subject=principal.subject if principal is not None else None,
+                issuer=principal.issuer if principal is not None else None,
+                remote=environ.get(CLIENT_KEY, environ.get("REMOTE_ADDR")),
+                path=(mount + path)[:MAX_LOGGED_PATH],
+                status=self.status,
+                outcome="done" if self.status < 400 else "refused" if self.status in (401, 403) else "failed",
             )
         if observer.access_log:
             # /<digits>: the id asked for (valid or not); anything else has none.

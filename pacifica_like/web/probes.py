@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import cherrypy
 
+from pacifica_like.web.authz import is_admin
 from pacifica_like.web.metrics import Metrics
 
 log = logging.getLogger("pacifica_like.error")
@@ -55,11 +56,15 @@ class ProbesRoot:
             else:
                 checks[name] = "ok"
         failed = [f"{name}: {reason}" for name, reason in checks.items() if reason != "ok"]
-        document: dict[str, object] = {"status": "not ready" if failed else "ready", "backend": self._backend}
+        document: dict[str, object] = {"status": "not ready" if failed else "ready"}
         if failed:
-            document["reason"] = "; ".join(failed)
             cherrypy.response.status = 503
-        document["checks"] = checks
+        # The checks describe the installation: for admins only; anyone may learn ready or not.
+        if is_admin(cherrypy.request.wsgi_environ):
+            document["backend"] = self._backend
+            if failed:
+                document["reason"] = "; ".join(failed)
+            document["checks"] = checks
         cherrypy.response.headers["Content-Type"] = "application/json"
         cherrypy.response.headers["Cache-Control"] = "no-store"
         return json.dumps(document).encode("utf-8")

@@ -380,9 +380,11 @@ class SidebandBackend(Backend):
         """Open the disk copy (see TapeHsm.open_reader)."""
         return self.hsm.open_reader(file_id)
 
-    def open_writer(self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()) -> Writer:
+    def open_writer(
+        self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = (), exclusive: bool = False
+    ) -> Writer:
         """Start an upload (see TapeHsm.open_writer)."""
-        return self.hsm.open_writer(file_id, mtime, expect)
+        return self.hsm.open_writer(file_id, mtime, expect, exclusive)
 
     def stage(self, file_id: int) -> bool:
         """Recall an offline file (see TapeHsm.stage)."""
@@ -555,9 +557,11 @@ class ExternalSidebandBackend(Backend):
                 found[file_id] = "DISK_AND_TAPE" if on_disk and on_tape else "DISK" if on_disk else "TAPE"
         return found
 
-    def open_writer(self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = ()) -> Writer:
+    def open_writer(
+        self, file_id: int, mtime: float, expect: Sequence[ExpectedDigest] = (), exclusive: bool = False
+    ) -> Writer:
         """Write through the filesystem (the HSM's updater records the new file)."""
-        return self.cache.open_announced_writer(self.events, file_id, mtime, expect)
+        return self.cache.open_announced_writer(self.events, file_id, mtime, expect, exclusive)
 
     def adopt(self, file_id: int, source_path: str) -> int:
         """Move a server-side file in through the filesystem (see DiskCache.adopt)."""
