@@ -193,6 +193,9 @@ rm -f -- "$probe"
 
 listen=${PAI_LISTEN:-:8080}
 socket="$run_dir/uwsgi.sock"
+# Secure by default: nginx on a non-loopback address needs identity or an explicit PAI_ANONYMOUS.
+"$PAI_VENV/bin/python" -m pacifica_like.identity.access --listen "$listen" \
+    || die "refusing to serve $listen to anyone without identity (see the message above)"
 "$PAI_VENV/bin/python" -m pacifica_like.web.nginxfront --listen "$listen" --upstream "$socket" \
     --workdir "$run_dir" --site "$site" --upload-dir "$uploads" \
     --workers "${PAI_NGINX_WORKERS:-2}" >"$run_dir/nginx.conf" \

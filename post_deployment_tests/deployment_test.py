@@ -9,6 +9,9 @@ Settings (environment variables):
 * ``ARCHIVE_URL``: the gateway's base URL (default ``http://127.0.0.1:8080``).
 * ``LARGE_FILE_SIZE``: bytes in the large round trip (default 1 GiB).
 * ``MANY_FILES_TEST_COUNT``: files in the concurrent round trip (default 1000).
+* ``BEARER_TOKEN`` (optional): a token sent with every request (``Authorization:
+  Bearer``), for a gateway that checks identity; it needs ``storage.read``,
+  ``storage.modify`` and ``storage.stage`` on every file (``storage.read:/`` ...).
 * ``ARCHIVE_PATCH_DIR`` (optional): a directory inside the server's patch roots
   that this process sees at the same path (same host or a shared mount). Only
   the PATCH success test needs it; without it that test is skipped.
@@ -57,6 +60,9 @@ ARCHIVE_URL = os.environ.get("ARCHIVE_URL", "http://127.0.0.1:8080").rstrip("/")
 LARGE_FILE_SIZE = int(os.environ.get("LARGE_FILE_SIZE", str(1 << 30)))
 MANY_FILES_TEST_COUNT = int(os.environ.get("MANY_FILES_TEST_COUNT", "1000"))
 PATCH_DIR = os.environ.get("ARCHIVE_PATCH_DIR") or None
+BEARER_TOKEN = os.environ.get("BEARER_TOKEN", "").strip()
+#: Sent with every request when a token is given.
+AUTHORIZATION = {"Authorization": f"Bearer {BEARER_TOKEN}"} if BEARER_TOKEN else {}
 
 #: (connect, read) seconds; "read" is the longest silence allowed between bytes.
 TIMEOUT = (10, 60)
@@ -189,7 +195,7 @@ class Archive:
         """
         url = f"{self.base_url}/{target}"
         prepared = requests.Request(
-            method, url, headers={"Connection": "close", **(headers or {})}, data=data
+            method, url, headers={"Connection": "close", **AUTHORIZATION, **(headers or {})}, data=data
         ).prepare()
         prepared.url = url
         with requests.Session() as session:

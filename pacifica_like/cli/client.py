@@ -46,6 +46,11 @@ def add_commands(commands: argparse._SubParsersAction, settings_arguments: Calla
             "--timeout", type=float, default=120.0, help="seconds to wait for the server (default 120)"
         )
         command.add_argument("--client-id", help="X-Client-Id for the bulk API's per-client limits")
+        command.add_argument(
+            "--token",
+            help="bearer token (default: $BEARER_TOKEN, $BEARER_TOKEN_FILE, $XDG_RUNTIME_DIR/bt_u<uid>)",
+        )
+        command.add_argument("--token-file", help="a file holding the bearer token")
         command.add_argument("-c", "--config", help="archive.ini whose [server] gives the default --url")
         add_output_flags(command, json_help)
         return command
@@ -113,7 +118,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     # urllib3 logs each retried connection; the one error printed below says it all.
     logging.getLogger("urllib3").setLevel(logging.ERROR)
     try:
-        with ArchiveClient(url, timeout=args.timeout, client_id=args.client_id) as client:
+        token = args.token
+        if token is None and args.token_file:
+            with open(args.token_file, encoding="utf-8") as handle:
+                token = handle.read().strip()
+        with ArchiveClient(url, timeout=args.timeout, client_id=args.client_id, token=token) as client:
             return ACTIONS[name](client, args)
     except TransportError as exc:
         print(f"pacifica-like client {name}: cannot talk to {url}: {exc}", file=sys.stderr)

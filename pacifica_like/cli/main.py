@@ -26,11 +26,14 @@ from pacifica_like.cli import (
 from pacifica_like.cli import (
     tape as tape_cli,
 )
+from pacifica_like.cli import (
+    token as token_cli,
+)
 from pacifica_like.core.config import ConfigError, Settings, add_flags, describe, flag_values, load_settings
 
 #: Modules adding maintenance sub-commands: each has ``COMMANDS``, ``add_commands(commands,
 #: add_settings)`` and ``run(args, settings) -> exit status``.
-COMMAND_MODULES = (tape_cli, audit_cli, client_cli, sideband_cli, bulk_cli, db_cli)
+COMMAND_MODULES = (tape_cli, audit_cli, client_cli, sideband_cli, bulk_cli, db_cli, token_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

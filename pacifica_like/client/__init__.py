@@ -52,7 +52,14 @@ from pacifica_like.client.models import (
     Upload,
     file_path,
 )
-from pacifica_like.client.sync import CONNECT_TIMEOUT, MAX_ERROR_BODY, PAGE_RETRIES, PAGE_SIZE, ArchiveClient
+from pacifica_like.client.sync import (
+    CONNECT_TIMEOUT,
+    MAX_ERROR_BODY,
+    PAGE_RETRIES,
+    PAGE_SIZE,
+    ArchiveClient,
+    discover_token,
+)
 from pacifica_like.client.transfer import CHUNK_SIZE, BodySource, Progress
 from pacifica_like.core.errors import (
     ArchiveError,
@@ -113,6 +120,7 @@ __all__ = [
     "UnknownRequest",
     "UnsupportedMediaType",
     "Upload",
+    "discover_token",
     "error_from_response",
     "file_path",
 ]

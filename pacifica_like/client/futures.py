@@ -30,9 +30,16 @@ class AsyncArchiveClient:
     """
 
     def __init__(
-        self, url: str, timeout: float = 120.0, max_in_flight: int = 8, client_id: str | None = None
+        self,
+        url: str,
+        timeout: float = 120.0,
+        max_in_flight: int = 8,
+        client_id: str | None = None,
+        token: str | None = None,
     ) -> None:
-        self.client = ArchiveClient(url, timeout=timeout, max_in_flight=max_in_flight, client_id=client_id)
+        self.client = ArchiveClient(
+            url, timeout=timeout, max_in_flight=max_in_flight, client_id=client_id, token=token
+        )
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_in_flight, thread_name_prefix="archive-client"
         )

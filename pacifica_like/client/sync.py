@@ -69,6 +69,33 @@ PAGE_RETRIES = 30
 MAX_ERROR_BODY = 64 * 1024
 
 
+def discover_token(environ: Mapping[str, str] | None = None) -> str | None:
+    """Find a bearer token as the WLCG Bearer Token Discovery document says (gfal2 does the same).
+
+    ``BEARER_TOKEN``; else the file ``BEARER_TOKEN_FILE`` names; else
+    ``$XDG_RUNTIME_DIR/bt_u<uid>``; else ``/tmp/bt_u<uid>``. None when there is none.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("BEARER_TOKEN", "").strip():
+        return environ["BEARER_TOKEN"].strip()
+    uid = os.geteuid()
+    candidates = [environ.get("BEARER_TOKEN_FILE")]
+    if environ.get("XDG_RUNTIME_DIR"):
+        candidates.append(os.path.join(environ["XDG_RUNTIME_DIR"], f"bt_u{uid}"))
+    candidates.append(f"/tmp/bt_u{uid}")
+    for path in candidates:
+        if not path:
+            continue
+        try:
+            with open(path, encoding="utf-8") as handle:
+                token = handle.read().strip()
+        except OSError:
+            continue
+        if token:
+            return token
+    return None
+
+
 class ArchiveClient:
     """Synchronous client of one archive server; thread-safe (one pooled ``requests.Session``).
 
@@ -76,8 +103,10 @@ class ArchiveClient:
     a request may wait for the server's next byte (connecting gets at most
     10 s); ``max_in_flight`` the connections kept, which should cover the
     threads sharing the client; ``client_id`` goes out as ``X-Client-Id`` (the
-    bulk API counts its in-flight limit per client). Close it, or use it as a
-    context manager.
+    bulk API counts its in-flight limit per client where no token names the
+    client). ``token`` is the bearer token sent with every request; None finds
+    one as gfal2 and the WLCG tools do (:func:`discover_token`), ``""`` sends none.
+    Close it, or use it as a context manager.
     """
 
     def __init__(
@@ -87,6 +116,7 @@ class ArchiveClient:
         max_in_flight: int = 8,
         client_id: str | None = None,
         session: requests.Session | None = None,
+        token: str | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -113,6 +143,9 @@ class ArchiveClient:
         self.session.headers["User-Agent"] = f"pacifica-like-client/{__version__}"
         if client_id:
             self.session.headers["X-Client-Id"] = client_id
+        token = discover_token() if token is None else token
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
         self._tape_rest: TapeRestInfo | None = None
 
     def __enter__(self) -> ArchiveClient:

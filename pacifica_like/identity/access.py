@@ -66,9 +66,37 @@ def check_exposure(settings: Settings, addresses: list[str]) -> None:
         )
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pacifica_like.identity.access --listen ADDRESS``: exit 2 if serving there is refused.
+
+    For front ends started by scripts (the Docker entrypoint's nginx), which
+    listen where neither serve nor uWSGI can see.
+    """
+    import argparse
+    import sys
+
+    from pacifica_like.core.config import load_settings
+
+    parser = argparse.ArgumentParser(prog="python -m pacifica_like.identity.access")
+    parser.add_argument("--listen", required=True, help="HOST:PORT or :PORT the front end listens on")
+    args = parser.parse_args(argv)
+    listen = args.listen if not args.listen.startswith(":") else "0.0.0.0" + args.listen
+    try:
+        check_exposure(load_settings(), [] if listen.startswith("/") else [listen])
+    except ConfigError as exc:
+        print(f"pacifica-like: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _loopback(address: str) -> bool:
-    host = address.rpartition(":")[0] if address.count(":") == 1 else address
-    host = host.strip("[]") or "0.0.0.0"
+    if address.startswith("["):  # [IPv6]:port
+        host = address[1:].partition("]")[0]
+    elif address.count(":") == 1:  # host:port
+        host = address.rpartition(":")[0]
+    else:  # a bare IPv6 address
+        host = address
+    host = host or "0.0.0.0"
     if host == "localhost":
         return True
     try:
@@ -127,3 +155,7 @@ class Authenticator:
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return checked
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
