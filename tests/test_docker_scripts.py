@@ -372,8 +372,21 @@ def test_entrypoint_refuses_an_unwritable_data_dir(
 
 
 @pytest.mark.live
+def test_entrypoint_refuses_a_public_listen_without_identity(installed: Installed, tmp_path: Path) -> None:
+    """The image listens on every interface by default: without identity it must say who may do what."""
+    result = installed.run_entrypoint(
+        cwd=tmp_path, PAI_PREFIX=str(tmp_path / "data"), PAI_LISTEN=f":{free_port()}"
+    )
+    assert result.returncode != 0
+    assert "PAI_ANONYMOUS" in result.stderr and "refusing to serve" in result.stderr
+    assert "uWSGI on" not in result.stderr
+
+
+@pytest.mark.live
 def test_entrypoint_passes_options_through_to_uwsgi(installed: Installed, tmp_path: Path) -> None:
-    result = installed.run_entrypoint("--version", cwd=tmp_path, PAI_PREFIX=str(tmp_path / "data"))
+    result = installed.run_entrypoint(
+        "--version", cwd=tmp_path, PAI_PREFIX=str(tmp_path / "data"), PAI_LISTEN=f"127.0.0.1:{free_port()}"
+    )
     assert result.returncode == 0, result.stderr
     uwsgi = subprocess.run(
         [str(installed.venv / "bin" / "uwsgi"), "--version"], capture_output=True, text=True, check=True
