@@ -29,6 +29,7 @@ from bench import (
     audit,
     bulkapi,
     disk,
+    identity,
     largefile,
     memory,
     peer,
@@ -54,7 +55,7 @@ LARGE_SEED = 20241106
 #: Ids read back from each wrk thread's PUT range after a PUT cell.
 READBACK_SAMPLES = 20
 #: The parts of the benchmark, in the order they run; --only picks one.
-SECTIONS = ("http", "tape", "audit", "bulkapi", "sideband", "recall")
+SECTIONS = ("http", "tape", "audit", "bulkapi", "sideband", "recall", "identity")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -73,7 +74,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         choices=SECTIONS,
-        help="run one section: http (both servers), tape, audit, bulkapi, sideband or recall",
+        help="run one section: http (both servers), tape, audit, bulkapi, sideband, recall or identity",
     )
     parser.add_argument(
         "--tape-files", type=int, help=f"files through the tape library (default {tape.FULL.files})"
@@ -248,6 +249,10 @@ def run(args: argparse.Namespace, workdir: Path, peer_version: str | None) -> di
     if "recall" in args.sections:
         workload = recall.QUICK if args.quick else recall.FULL
         results["recall"] = recall.run_recall(workdir / "recall", workload, _log)
+    if "identity" in args.sections:
+        results["identity"] = identity.run_identity(
+            workdir / "identity", args.processes, args.duration, args.files, _log
+        )
     # Other work on the machine skews every number; the JSON keeps the evidence.
     results["machine"]["loadavg_end"] = os.getloadavg()
     return results
@@ -278,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         peer.setup_peer(args.peer_home)
         return 0
     peer_version = None
-    if "sideband" in args.sections and shutil.which("wrk") is None:
+    if ("sideband" in args.sections or "identity" in args.sections) and shutil.which("wrk") is None:
         print("bench: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
     if "http" in args.sections:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import audit, bulkapi, recall, tape
+from bench import audit, bulkapi, identity, recall, tape
 from bench.largefile import Transfer
 from bench.servers import OURS, PEER
 from bench.smallfiles import Cell
@@ -93,6 +93,8 @@ def table(results: dict[str, Any]) -> str:
         tables.append(bulkapi.table(results["bulkapi"]))
     if "recall" in results:
         tables.append(recall.table(results["recall"]))
+    if "identity" in results:
+        tables.append(identity.identity_table(results["identity"]))
     return "\n\n".join(tables)
 
 
@@ -254,6 +256,7 @@ def failures(results: dict[str, Any]) -> int:
     total += tape.error_count(results["tape"]) if "tape" in results else 0
     total += bulkapi.error_count(results["bulkapi"]) if "bulkapi" in results else 0
     total += recall.error_count(results["recall"]) if "recall" in results else 0
+    total += sum(cell["errors"] for cell in results["identity"]["cells"]) if "identity" in results else 0
     return total + (audit.error_count(results["audit"]) if "audit" in results else 0)
 
 

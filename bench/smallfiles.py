@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import re
 import subprocess
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -136,8 +137,12 @@ def run_cell(
     first_id: int,
     pool: int,
     size: int = SMALL_SIZE,
+    headers: Sequence[str] = (),
 ) -> Cell:
-    """Run one wrk cell; return throughput, latency percentiles and checked errors."""
+    """Run one wrk cell; return throughput, latency percentiles and checked errors.
+
+    ``headers``: ``"Name: value"`` lines every GET and HEAD also sends (wrk ``-H``).
+    """
     threads = min(2, connections)
     command = [
         "wrk",
@@ -146,6 +151,7 @@ def run_cell(
         f"-d{duration}s",
         "--timeout",
         WRK_TIMEOUT,
+        *(argument for line in headers for argument in ("-H", line)),
         "-s",
         str(LUA_SCRIPT),
         url + "/",
