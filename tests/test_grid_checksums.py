@@ -7,6 +7,7 @@ import base64
 import hashlib
 import os
 import sqlite3
+import threading
 import zlib
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from conftest import put
 
 from pacifica_like.core.config import ConfigError
+from pacifica_like.core.errors import FileNotInArchive
 from pacifica_like.core.httpfields import parse_want_digest, parse_want_repr_digest
 from pacifica_like.storage.contract import CHECKSUMS_XATTR, SHA256_XATTR
 from pacifica_like.storage.tape import operations
@@ -211,3 +213,22 @@ def test_want_digest_parsing(header: str, wanted: list[str]):
 )
 def test_want_repr_digest_parsing(header: str, wanted: list[str]):
     assert parse_want_repr_digest(header) == wanted
+
+
+# -- large uploads hash md5 on a thread of their own -------------------------------------
+
+
+def test_a_large_upload_gets_the_same_checksums_and_leaves_no_thread_behind(make_backend):
+    backend = make_backend()
+    data = os.urandom(9 * 1024 * 1024 + 7)  # past SIDE_HASH_AFTER: md5 moves to its own thread
+    before = threading.active_count()
+    store(backend, 50, data)
+    assert backend.checksums(50) == expected(data)
+    # An upload that ends without a commit stops its side thread too.
+    with backend.open_writer(51, 1.0) as writer:
+        for start in range(0, len(data), 1 << 20):
+            writer.write(data[start : start + (1 << 20)])
+        assert threading.active_count() == before + 1
+    assert threading.active_count() == before
+    with pytest.raises(FileNotInArchive):
+        backend.status(51)

@@ -798,6 +798,11 @@ def temp_name_prefix(name: str) -> str:
     return f".{name}.{pid}-{start}@{socket.gethostname()}."
 
 
+#: Bytes after which an upload's md5 moves to a thread of its own (a thread per small upload costs more).
+SIDE_HASH_AFTER = 4 * CHUNK_SIZE
+SIDE_ALGORITHMS = frozenset(("md5",))
+
+
 class UploadDigests:
     """Hash an upload as it arrives: what the archive keeps (sha-256, adler32, md5) and every claim.
 
@@ -811,15 +816,35 @@ class UploadDigests:
         names = dict.fromkeys([*checksums.KEPT, *(e.algorithm for e in self._expect)])
         self._hashers = [(name, checksums.new(name)) for name in names]
         self._updates = [hasher.update for _, hasher in self._hashers]
+        self._hashed = 0
+        self._side: checksums.SideHasher | None = None
         self.checksums: dict[str, bytes] = {}
 
     def update(self, chunk: bytes) -> None:
-        """Hash ``chunk`` with every algorithm."""
+        """Hash ``chunk`` with every algorithm (md5 on its own thread once the upload is large)."""
         for update in self._updates:
             update(chunk)
+        self._hashed += len(chunk)
+        if self._hashed >= SIDE_HASH_AFTER and self._side is None:
+            self._move_aside()
+
+    def _move_aside(self) -> None:
+        """Hand md5 to a SideHasher: a large upload then pays for it on another core."""
+        aside = [hasher for name, hasher in self._hashers if name in SIDE_ALGORITHMS]
+        if not aside:
+            return
+        self._side = checksums.SideHasher(aside)
+        self._updates = [h.update for name, h in self._hashers if name not in SIDE_ALGORITHMS]
+        self._updates.append(self._side.update)
+
+    def close(self) -> None:
+        """Stop the side thread of an upload that ends without verify (safe to call twice)."""
+        if self._side is not None:
+            self._side.close()
 
     def verify(self, bytes_received: int) -> bytes:
         """Return the sha-256 of what was hashed; DigestMismatch unless every claim matches."""
+        self.close()  # every queued chunk hashed before any digest is read
         computed = {name: hasher.digest() for name, hasher in self._hashers}
         for claim in self._expect:
             actual = computed[claim.algorithm]
@@ -906,6 +931,7 @@ class AtomicFileWriter(Writer):
 
     def discard(self) -> None:
         """Close and remove the temp file unless it was committed."""
+        self._digests.close()
         if not self._file.closed:
             with contextlib.suppress(OSError):
                 self._file.close()

@@ -142,6 +142,7 @@ class MemoryWriter(Writer):
 
     def discard(self) -> None:
         """Drop the buffer unless committed (abandoning the change); safe to call twice."""
+        self._digests.close()
         self._buffer = None
         self._change.abandon()
 
