@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from token_issuer import AUDIENCE, Issuer
 
 from pacifica_like.gateway.catalog import GatewayCatalog
 from pacifica_like.web import devserver
@@ -43,13 +44,23 @@ def non_directories(root: Path) -> list[str]:
 
 @pytest.mark.live
 @pytest.mark.timeout(SUITE_TIMEOUT + 120)
-def test_post_deployment_suite_passes_against_production(tmp_path: Path) -> None:
-    """The whole suite passes against nginx and 4 uWSGI workers and leaves only directories behind."""
+@pytest.mark.parametrize("identity", [False, True], ids=["open", "token"])
+def test_post_deployment_suite_passes_against_production(tmp_path: Path, identity: bool) -> None:
+    """The whole suite passes against nginx and 4 uWSGI workers and leaves only directories behind.
+
+    ``token``: the gateway checks WLCG tokens (a local issuer) and the suite sends BEARER_TOKEN.
+    """
     data = tmp_path / "data"
     patch_root = tmp_path / "patch-root"
     data.mkdir()
     patch_root.mkdir()
     env = {"PAI_PREFIX": str(data), "PAI_ALLOW_DELETE": "true", "PAI_PATCH_ROOTS": str(patch_root)}
+    token: dict[str, str] = {}
+    issuer = Issuer() if identity else None
+    if issuer is not None:
+        env |= {"PAI_ISSUERS": issuer.url, "PAI_AUDIENCES": AUDIENCE, "PAI_ADMIN_GROUPS": "/admins"}
+        scopes = "storage.read:/ storage.modify:/ storage.stage:/"
+        token["BEARER_TOKEN"] = issuer.mint(scopes, lifetime=SUITE_TIMEOUT + 600, groups=["/admins"])
     command = [sys.executable, "-m", "pytest", "post_deployment_tests", "-q", "-p", "no:cacheprovider"]
     with devserver.production_server(env, processes=4) as server:
         suite_env = {
@@ -59,6 +70,7 @@ def test_post_deployment_suite_passes_against_production(tmp_path: Path) -> None
             "MANY_FILES_TEST_COUNT": str(MANY_FILES_TEST_COUNT),
             # Same host, so the suite can also check a successful PATCH.
             "ARCHIVE_PATCH_DIR": str(patch_root),
+            **token,
         }
         try:
             result = subprocess.run(
@@ -70,6 +82,10 @@ def test_post_deployment_suite_passes_against_production(tmp_path: Path) -> None
                 f"{_text(exc.stdout)}{_text(exc.stderr)}\nserver log:\n{server.log()[-5000:]}"
             )
         server_log = server.log()
+    if issuer is not None:
+        issuer.stop()
+        audit = [line for line in server_log.splitlines() if '"log": "audit"' in line]
+        assert audit and all('"subject": "alice"' in line for line in audit)
     output = result.stdout + result.stderr
     print(output)
     assert result.returncode == 0, (

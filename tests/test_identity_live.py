@@ -214,3 +214,121 @@ def test_gfal2_stages_polls_and_releases_with_bearer_token_and_fails_without(iss
         evicted = gfal("gfal-evict", url, token=stager)
         assert evicted.returncode == 0, (evicted.stdout, evicted.stderr)
         assert gfal("gfal-evict", url, token=None).returncode != 0
+
+
+# -- TLS and proxies -------------------------------------------------------------------------------
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made with cryptography."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        # Its own trust anchor: what strict verification (urllib3 2) asks of a self-signed certificate.
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert, private = directory / "cert.pem", directory / "key.pem"
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert, private
+
+
+def test_serve_speaks_https_when_given_a_certificate_and_key(issuer: Issuer, tmp_path: Path, monkeypatch):
+    import ssl
+    import time
+
+    cert, key = self_signed(tmp_path)
+    port = devserver.free_port()
+    env = {
+        **os.environ,
+        **identity_env(issuer, tmp_path / "archive"),
+        "PAI_TLS_CERT": str(cert),
+        "PAI_TLS_KEY": str(key),
+    }
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below, after the process
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pacifica_like", "serve", "-p", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )  # fmt: skip
+    context = ssl.create_default_context(cafile=str(cert))
+    url = f"https://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/", timeout=5, context=context) as answer:
+                    assert answer.status == 200
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
+                time.sleep(0.1)
+        writer = issuer.mint("storage.create:/ storage.read:/")
+        request = urllib.request.Request(
+            url + "/8", data=BODY, method="PUT", headers={"Authorization": f"Bearer {writer}"}
+        )
+        with urllib.request.urlopen(request, timeout=TIMEOUT, context=context) as answer:
+            assert answer.status == 201
+        # requests lets these variables beat a session's own CA file.
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+        monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+        with ArchiveClient(url, token=writer) as client:
+            client.session.verify = str(cert)
+            assert client.stat(8).size == len(BODY)
+        # Plain HTTP on the TLS port gets no answer a client could take for one.
+        with pytest.raises((urllib.error.URLError, ConnectionError, http_client_errors())):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
+    finally:
+        devserver.stop_group(process)
+        log.close()
+
+
+def http_client_errors() -> type[Exception]:
+    import http.client
+
+    return http.client.HTTPException
+
+
+def test_forwarded_addresses_are_believed_only_from_trusted_proxies(issuer: Issuer, tmp_path: Path):
+    writer = issuer.mint("storage.create:/", sub="dave")
+    remotes = {}
+    for trusted in ("", "127.0.0.1"):
+        env = identity_env(issuer, tmp_path / f"archive-{trusted or 'none'}") | {
+            "PAI_TRUSTED_PROXIES": trusted
+        }
+        with devserver.production_server(env, processes=1) as server:
+            request = urllib.request.Request(
+                f"{server.url}/9", data=BODY, method="PUT",
+                headers={"Authorization": f"Bearer {writer}", "X-Forwarded-For": "198.51.100.1, 203.0.113.9"},
+            )  # fmt: skip
+            with urllib.request.urlopen(request, timeout=TIMEOUT) as answer:
+                assert answer.status == 201
+            audit = [json.loads(line) for line in server.log().splitlines() if '"log": "audit"' in line]
+            remotes[trusted] = audit[-1]["remote"]
+    # nginx reaches uWSGI from 127.0.0.1: trusted, the hop it was handed is the client.
+    assert remotes == {"": "127.0.0.1", "127.0.0.1": "203.0.113.9"}

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from pacifica_like import __version__
 from pacifica_like.cli import (
@@ -122,14 +124,18 @@ def serve(settings: Settings) -> int:
     host, port = cherrypy.config["server.socket_host"], cherrypy.config["server.socket_port"]
     # Without identity, anyone reaching the port could change the archive: loopback only.
     check_exposure(settings, [f"{host}:{port}"])
-    http = WaitressServer(
-        app,
-        host=host,
-        port=port,
-        threads=cherrypy.config["server.thread_pool"],
-        connection_limit=settings.server.connection_limit,
-        idle_timeout=int(cherrypy.config["server.socket_timeout"]),
-    )
+    http: Any
+    if settings.server.tls_cert or settings.server.tls_key:
+        http = tls_server(settings, app, host, port)
+    else:
+        http = WaitressServer(
+            app,
+            host=host,
+            port=port,
+            threads=cherrypy.config["server.thread_pool"],
+            connection_limit=settings.server.connection_limit,
+            idle_timeout=int(cherrypy.config["server.socket_timeout"]),
+        )
     # cheroot, CherryPy's default server, is replaced, not run beside ours.
     cherrypy.server.unsubscribe()
     ServerAdapter(cherrypy.engine, http, (host, port)).subscribe()
@@ -143,13 +149,39 @@ def serve(settings: Settings) -> int:
     cherrypy.engine.subscribe("stop", backend.close, priority=90)
     print(
         f"pacifica-like {__version__}: {settings.archive.backend} archive at {settings.archive.prefix}, "
-        f"serving http://{host}:{port}/",
+        f"serving {'https' if settings.server.tls_cert else 'http'}://{host}:{port}/",
         flush=True,
     )
     cherrypy.engine.signals.subscribe()
     cherrypy.engine.start()
     cherrypy.engine.block()
     return 0
+
+
+def tls_server(settings: Settings, app: Any, host: str, port: int) -> Any:
+    """Return an HTTPS server for ``app``: cheroot (CherryPy's own server) with its builtin TLS adapter.
+
+    waitress has no TLS, and a TLS handshake inside its single event loop would
+    let one slow client stall every connection; cheroot handshakes on its
+    worker threads. For small sites: production terminates TLS at nginx.
+    """
+    from cheroot import wsgi
+    from cheroot.ssl.builtin import BuiltinSSLAdapter
+
+    cert, key = settings.server.tls_cert, settings.server.tls_key
+    if not (cert and key):
+        raise ConfigError("[server] tls_cert and tls_key go together (PAI_TLS_CERT, PAI_TLS_KEY)")
+    for path in (cert, key):
+        if not os.path.isfile(path):
+            raise ConfigError(f"TLS file {path}: no such file")
+    server = wsgi.Server(
+        (host, port), app, numthreads=settings.server.threads, timeout=settings.server.idle_timeout
+    )
+    try:
+        server.ssl_adapter = BuiltinSSLAdapter(cert, key)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot use the TLS certificate {cert} and key {key}: {exc}") from None
+    return server
 
 
 def check_config(settings: Settings) -> int:

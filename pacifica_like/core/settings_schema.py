@@ -668,6 +668,17 @@ class ServerSettings:
         env="PAI_NAMESPACE",
         unset="none: /<id> only",
     )
+    #: serve speaks HTTPS itself when given both (cheroot's TLS; production terminates TLS at nginx).
+    tls_cert: str | None = setting(
+        parse_optional_path,
+        "",
+        "serve only: PEM certificate (chain) to serve HTTPS with; needs tls_key",
+        env="PAI_TLS_CERT",
+        unset="plain HTTP",
+    )
+    tls_key: str | None = setting(
+        parse_optional_path, "", "serve only: PEM private key of tls_cert", env="PAI_TLS_KEY", unset="none"
+    )
     #: X-Forwarded-For is believed only from these (the TLS proxy in front); else the peer address counts.
     trusted_proxies: tuple[str, ...] = setting(
         parse_networks,
