@@ -160,6 +160,7 @@ def test_backends_factory_does_not_import_the_web_layer():
         "pacifica_like.storage.posix",
         "pacifica_like.storage.diskcache",
         "pacifica_like.storage.safeopen",
+        "pacifica_like.core.checksums",
         "pacifica_like.core.config",
         "pacifica_like.core.durable",
         "pacifica_like.core.errors",
