@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import webtest
+from conftest import init_tape_library
 
 from pacifica_like.bulk.scheduler import Scheduler
 from pacifica_like.core.config import Settings, load_settings
@@ -123,3 +124,20 @@ def wait_for(check: Callable[[], Any], timeout: float = 60, pause: float = 0.05)
             return value
         time.sleep(pause)
     raise AssertionError(f"timed out after {timeout} s")
+
+
+def live_tape_ini(root: Path, extra: str = "") -> Path:
+    """Initialise a tape library under ``root`` and write an archive.ini for a live server over it.
+
+    The library's delays are a 200th of an LTO-9's (``time_scale = 0.005``): real mounts, locates
+    and reads, but short. ``extra``: more ini text (other sections) appended as it is.
+    """
+    library = str(root / "library")
+    init_tape_library(load_settings(flags={"tape": {"library": library}}, env={}))
+    ini = root / "archive.ini"
+    ini.write_text(
+        f"[archive]\nbackend = tape\nprefix = {root / 'archive'}\n"
+        f"[tape]\nlibrary = {library}\nvolume_capacity = 64MiB\ntime_scale = 0.005\n" + extra,
+        encoding="utf-8",
+    )
+    return ini

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bulk_helpers import content, store_offline
-from conftest import init_tape_library
+from bulk_helpers import content, live_tape_ini, store_offline
 from test_gfal2_client import _gfal_env, outcome_lines
 from token_issuer import AUDIENCE, Issuer
 
@@ -170,15 +169,10 @@ def test_uwsgi_refuses_a_public_http_socket_without_identity(tmp_path: Path):
     shutil.which("gfal-bringonline") is None, reason="gfal2's tools are not installed (.ci/run)"
 )
 def test_gfal2_stages_polls_and_releases_with_bearer_token_and_fails_without(issuer: Issuer, tmp_path: Path):
-    library = str(tmp_path / "library")
-    init_tape_library(load_settings(flags={"tape": {"library": library}}, env={}))
-    ini = tmp_path / "archive.ini"
-    ini.write_text(
-        f"[archive]\nbackend = tape\nprefix = {tmp_path / 'archive'}\n"
-        f"[tape]\nlibrary = {library}\nvolume_capacity = 64MiB\ntime_scale = 0.005\n"
+    ini = live_tape_ini(
+        tmp_path,
         "[bulk]\nmount_min_files = 1\nmax_wait_seconds = 0\npoll_seconds = 0.05\n"
         f"[identity]\nissuers = {issuer.url}\naudiences = {AUDIENCE}\n",
-        encoding="utf-8",
     )
     settings = load_settings(config_file=str(ini), env={})
     backend = registry.create(settings)

@@ -13,8 +13,8 @@ from xml.etree import ElementTree
 
 import pytest
 import webtest
-from bulk_helpers import http, make_settings, poll, scheduler, states, store_offline, submit
-from conftest import LAST_MODIFIED, init_tape_library, put
+from bulk_helpers import http, live_tape_ini, make_settings, poll, scheduler, states, store_offline, submit
+from conftest import LAST_MODIFIED, put
 from test_gfal2_client import _gfal_env, outcome_lines
 
 from pacifica_like.core.config import ConfigError, load_settings
@@ -107,15 +107,7 @@ def test_tape_rest_takes_paths_below_the_namespace(tmp_path: Path, prepare_backe
 @pytest.mark.live
 @pytest.mark.skipif(shutil.which("gfal-stat") is None, reason="gfal2's tools are not installed (see .ci/run)")
 def test_grid_tools_on_urls_below_the_namespace(tmp_path: Path):
-    library = str(tmp_path / "library")
-    init_tape_library(load_settings(flags={"tape": {"library": library}}, env={}))
-    ini = tmp_path / "archive.ini"
-    ini.write_text(
-        f"[archive]\nbackend = tape\nprefix = {tmp_path / 'archive'}\n"
-        f"[tape]\nlibrary = {library}\nvolume_capacity = 64MiB\ntime_scale = 0.005\n"
-        "[server]\nnamespace = /archive\n",
-        encoding="utf-8",
-    )
+    ini = live_tape_ini(tmp_path, "[server]\nnamespace = /archive\n")
     source = tmp_path / "run.bin"
     data = os.urandom(20_000)
     source.write_bytes(data)

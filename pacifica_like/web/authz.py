@@ -42,7 +42,7 @@ from pacifica_like.identity.access import Authenticator, Unauthenticated
 from pacifica_like.identity.scopes import Principal, Scope
 from pacifica_like.storage.contract import Backend
 from pacifica_like.web import errors
-from pacifica_like.web.filehandlers import CREATE_ONLY_KEY, STATUS_LINES
+from pacifica_like.web.filehandlers import CREATE_ONLY_KEY
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 #: environ keys: the request's Principal, and its client's address (X-Forwarded-For from trusted proxies).
@@ -87,10 +87,7 @@ class Guard:
             environ[PRINCIPAL_KEY] = principal
             self._decide(principal, environ["REQUEST_METHOD"], path, environ)
         except Exception as exc:
-            environ[errors.ERROR_KEY] = exc
-            code, headers, body = errors.error_response(exc, errors.shape_for(path))
-            start_response(STATUS_LINES[code], headers)
-            return [] if environ["REQUEST_METHOD"] == "HEAD" else body
+            return errors.answer_error(environ, start_response, exc, errors.shape_for(path))
         return self.app(environ, start_response)
 
     def _principal(self, environ: dict[str, Any], path: str) -> Principal:

@@ -87,6 +87,16 @@ def error_response(exc: BaseException, shape: str = JSON) -> tuple[int, Headers,
     return status, [*content, ("Content-Length", str(len(body))), *extra.items()], [body]
 
 
+def answer_error(
+    environ: dict[str, Any], start_response: Callable[..., Any], exc: BaseException, shape: str
+) -> list[bytes]:
+    """Answer ``exc`` as a WSGI application's whole response (no body for HEAD), noted for the access log."""
+    environ[ERROR_KEY] = exc
+    status, headers, body = error_response(exc, shape)
+    start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+    return [] if environ["REQUEST_METHOD"] == "HEAD" else body
+
+
 # -- CherryPy ---------------------------------------------------------------------------
 
 

@@ -98,8 +98,5 @@ class MountSplit:
         try:
             check_request(environ)
         except Exception as exc:
-            environ[errors.ERROR_KEY] = exc
-            code, headers, body = errors.error_response(exc, errors.shape_for(raw))
-            start_response(STATUS_LINES[code], headers)
-            return [] if environ["REQUEST_METHOD"] == "HEAD" else body
+            return errors.answer_error(environ, start_response, exc, errors.shape_for(raw))
         return self.fallback(environ, start_response)
