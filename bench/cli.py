@@ -32,7 +32,9 @@ from bench import (
     identity,
     largefile,
     memory,
+    nginxref,
     peer,
+    probe,
     recall,
     report,
     servers,
@@ -162,10 +164,14 @@ def run_small_cells(args: argparse.Namespace, running: dict[str, RunningServer])
         for index, connections in enumerate(CONCURRENCY):
             first_id = PUT_ID_BASE * (index + 1) if op == "put" else 0
             for name, server in running.items():
+                if name == nginxref.NGINX and op == "head":
+                    continue  # wrk waits for the body a HEAD answer's Content-Length announces
                 os.sync()  # start each cell with no dirty pages left by the previous one
+                flavour = "plain" if name == nginxref.NGINX else "pacifica"
                 cell = smallfiles.run_cell(
-                    name, server.url, op, connections, args.duration, first_id, args.files, SMALL_SIZE
-                )
+                    name, server.url, op, connections, args.duration, first_id, args.files, SMALL_SIZE,
+                    flavour=flavour,
+                )  # fmt: skip
                 if op == "put":
                     cell.readback = smallfiles.verify_put_ranges(
                         servers.port_of(server), cell.stats["put_ranges"], READBACK_SAMPLES
@@ -263,9 +269,17 @@ def run_http(args: argparse.Namespace, workdir: Path, peer_version: str, results
     results["peer"] = f"{peer.PEER_PACKAGE} {peer_version}"
     _log(f"dd {args.large_size} MiB in {workdir}")
     results["disk"] = disk.measure_disk(workdir, args.large_size)
+    _log(f"fsync probe: {args.processes} processes writing durable 4 KiB files for {args.duration} s")
+    results["probe"] = probe.fsync_probe(workdir, args.processes, args.duration)
+    _log(f"fsync probe: {results['probe']['ops_per_s']:.0f} files/s")
     targets = servers.make_targets(workdir, args.peer_home, peer_version)
     with contextlib.ExitStack() as stack:
         running = {t.name: stack.enter_context(servers.serve(t, args.processes, workdir)) for t in targets}
+        if nginxref.nginx_binary() is not None:
+            # A C server over the same files: how far GET and HEAD are from one (no fsync on its PUT).
+            running[nginxref.NGINX] = stack.enter_context(nginxref.serve(workdir))
+        else:
+            _log("nginx is not installed: no C reference in the table (apt-get install nginx-light)")
         results["commands"] = {name: s.process.args for name, s in running.items()}
         urls = ", ".join(f"{name} {server.url}" for name, server in running.items())
         _log(f"servers up: {urls}; pre-loading {args.files} ids")
@@ -273,7 +287,8 @@ def run_http(args: argparse.Namespace, workdir: Path, peer_version: str, results
             name: smallfiles.populate(servers.port_of(s), 0, args.files) for name, s in running.items()
         }
         results["cells"] = run_small_cells(args, running)
-        results["large"], results["rss"], results["large_failures"] = run_large(args, running)
+        pair = {name: server for name, server in running.items() if name != nginxref.NGINX}
+        results["large"], results["rss"], results["large_failures"] = run_large(args, pair)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

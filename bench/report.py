@@ -15,6 +15,7 @@ from typing import Any
 
 from bench import audit, bulkapi, identity, recall, tape
 from bench.largefile import Transfer
+from bench.nginxref import NGINX
 from bench.servers import OURS, PEER
 from bench.smallfiles import Cell
 
@@ -54,6 +55,8 @@ def _side(value: str, p50: str = "", p99: str = "", errors: str = "") -> str:
 
 
 LABEL_WIDTH = 34
+#: Small PUT at c=16 against the disk's own limit for durable 4 KiB files (bench/probe.py).
+PUT_VS_PROBE = 0.5
 HEADER = (
     f"{'test':<{LABEL_WIDTH}} | {_side('ours', 'p50 ms', 'p99 ms', 'errs')} "
     f"| {_side('peer', 'p50 ms', 'p99 ms', 'errs')} | ours/peer"
@@ -109,10 +112,16 @@ def http_table(results: dict[str, Any]) -> str:
         HEADER,
         "-" * len(HEADER),
     ]
+    references = {(c.op, c.connections): c for c in results["cells"] if c.server == NGINX}
     for ours, peer in small_pairs(results["cells"]):
         label = f"{ours.op:<4} 4 KiB  c={ours.connections:<2} (ops/s)"
         ratio = _fmt_ratio(_ratio(ours.ops_per_s, peer.ops_per_s))
         lines.append(_row(label, _cell_side(ours), _cell_side(peer), ratio))
+        reference = references.get((ours.op, ours.connections))
+        if reference is not None:
+            # nginx (C; its PUT never fsyncs) in the peer's column; the ratio is ours/nginx.
+            ratio = _fmt_ratio(_ratio(ours.ops_per_s, reference.ops_per_s))
+            lines.append(_row("  vs nginx (C, PUT without fsync)", _side(""), _cell_side(reference), ratio))
     large = results["large"]
     for op in ("PUT", "GET"):
         ours_t, peer_t = large[OURS].get(op), large[PEER].get(op)
@@ -127,6 +136,14 @@ def http_table(results: dict[str, Any]) -> str:
         run = disk[key]
         label = f"disk dd {run.what} (MiB/s)"
         lines.append(_row(label[:LABEL_WIDTH], _side(f"{run.mib_per_s:.1f}"), _side(""), ""))
+    probe = results.get("probe")
+    if probe is not None:
+        # The disk's own limit for durable 4 KiB files; the ratio column: each server's PUT c=16 / it.
+        puts = {c.server: c.ops_per_s for c in results["cells"] if c.op == "PUT" and c.connections == 16}
+        label = f"fsync probe 4 KiB x{probe['processes']} (ops/s)"
+        shares = " ".join(f"{name} {rate / probe['ops_per_s']:.2f}" for name, rate in sorted(puts.items()))
+        lines.append(_row(label[:LABEL_WIDTH], _side(f"{probe['ops_per_s']:.0f}"), _side(""), ""))
+        lines.append(f"  PUT c=16 as a share of the probe: {shares}")
     return "\n".join(lines)
 
 
@@ -245,6 +262,21 @@ def http_verdicts(results: dict[str, Any]) -> list[Verdict]:
             f"{rise:.1f} MiB (peak {results['rss'][OURS]['peak_mib']:.1f} MiB)",
         )
     )
+    probe = results.get("probe")
+    if probe is not None:
+        put16 = next(
+            c.ops_per_s
+            for c in results["cells"]
+            if c.server == OURS and c.op == "PUT" and c.connections == 16
+        )
+        share = put16 / probe["ops_per_s"] if probe["ops_per_s"] else 0.0
+        found.append(
+            Verdict(
+                f"small PUT c=16 >= {PUT_VS_PROBE:g} of the fsync probe",
+                share >= PUT_VS_PROBE,
+                f"{share:.2f} ({put16:.0f} vs {probe['ops_per_s']:.0f} files/s)",
+            )
+        )
     errors = error_count(results, OURS)
     found.append(Verdict("zero errors (ours)", errors == 0, f"{errors} error(s)"))
     return found

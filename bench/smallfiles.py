@@ -138,6 +138,7 @@ def run_cell(
     pool: int,
     size: int = SMALL_SIZE,
     headers: Sequence[str] = (),
+    flavour: str = "pacifica",
 ) -> Cell:
     """Run one wrk cell; return throughput, latency percentiles and checked errors.
 
@@ -162,6 +163,7 @@ def run_cell(
         str(size),
         str(PUT_STRIDE),
         str(connections // threads),
+        flavour,
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60, check=False)
     if done.returncode != 0:

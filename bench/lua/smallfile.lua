@@ -8,6 +8,8 @@
 --   size        bytes per file (content: see bench/content.py small_content)
 --   stride      put: id distance between threads, so no two requests share an id
 --   per_thread  connections per wrk thread; with 1 the answer must be for the last id asked
+--   flavour     pacifica (default): PUT 201 with total_bytes, HEAD 204 with X-Content-Length;
+--               plain (a WebDAV server such as nginx): PUT 201 or 204, HEAD 200 with Content-Length
 --
 -- wrk runs setup() and done() in its main Lua state and init/request/response in
 -- one state per thread, so the per-thread counters are read back with thread:get.
@@ -59,6 +61,7 @@ function init(args)
    size = tonumber(args[4])
    stride = tonumber(args[5])
    per_thread = tonumber(args[6])
+   plain = args[7] == "plain"
    -- Counters read by done(); plain globals so thread:get can copy them.
    issued, checked, bad_status, bad_body = 0, 0, 0, 0
    first_put = first_id + thread_index * stride + 1
@@ -106,15 +109,21 @@ end
 function response(status, headers, body)
    checked = checked + 1
    if mode == "put" then
-      if status ~= 201 then
+      if status ~= 201 and not (plain and status == 204) then
          bad_status = bad_status + 1
-      elseif not (body .. " "):find(total_pattern) then
+      elseif not plain and not (body .. " "):find(total_pattern) then
          bad_body = bad_body + 1
       end
    elseif mode == "get" then
       if status ~= 200 then
          bad_status = bad_status + 1
       elseif not good_get_body(body) then
+         bad_body = bad_body + 1
+      end
+   elseif plain then
+      if status ~= 200 then
+         bad_status = bad_status + 1
+      elseif header(headers, "Content-Length") ~= tostring(size) then
          bad_body = bad_body + 1
       end
    else
