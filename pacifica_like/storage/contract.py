@@ -890,10 +890,17 @@ class AtomicFileWriter(Writer):
         self.replaced = False
         directory, name = os.path.split(final_path)
         with translate_os_errors(f"cannot store {name}"):
-            os.makedirs(directory, exist_ok=True)
-            fd, self._temp_path = tempfile.mkstemp(
-                dir=directory, prefix=temp_name_prefix(name), suffix=TEMP_SUFFIX
-            )
+            try:
+                fd, self._temp_path = tempfile.mkstemp(
+                    dir=directory, prefix=temp_name_prefix(name), suffix=TEMP_SUFFIX
+                )
+            except FileNotFoundError:
+                # The shard's first file. Not made up front: a mkdir that finds the directory
+                # there is a failed system call on every other upload.
+                os.makedirs(directory, exist_ok=True)
+                fd, self._temp_path = tempfile.mkstemp(
+                    dir=directory, prefix=temp_name_prefix(name), suffix=TEMP_SUFFIX
+                )
         self._file = os.fdopen(fd, "wb", buffering=CHUNK_SIZE)
 
     def write(self, chunk: bytes) -> None:
