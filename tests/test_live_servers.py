@@ -205,3 +205,48 @@ def test_cli_server_honours_server_conf_and_flag_precedence(tmp_path: Path):
     # ...and a flag beats it.
     with devserver.run_server([*command, "-p", str(port)], port) as running:
         assert requests.get(running.url + "/", timeout=TIMEOUT).status_code == 200
+
+
+def test_serve_stops_under_load_without_a_traceback(tmp_path: Path):
+    """SIGTERM while keep-alive clients are mid-request: the answers in flight finish, no error is logged.
+
+    waitress's workers tell its event loop about each answer through a trigger; closing that
+    trigger before they finished made every one of them log an EBADF traceback.
+    """
+    import http.client
+    import signal
+    import threading
+
+    port = devserver.free_port()
+    command = [sys.executable, "-m", "pacifica_like", "serve", "-a", "127.0.0.1", "-p", str(port)]
+    env = {"PAI_PREFIX": str(tmp_path / "archive"), "PAI_ACCESS_LOG": "off"}
+    with devserver.run_server(command, port, env) as server:
+        requests.put(f"{server.url}/1", data=b"x" * 4096, timeout=10).raise_for_status()
+        answered = threading.Semaphore(0)
+        stop = threading.Event()
+
+        def hammer() -> None:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                while not stop.is_set():
+                    connection.request("GET", "/1")
+                    connection.getresponse().read()
+                    answered.release()
+            except (OSError, http.client.HTTPException):
+                return  # the server went away, as it should
+            finally:
+                connection.close()
+
+        clients = [threading.Thread(target=hammer) for _ in range(24)]
+        for client in clients:
+            client.start()
+        for _ in range(500):  # every client is mid-stream when the signal lands
+            assert answered.acquire(timeout=30)
+        os.killpg(server.process.pid, signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+        stop.set()
+        for client in clients:
+            client.join(timeout=30)
+        log = server.log()
+    assert "Traceback" not in log, log[-3000:]
+    assert " ERROR " not in log, log[-3000:]

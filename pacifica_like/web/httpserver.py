@@ -110,11 +110,20 @@ class WaitressServer:
         server = self._server
         if server is None:
             return
-        # The event loop owns its sockets: close them from inside it, via its trigger.
+        # The event loop owns its sockets: close them from inside it, via its trigger. In order:
+        # stop accepting; let the requests that are running finish, their answers going out
+        # through the loop (closing the trigger first made each one fail on it, a traceback
+        # apiece); then close the connections and the trigger, which ends the loop.
         loop_triggers = [d for d in list(self._map.values()) if isinstance(d, loop_trigger.trigger)]
-        if loop_triggers:
+        if not loop_triggers:
+            wasyncore.close_all(self._map)
+            server.task_dispatcher.shutdown(timeout=STOP_GRACE)
+            return
+        # The listening socket alone: waitress's server.close() would close the trigger too.
+        loop_triggers[0].pull_trigger(lambda: wasyncore.dispatcher.close(server))
+        server.task_dispatcher.shutdown(timeout=STOP_GRACE)
+        try:
             loop_triggers[0].pull_trigger(lambda: wasyncore.close_all(self._map))
-        else:
+        except OSError:  # the loop has ended already, and closed its trigger with it
             wasyncore.close_all(self._map)
         self._stopped.wait(STOP_GRACE)
-        server.task_dispatcher.shutdown(timeout=STOP_GRACE)
