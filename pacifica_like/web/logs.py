@@ -224,6 +224,17 @@ def install(access_log: str) -> None:
     logging.getLogger(ACCESS_LOGGER).disabled = access_log == "off"
 
 
+def _sole_line_handler(logger: logging.Logger) -> StderrLineHandler | None:
+    """Our stderr handler when it is the logger's only one and nothing filters, else None."""
+    handlers = logger.handlers
+    if len(handlers) != 1 or logger.filters:
+        return None
+    handler = handlers[0]
+    if type(handler) is StderrLineHandler and not handler.filters and handler.level <= logging.INFO:
+        return handler
+    return None
+
+
 def emit_audit(**fields: Any) -> None:
     """Log one audit record (JSON: time, ``"log": "audit"``, then ``fields``).
 
@@ -234,12 +245,10 @@ def emit_audit(**fields: Any) -> None:
     logger = _audit_logger
     if logger.disabled or not logger.isEnabledFor(logging.INFO):
         return
-    handlers = logger.handlers
-    if len(handlers) == 1 and not logger.filters:
-        handler = handlers[0]
-        if type(handler) is StderrLineHandler and not handler.filters and handler.level <= logging.INFO:
-            handler.write_line(handler.formatter.format_audit(time.time(), fields) + "\n")
-            return
+    handler = _sole_line_handler(logger)
+    if handler is not None:
+        handler.write_line(handler.formatter.format_audit(time.time(), fields) + "\n")
+        return
     logger.info("audit %s", fields.get("action"), extra={"audit": fields})
 
 
@@ -255,12 +264,10 @@ def emit_access(entry: AccessEntry) -> None:
     logger = _access_logger
     if logger.disabled or not logger.isEnabledFor(logging.INFO):
         return
-    handlers = logger.handlers
-    if len(handlers) == 1 and not logger.filters:
-        handler = handlers[0]
-        if type(handler) is StderrLineHandler and not handler.filters and handler.level <= logging.INFO:
-            handler.write_access(time.time(), entry)
-            return
+    handler = _sole_line_handler(logger)
+    if handler is not None:
+        handler.write_access(time.time(), entry)
+        return
     # makeRecord + handle rather than logger.info(): no stack walk to find the caller.
     # The message is for handlers other than ours, formatted only if one asks for it.
     message, fields, extra = "%(method)s %(path)s %(status)s", entry._asdict(), {"access": entry}
