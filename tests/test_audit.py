@@ -315,7 +315,7 @@ def test_an_upload_the_catalog_fails_to_record_succeeds_and_the_audit_finds_it(
     site = make_site()
     site.put(4001)
     catalog = site.catalog()
-    writer = site.backend.open_writer(4002, LAST_MODIFIED_EPOCH)  # the marker is written here
+    writer = site.backend.open_writer(4002, LAST_MODIFIED_EPOCH)  # no marker: the temp file is one
     writer.write(b"stored while the catalog broke")
     # The table goes away under the gateway (a real database error, not a mock)...
     catalog.db.execute_sql("ALTER TABLE inventory RENAME TO inventory_away")
@@ -328,10 +328,11 @@ def test_an_upload_the_catalog_fails_to_record_succeeds_and_the_audit_finds_it(
     assert site.path(4002).read_bytes() == b"stored while the catalog broke"
     assert list(site.rows()) == [4001]
 
-    # While the marker is young the file counts as in flight; once it is old, as an unrecorded upload.
-    result = site.audit("young", *JUDGE_ALL)
-    assert (result.status, result.orphan, result.summary["ignored"]["in_flight"]) == (0, [], 1)
-    result = site.audit("late", *JUDGE_ALL, "--inflight-timeout", "0", "--fix")
+    # Its sha-256 xattr says the file is ours: an unrecorded upload, which --fix records.
+    result = site.audit("report", *JUDGE_ALL)
+    assert (result.status, result.orphan, result.summary["orphan"]["unrecorded_uploads"]) == (1, [4002], 1)
+    assert site.path(4002).exists() and 4002 not in site.rows()  # a report changes nothing
+    result = site.audit("late", *JUDGE_ALL, "--fix")
     assert result.status == 1
     assert result.orphan == [4002]
     assert result.summary["orphan"]["unrecorded_uploads"] == 1
@@ -489,23 +490,23 @@ def test_operations_in_flight_are_left_out_and_abandoned_ones_are_reported(make_
     # A DELETE under way: its marker is written and the file is gone, the row not yet removed.
     catalog.begin(7002, "DELETE")
     site.path(7002).unlink()
-    # An upload under way: published, not yet recorded.
+    # An upload under way: published, not yet recorded. It writes no marker: its sha-256 xattr
+    # tells the audit it is ours (with the default --ignore-age it is too young to be judged).
     writer = site.backend.open_writer(7004, LAST_MODIFIED_EPOCH)
     writer.write(b"in flight")
     writer.publish()
     try:
         result = site.audit("busy", *JUDGE_ALL)
-        assert (result.status, result.missing, result.orphan) == (0, [], [])
-        assert result.summary["ignored"]["in_flight"] == 2
+        assert (result.status, result.missing, result.orphan) == (1, [], [7004])
+        assert result.summary["ignored"]["in_flight"] == 1
+        assert result.summary["orphan"]["unrecorded_uploads"] == 1
+        assert site.audit("busy-default", "--max-orphan-fraction", "1").summary["verdict"] == "ok"
 
         result = site.audit("stuck", *JUDGE_ALL, "--inflight-timeout", "0", "--fix")
         assert (result.status, result.missing, result.orphan) == (1, [7002], [7004])
         summary = result.summary
         assert summary["missing"]["unrecorded_deletes"] == summary["orphan"]["unrecorded_uploads"] == 1
-        assert {op["file"]: op["verb"] for op in summary["abandoned_operations"]} == {
-            7002: "DELETE",
-            7004: "PUT",
-        }
+        assert {op["file"]: op["verb"] for op in summary["abandoned_operations"]} == {7002: "DELETE"}
         outcome = {a["file"]: (a["action"], a["result"]) for a in summary["fix"]["actions"]}
         assert outcome == {7002: ("forget", "removed from the inventory"), 7004: ("record", "recorded")}
         assert site.rows() == {
@@ -760,17 +761,17 @@ def test_quarantine_on_another_filesystem_copies_then_removes(make_site: Callabl
     site = make_site()
     for file_id in range(13001, 13011):
         site.put(file_id)
-    site.put(13011, b"orphan with a digest")
-    catalog = site.catalog()
-    catalog.Inventory.delete().where(catalog.Inventory.file_id == 13011).execute()  # forgotten by the catalog
-    catalog.close()
+    # Planted behind the gateway's back (no digest of ours), with an xattr of the site's.
+    site.path(13011).parent.mkdir(parents=True, exist_ok=True)
+    site.path(13011).write_bytes(b"planted orphan")
+    os.setxattr(site.path(13011), "user.site.origin", b"restore job 7")
     quarantine = Path(shm) / f"quarantine-{uuid.uuid4().hex}"
     try:
         result = site.audit("shm", *JUDGE_ALL, "--fix", "--quarantine", str(quarantine))
         kept = quarantine / id2filename(13011)[1:]
         assert result.summary["fix"]["actions"][0]["result"] == f"moved to {kept}"
-        assert kept.read_bytes() == b"orphan with a digest"
-        assert read_sha256(str(kept)) == hashlib.sha256(b"orphan with a digest").digest()  # xattr copied
+        assert kept.read_bytes() == b"planted orphan"
+        assert os.getxattr(kept, "user.site.origin") == b"restore job 7"  # xattrs copied
         assert not site.path(13011).exists()
         assert not [
             p for p in site.path(13011).parent.iterdir() if p.name.startswith(".")

@@ -31,10 +31,13 @@ snapshot is either in its rows or in its markers.
 
 A marker older than ``inflight_timeout`` belongs to an operation whose outcome
 was never recorded (the catalog failed after the storage call, or the process
-died). An orphan with such a PUT/PATCH marker is an *unrecorded upload*; a
-missing file with such a DELETE marker an *unrecorded deletion*. They are
-reported with the rest, and ``--fix`` records them instead of quarantining or
-marking them LOST.
+died). An orphan that carries our sha-256 xattr (every upload through the
+gateway does: the file is the record of truth, and an upload writes no marker)
+or that has such a PATCH marker is an *unrecorded upload*; a missing file with
+such a DELETE marker an *unrecorded deletion*. They are reported with the rest,
+and ``--fix`` records them instead of quarantining or marking them LOST. The
+listing also collects the hidden temp files it passes, so ``--fix`` removes
+those whose writer died (an upload's temp file is its only in-flight marker).
 
 The verdict: ``incomplete`` when part of the storage could not be listed (then
 nothing else counts), ``thresholds exceeded`` when there is more drift than the
@@ -79,7 +82,7 @@ MAX_QUOTED_PROBLEMS = 20
 #: Listing progress is reported every this many ids (a call per id would cost more than the walk).
 PROGRESS_STEP = 4096
 VERDICTS = ("ok", "drift", "thresholds exceeded", "incomplete")
-UPLOAD_VERBS = ("PUT", "PATCH")
+UPLOAD_VERBS = frozenset({"PUT", "PATCH"})
 
 #: progress(label, total) -> a context manager yielding update(n).
 ProgressFactory = Callable[[str, int | None], AbstractContextManager[Callable[[int], object]]]
@@ -227,7 +230,7 @@ class OrphanFile:
     relpath: str
     #: Bytes on a level other than disk (a tape copy): quarantine moves disk files only.
     off_disk_bytes: int
-    #: A PUT or PATCH of it started long ago and its outcome was never recorded.
+    #: Ours, never recorded: it carries our sha-256 xattr, or a PATCH of it started long ago.
     unrecorded_upload: bool = False
 
 
@@ -418,8 +421,9 @@ def run_audit(
             before = source.snapshot(update)
     report.inventory_before = len(before)
 
+    temps: list[str] = []
     with timer("listing"), progress("listing storage", len(before)) as update:
-        listed = _list_storage(backend, report.listing_errors, update)
+        listed = _list_storage(backend, report.listing_errors, update, temps)
     report.listed = len(listed)
 
     with timer("inventory_after"):
@@ -478,7 +482,11 @@ def run_audit(
                 if status.ctime > young_since:
                     ignored["young"] += 1
                     continue
-                uploaded = bool(abandoned_verbs.get(file_id, set()) & set(UPLOAD_VERBS))
+                # Ours: it carries the digest the gateway writes with every upload (the row may have
+                # been lost with a power cut, or never written when the catalog failed).
+                uploaded = status.sha256 is not None or bool(
+                    abandoned_verbs.get(file_id, set()) & UPLOAD_VERBS
+                )
                 off_disk = sum(status.bytes_per_level[1:])
                 report.orphans.append(
                     OrphanFile(file_id, status.size, status.ctime, status.relpath, off_disk, uploaded)
@@ -490,7 +498,7 @@ def run_audit(
             )
     if source.catalog is not None:
         with timer("leftovers"):
-            report.leftovers = leftovers.find(backend, source.catalog, options.inflight_timeout, now)
+            report.leftovers = leftovers.find(backend, source.catalog, options.inflight_timeout, now, temps)
     report.ignored = ignored
     if report.listing_errors:
         # A file in a part that was not listed would look missing: judge none. Every orphan
@@ -588,8 +596,10 @@ class _Timer:
             self._durations[what] = time.monotonic() - started
 
 
-def _list_storage(backend: Backend, errors: list[dict[str, str]], update: Callable[[int], object]) -> array:
-    """Stream the backend's listing into an ``array('q')``; failures go to ``errors``.
+def _list_storage(
+    backend: Backend, errors: list[dict[str, str]], update: Callable[[int], object], temps: list[str]
+) -> array:
+    """Stream the backend's listing into an ``array('q')``; failures to ``errors``, temp files to ``temps``.
 
     A backend whose ``list_ids`` takes no ``on_error`` stops at its first failure;
     the audit is then just as incomplete, only with one error named instead of all.
@@ -601,7 +611,10 @@ def _list_storage(backend: Backend, errors: list[dict[str, str]], update: Callab
     ids = array("q")
     pending = 0
     try:
-        listing = backend.list_ids(on_error=failed) if _takes_on_error(backend) else backend.list_ids()
+        if _takes_on_error(backend):
+            listing = backend.list_ids(on_error=failed, on_temp=temps.append)
+        else:
+            listing = backend.list_ids()
         for file_id in listing:
             ids.append(file_id)
             pending += 1
@@ -615,11 +628,13 @@ def _list_storage(backend: Backend, errors: list[dict[str, str]], update: Callab
 
 
 def _takes_on_error(backend: Backend) -> bool:
+    """True when the backend's ``list_ids`` takes this contract's ``on_error`` and ``on_temp``."""
     try:
         parameters = inspect.signature(backend.list_ids).parameters
     except (TypeError, ValueError):
         return False
-    return "on_error" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    named = "on_error" in parameters and "on_temp" in parameters
+    return named or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 @dataclass

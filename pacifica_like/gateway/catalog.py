@@ -7,9 +7,11 @@ URL: ``sqlite:///PATH`` by default under the prefix, ``postgresql://`` or
 * ``inventory``: one row per stored file: size, mtime, sha-256 (hex), when
   the gateway stored it (``stored_at``) and ``state`` (``present``, or
   ``LOST`` once an audit found the file gone from storage);
-* ``operation``: one row per PUT, PATCH or DELETE under way, inserted before
-  the storage is touched and removed in the same transaction that records the
-  outcome, so an audit can leave those files alone.
+* ``operation``: one row per PATCH or DELETE under way, inserted before the
+  storage is touched and removed in the same transaction that records the
+  outcome, so an audit can leave those files alone. An upload writes none: its
+  temp file marks it in flight, and its row is its only write
+  (``pacifica_like.gateway.inventory``).
 
 Nothing connects at import or construction: peewee opens a connection per
 thread on the first query, and the schema is brought to its latest version on
@@ -367,6 +369,22 @@ class GatewayCatalog:
             upgrade(self.db, SCHEMA, self.errors.label)
             self._schema_ready = True
 
+    @_translate("cannot connect")
+    def connect(self) -> None:
+        """Make sure this thread has a connection (no query when it has one); a database known down: 503.
+
+        An upload checks this before storing instead of writing a marker: while
+        the catalog is down, uploads are refused (503) rather than piling up for
+        the next audit to record. A failed write closes the connection
+        (:meth:`forget_connection`), so the next upload connects afresh.
+        """
+        self.ensure_schema()
+        self.db.connect(reuse_if_open=True)
+
+    def forget_connection(self) -> None:
+        """Close this thread's connection after a failed write, so that the next call reconnects."""
+        self.close()
+
     @_translate("cannot record the audit result")
     def record_audit(self, name: str, verdict: str, missing: int | None, orphans: int, listed: int) -> None:
         """Store one finished audit's outcome (``missing`` None: not judged)."""
@@ -472,14 +490,14 @@ class GatewayCatalog:
     @_translate("cannot record a stored file")
     def finish_stored(
         self,
-        token: int,
+        token: int | None,
         file_id: int,
         size: int,
         mtime: float,
         sha256: bytes | None,
         probe: StorageProbe | None = None,
     ) -> None:
-        """Record the file now stored under ``file_id`` and end operation ``token``, in one transaction.
+        """Record the file now stored under ``file_id`` and end marker ``token`` (if any), in one transaction.
 
         With ``probe``, the row ends up describing what storage holds *now*, read
         with the row locked: two uploads of one id may publish in one order and
@@ -488,12 +506,14 @@ class GatewayCatalog:
         """
         self.ensure_schema()
         row = (file_id, size, mtime, sha256.hex() if sha256 is not None else None, time.time(), PRESENT)
-        with self.durable.transaction():
+        # Lazy: the file carries its own record, and the next audit records a row a power cut took.
+        with self.durable.transaction(lazy=True):
             # The upsert takes the row's lock (SQLite: the database's, taken at BEGIN IMMEDIATE).
             self.db.execute_sql(self._sql["upsert"], row)
             if probe is not None:
                 self._settle(file_id, StoredVersion(size, mtime, sha256), probe())
-            self.db.execute_sql(self._sql["end"], (token,))
+            if token is not None:
+                self.db.execute_sql(self._sql["end"], (token,))
 
     def _settle(self, file_id: int, written: StoredVersion | None, found: StoredVersion | None) -> None:
         """Make the locked row of ``file_id`` say ``found`` (what storage holds), where it says ``written``.

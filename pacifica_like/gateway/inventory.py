@@ -2,24 +2,28 @@
 
 :class:`Inventory` is a guard on the backend's storage events
 (``Backend.events.guard``; :func:`attach_inventory` wires it where the app is
-built when the catalog is on). Around each change of what is stored (PUT,
-PATCH, DELETE) it writes two small transactions:
+built when the catalog is on). The file and its xattrs are the record of
+truth (docs/decisions/0048-the-file-is-the-record.md); the inventory is an
+index of them:
 
-1. before the storage is touched (the change's Intent): an operation marker
-   (``GatewayCatalog.begin``), so an audit running meanwhile leaves the file
-   alone. If the catalog cannot record it, the guard raises, the request
-   fails with 503 and nothing is stored: refusing before storing never
-   creates drift;
-2. after the storage call succeeded (the change's event: Stored, Replaced,
-   Moved, Deleted): the inventory row (or its removal) and the end of the
-   marker, in one transaction. If the catalog fails *here*, the file is
-   already stored and durable, so the client still gets its success; the
-   error is logged, the marker stays, and the next audit reports the file as
-   an orphan whose upload was never recorded (and ``--fix`` records it rather
-   than quarantining it).
+* **PUT** writes one transaction, after the upload is durable and published:
+  the inventory row. The upload's hidden temp file is its in-flight marker
+  (its name carries the writer's pid and start time), so no marker row is
+  written before it. If the row cannot be written (the catalog fails, the
+  process dies, a power cut takes the last un-synced commits) the file still
+  carries its sha-256 xattr, and the next audit reports it as an upload that
+  was never recorded and ``--fix`` records it: it never quarantines a file of
+  ours.
+* **PATCH and DELETE** keep two transactions: before the storage is touched,
+  an operation marker (``GatewayCatalog.begin``), so an audit running
+  meanwhile leaves the file alone (a deletion leaves no file to speak for
+  it); if the catalog cannot record it, the request fails with 503 and
+  nothing changes. After the storage call, the row (or its removal) and the
+  end of the marker, in one transaction; if that fails, the marker stays and
+  the next audit reports the change as unrecorded.
 
-A failed or abandoned upload (the change ends without an event) ends its
-marker and records nothing.
+A failed or abandoned change (it ends without an event) ends its marker, if
+it has one, and records nothing.
 
 **Commit order.** Two uploads of one id can publish in one order and record
 in the other; a row written from the writer's own values would then describe
@@ -57,6 +61,10 @@ from pacifica_like.storage.contract import (
 )
 
 log = logging.getLogger("pacifica_like.gateway.inventory")
+
+#: Changes that write no operation marker: an upload's temp file marks it in flight, and its
+#: published file carries the xattrs an audit records it from.
+UNMARKED_VERBS = frozenset({"PUT"})
 
 #: Test seam: called with (file id, bytes stored) after an upload is published and before it is
 #: recorded, in the serving process. None in production; tests install a gate here (through
@@ -120,13 +128,16 @@ def storage_probe(backend: Backend, file_id: int, ours: StoredVersion | None = N
     return probe
 
 
-def _begin(catalog: GatewayCatalog, file_id: int, verb: str) -> int:
-    """Write the operation marker; StorageUnavailable (503) without the database's name if it fails.
+def _begin(catalog: GatewayCatalog, file_id: int, verb: str) -> int | None:
+    """Write the operation marker (PUT: check the connection); 503 without the database's name if it fails.
 
     The detailed error (URL without password, driver message) is the cause, which
     the error log records; clients learn only that the request can be retried.
     """
     try:
+        if verb in UNMARKED_VERBS:
+            catalog.connect()
+            return None
         return catalog.begin(file_id, verb)
     except StorageUnavailable as exc:
         raise StorageUnavailable(
@@ -151,15 +162,16 @@ class Inventory:
         self.catalog = catalog
 
     def __call__(self, intent: Intent) -> Finisher:
-        """Write the operation marker of ``intent`` (503 if the catalog cannot); return its finisher."""
+        """Return the finisher of ``intent``; PATCH and DELETE write their marker first (503 if not)."""
         token = _begin(self.catalog, intent.file_id, intent.verb)
         return lambda event: self.finish(intent, token, event)
 
-    def finish(self, intent: Intent, token: int, event: StorageEvent | None) -> None:
+    def finish(self, intent: Intent, token: int | None, event: StorageEvent | None) -> None:
         """Record what storage holds after the change (or end the marker of a change that did nothing)."""
         file_id = intent.file_id
-        if event is None:
-            _abandon(self.catalog, token, file_id)
+        if event is None or not isinstance(event, (Deleted, Stored)):
+            if token is not None:
+                _abandon(self.catalog, token, file_id)
             return
         if isinstance(event, Deleted):
             try:
@@ -172,9 +184,6 @@ class Inventory:
                     exc,
                 )
             return
-        if not isinstance(event, Stored):
-            _abandon(self.catalog, token, file_id)
-            return
         if intent.verb == "PUT" and before_record is not None:
             before_record(file_id, event.size)
         ours = StoredVersion(event.size, event.mtime, event.sha256)
@@ -182,7 +191,9 @@ class Inventory:
         try:
             self.catalog.finish_stored(token, file_id, event.size, event.mtime, event.sha256, probe)
         except ArchiveError as exc:
-            # The bytes are durable and published: the change succeeded. Say loudly what drifted.
+            # The bytes are durable and published: the change succeeded. Say loudly what drifted,
+            # and reconnect before the next upload (refused while the database stays down).
+            self.catalog.forget_connection()
             how = "moved in" if isinstance(event, Moved) else "stored"
             log.error(
                 "file %d is %s (%d bytes) but the inventory did not record it; the next audit "

@@ -18,9 +18,11 @@ What is whose, and when it may go (docs/decisions/0002-inventory-commit-order.md
   first made to describe what storage holds (the upload may have published just
   before its process died), in the transaction that ends the marker.
 
-Temp files are looked for beside the files of the markers: every upload
-through the gateway has one while its temp file exists, so a sweep reads one
-table and a few directories instead of walking the archive.
+Temp files are looked for beside the files of the markers (a PATCH's), so a
+sweep at start reads one table and a few directories instead of walking the
+archive. An upload writes no marker (its temp file is its marker), so the temp
+file of an upload whose process died is found by the next audit's listing,
+which passes it anyway, and removed by ``audit --fix``.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ import contextlib
 import glob
 import logging
 import os
+import re
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any
@@ -125,11 +129,14 @@ def _temp_files(path: str) -> list[str]:
     return glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.*{TEMP_SUFFIX}"))
 
 
-def _why_abandoned(temp: str, name: str, now: float, stale_after: float) -> tuple[str | None, int]:
+#: The writer in a temp file name ``.<name>.<pid>-<start>@<host>.<random>.part`` (names, hosts: dots too).
+_WRITER = re.compile(r"\.(\d+-\d+@[^/]*)\.[^./]+" + re.escape(TEMP_SUFFIX) + "$")
+
+
+def _why_abandoned(temp: str, now: float, stale_after: float) -> tuple[str | None, int]:
     """Return (why the temp file is abandoned, or None to keep it; its size)."""
-    base = os.path.basename(temp)
-    middle = base[len(name) + 2 : -len(TEMP_SUFFIX)]  # "<owner>.<random>" or, older, "<random>"
-    owner = middle.rpartition(".")[0]
+    named = _WRITER.search(os.path.basename(temp))
+    owner = named.group(1) if named else ""  # older temp files named no writer
     try:
         st = os.lstat(temp)
     except FileNotFoundError:
@@ -142,8 +149,15 @@ def _why_abandoned(temp: str, name: str, now: float, stale_after: float) -> tupl
     return None, st.st_size
 
 
-def find(backend: Backend, catalog: GatewayCatalog, stale_after: float, now: float) -> Leftovers:
-    """Return the dead uploads' temp files and markers (nothing is changed)."""
+def find(
+    backend: Backend, catalog: GatewayCatalog, stale_after: float, now: float, listed: Iterable[str] = ()
+) -> Leftovers:
+    """Return the dead uploads' temp files and markers (nothing is changed).
+
+    Temp files are looked for beside the files of the markers, and among
+    ``listed`` (the temp files an audit's listing passed: an upload writes no
+    marker, so only a walk finds the temp file of one whose process died).
+    """
     found = Leftovers()
     operations = catalog.operations()
     for op in operations:
@@ -154,13 +168,13 @@ def find(backend: Backend, catalog: GatewayCatalog, stale_after: float, now: flo
     prefix = os.path.join(backend.settings.archive.prefix, "")
     if path_of is None:
         return found
-    for file_id in sorted({op.file_id for op in operations}):
-        path = path_of(file_id)
-        name = os.path.basename(path)
-        for temp in _temp_files(path):
-            why, size = _why_abandoned(temp, name, now, stale_after)
-            if why is not None:
-                found.temp_files.append(TempFile(temp.removeprefix(prefix), size, why))
+    temps = set(listed)
+    for file_id in {op.file_id for op in operations}:
+        temps.update(_temp_files(path_of(file_id)))
+    for temp in sorted(temps):
+        why, size = _why_abandoned(temp, now, stale_after)
+        if why is not None:
+            found.temp_files.append(TempFile(temp.removeprefix(prefix), size, why))
     return found
 
 

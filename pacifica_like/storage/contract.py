@@ -103,6 +103,8 @@ start_writeback = _load_sync_file_range()
 
 #: Called by ``Backend.list_ids`` with where the listing failed and the error.
 ListingErrorHandler = Callable[[str, ArchiveError], None]
+#: Called by a listing with the absolute path of each upload temp file it passes.
+TempFileHandler = Callable[[str], object]
 
 
 class ExpectedDigest(Protocol):
@@ -544,12 +546,16 @@ class Backend(abc.ABC):
         """Remove a stored file; FileNotInArchive if there is none."""
 
     @abc.abstractmethod
-    def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
+    def list_ids(
+        self, on_error: ListingErrorHandler | None = None, on_temp: TempFileHandler | None = None
+    ) -> Iterator[int]:
         """Yield the id of every stored file, in no particular order (for audits).
 
         ``on_error(where, error)`` is called for each part of the storage that
         cannot be listed (an unreadable directory: ``where`` is its path), and the
         listing goes on without it; without a handler the error is raised.
+        ``on_temp(path)`` is called with the absolute path of each upload temp
+        file the listing passes (in flight, or left by a writer that died).
         """
 
     def close(self) -> None:

@@ -52,6 +52,7 @@ from pacifica_like.storage.contract import (
     Moved,
     Replaced,
     Stored,
+    TempFileHandler,
     read_checksums,
     read_sha256,
     record_checksums,
@@ -391,8 +392,10 @@ class DiskCache:
             self.delete(file_id)
             change.done(Deleted(file_id))
 
-    def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
-        """Walk the prefix, yielding ids of archive files; hidden (temp) names are skipped.
+    def list_ids(
+        self, on_error: ListingErrorHandler | None = None, on_temp: TempFileHandler | None = None
+    ) -> Iterator[int]:
+        """Walk the prefix, yielding ids of archive files; hidden names skipped (temp files: ``on_temp``).
 
         A directory that cannot be read goes to ``on_error`` (the walk goes on),
         or raises without one. One that vanished meanwhile (ENOENT) held nothing.
@@ -410,6 +413,8 @@ class DiskCache:
                 continue
             for entry in entries:
                 if entry.name.startswith("."):
+                    if on_temp is not None and entry.name.endswith(TEMP_SUFFIX):
+                        on_temp(entry.path)
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     if self.sharded:

@@ -56,6 +56,7 @@ from pacifica_like.storage.contract import (
     Recalled,
     Released,
     TapePosition,
+    TempFileHandler,
     VolumeSession,
     Writer,
     hash_file,
@@ -336,10 +337,12 @@ class TapeHsm(Backend):
             self.catalog.mark_stale(file_id)
             change.done(Deleted(file_id))
 
-    def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
+    def list_ids(
+        self, on_error: ListingErrorHandler | None = None, on_temp: TempFileHandler | None = None
+    ) -> Iterator[int]:
         """Yield every id on disk, then every id only on tape; unreadable directories go to ``on_error``."""
         seen = set()
-        for file_id in self.cache.list_ids(on_error):
+        for file_id in self.cache.list_ids(on_error, on_temp):
             seen.add(file_id)
             yield file_id
         with translate_db_errors("cannot list the files on tape"):

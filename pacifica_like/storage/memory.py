@@ -40,6 +40,7 @@ from pacifica_like.storage.contract import (
     Reader,
     Replaced,
     Stored,
+    TempFileHandler,
     UploadDigests,
     Writer,
     translate_os_errors,
@@ -270,8 +271,10 @@ class MemoryBackend(Backend):
                     raise FileNotInArchive(f"file {file_id} is not in the archive")
             change.done(Deleted(file_id))
 
-    def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
-        """Yield the ids stored when the listing starts (nothing can fail to list)."""
+    def list_ids(
+        self, on_error: ListingErrorHandler | None = None, on_temp: TempFileHandler | None = None
+    ) -> Iterator[int]:
+        """Yield the ids stored when the listing starts (nothing can fail to list; no temp files)."""
         with self._archive.lock:
             ids = list(self._archive.files)
         yield from ids

@@ -17,6 +17,7 @@ from pacifica_like.storage.contract import (
     FileStatus,
     ListingErrorHandler,
     Reader,
+    TempFileHandler,
     Writer,
 )
 from pacifica_like.storage.diskcache import DiskCache
@@ -71,9 +72,11 @@ class PosixBackend(Backend):
         """Unlink the file and flush its directory."""
         self.cache.delete_announced(self.events, file_id)
 
-    def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
+    def list_ids(
+        self, on_error: ListingErrorHandler | None = None, on_temp: TempFileHandler | None = None
+    ) -> Iterator[int]:
         """Yield ids of archive files; hidden (temp) names are skipped."""
-        return self.cache.list_ids(on_error)
+        return self.cache.list_ids(on_error, on_temp)
 
     def check_ready(self) -> None:
         """Raise StorageUnavailable unless the prefix is a directory this process may write."""

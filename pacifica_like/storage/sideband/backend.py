@@ -54,6 +54,7 @@ from pacifica_like.storage.contract import (
     MetricSample,
     Reader,
     TapePosition,
+    TempFileHandler,
     VolumeSession,
     Writer,
 )
@@ -398,9 +399,11 @@ class SidebandBackend(Backend):
         """Delete the file (see TapeHsm.delete)."""
         self.hsm.delete(file_id)
 
-    def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
+    def list_ids(
+        self, on_error: ListingErrorHandler | None = None, on_temp: TempFileHandler | None = None
+    ) -> Iterator[int]:
         """List disk and tape (see TapeHsm.list_ids)."""
-        return self.hsm.list_ids(on_error)
+        return self.hsm.list_ids(on_error, on_temp)
 
     def localities(self, file_ids: Iterable[int]) -> dict[int, str]:
         """Answer from the disk cache and the tape catalog (see TapeHsm.localities)."""
@@ -571,9 +574,11 @@ class ExternalSidebandBackend(Backend):
         """Unlink the file through the filesystem."""
         self.cache.delete_announced(self.events, file_id)
 
-    def list_ids(self, on_error: ListingErrorHandler | None = None) -> Iterator[int]:
+    def list_ids(
+        self, on_error: ListingErrorHandler | None = None, on_temp: TempFileHandler | None = None
+    ) -> Iterator[int]:
         """Yield the ids of the files on the filesystem."""
-        return self.cache.list_ids(on_error)
+        return self.cache.list_ids(on_error, on_temp)
 
     def check_ready(self) -> None:
         """The prefix is writable and the sideband database answers."""
