@@ -17,6 +17,8 @@ $(VENV)/.installed: setup.py pyproject.toml pacifica_like/storage/tape/stager.c
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
+	@test -e /usr/include/mariadb/mysql.h && command -v pkg-config >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libmariadb-dev pkg-config)
 	$(PY) -m pip install --quiet -e '.[test,uwsgi]'
 	touch $@
 

@@ -69,12 +69,16 @@ setup(
             "requests>=2.31",
             "ruff>=0.6",
             "PyMySQL>=1.1,<2",
+            # The default MySQL driver where installed (C; builds against libmariadb-dev).
+            "mysqlclient>=2.2,<3",
             "psycopg[binary]>=3.1,<4",
             # The bounded, fixed-seed request fuzz (tests/test_fuzz.py).
             "hypothesis>=6.100",
         ],
         "uwsgi": ["uWSGI>=2.0.24"],
         "mysql": ["PyMySQL>=1.1,<2"],
+        # mysqlclient: libmariadb's C client, the faster driver (needs libmariadb-dev and pkg-config).
+        "mysqlclient": ["mysqlclient>=2.2,<3"],
         "postgres": ["psycopg[binary]>=3.1,<4"],
     },
     entry_points={"console_scripts": ["pacifica-like = pacifica_like.cli.main:main"]},

@@ -214,5 +214,5 @@ def files_under(root: Path) -> list[Path]:
     """
     if not root.exists():
         return []
-    catalog = [root / (DEFAULT_CATALOG_NAME + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
+    catalog = [root / (DEFAULT_CATALOG_NAME + suffix) for suffix in ("", "-wal", "-shm", "-journal", "-sync")]
     return sorted(p for p in root.rglob("*") if p.is_file() and p not in catalog)

@@ -9,6 +9,7 @@ running ``pacifica-like db upgrade`` at once; the command's output and exit stat
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import socket
 import sqlite3
@@ -32,7 +33,8 @@ from pacifica_like.db.retry import RetryPolicy, retry
 from pacifica_like.db.urls import DatabaseURL, open_database, parse_url
 from pacifica_like.gateway.catalog import GatewayCatalog
 
-KINDS = ("sqlite", "postgresql", "mysql")
+#: ``mysql`` runs on the default driver (mysqlclient where installed), ``mysql@pymysql`` on PyMySQL.
+KINDS = ("sqlite", "postgresql", "mysql", "mysql@pymysql")
 FAST = RetryPolicy(seconds=10.0, first_pause=0.0001, max_pause=0.001)
 
 #: The catalog's tables exactly as the gateway created them before schema versions were recorded.
@@ -84,8 +86,9 @@ def database_url(kind: str, tmp_path: Path) -> Iterator[str]:
     if kind == "sqlite":
         yield f"sqlite:///{tmp_path / 'catalog.sqlite'}"
     else:
+        kind, _, driver = kind.partition("@")
         with scratch_database(kind, "pl_db") as url:
-            yield url
+            yield url + (("&" if "?" in url else "?") + f"driver={driver}" if driver else "")
 
 
 @pytest.fixture(params=KINDS)
@@ -94,7 +97,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield found
 
 
-@pytest.fixture(params=("postgresql", "mysql"))
+@pytest.fixture(params=("postgresql", "mysql", "mysql@pymysql"))
 def server_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     with database_url(request.param, tmp_path) as found:
         yield found
@@ -167,11 +170,21 @@ def test_each_url_opens_its_dialect_with_its_driver(url: str):
     db = open_database(url)
     try:
         driver = type(db.connection()).__module__.split(".")[0]
-        assert driver == {"sqlite": "sqlite3", "postgresql": "psycopg", "mysql": "pymysql"}[kind_of(url)]
+        mysql = (
+            "pymysql" if "driver=pymysql" in url or importlib.util.find_spec("MySQLdb") is None else "MySQLdb"
+        )
+        assert driver == {"sqlite": "sqlite3", "postgresql": "psycopg", "mysql": mysql}[kind_of(url)]
         assert db.execute_sql("SELECT 1").fetchone()[0] == 1
         assert db.display_url == redact_url(url)
     finally:
         db.close()
+
+
+def test_an_unknown_mysql_driver_is_refused_by_name():
+    with pytest.raises(
+        StorageUnavailable, match="unknown MySQL driver 'oursql': driver= takes mysqlclient or pymysql"
+    ):
+        open_database("mysql://root@127.0.0.1:3306/test?driver=oursql")
 
 
 # -- errors by code --------------------------------------------------------------------------

@@ -312,7 +312,16 @@ def test_importing_the_client_loads_no_server_layer_nor_its_libraries(module: st
     )
     loaded = set(json.loads(done.stdout))
     assert module in loaded  # the probe did import it
-    server = ("cherrypy", "peewee", "playhouse", "prometheus_client", "webob", "psycopg", "pymysql")
+    server = (
+        "cherrypy",
+        "peewee",
+        "playhouse",
+        "prometheus_client",
+        "webob",
+        "psycopg",
+        "pymysql",
+        "MySQLdb",
+    )
     heavy = sorted(name for name in loaded if name.split(".")[0] in server)
     assert not heavy, f"importing {module} loads {heavy}"
     ours = sorted(

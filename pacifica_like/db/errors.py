@@ -71,7 +71,7 @@ def error_code(exc: BaseException) -> DriverCode | None:
         # psycopg 3: sqlstate; psycopg2: pgcode.
         state = getattr(inner, "sqlstate", None) or getattr(inner, "pgcode", None)
         return DriverCode("postgresql", state) if state else None
-    if module.startswith("pymysql") and inner.args and isinstance(inner.args[0], int):
+    if module.startswith(("pymysql", "MySQLdb")) and inner.args and isinstance(inner.args[0], int):
         return DriverCode("mysql", inner.args[0])
     return None
 

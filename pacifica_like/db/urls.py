@@ -1,9 +1,11 @@
-"""Open a peewee database from a URL: SQLite, PostgreSQL (psycopg 3) or MariaDB/MySQL (PyMySQL).
+"""Open a peewee database from a URL: SQLite, PostgreSQL (psycopg 3), MariaDB/MySQL (mysqlclient, PyMySQL).
 
 ``sqlite:///PATH``, ``postgresql://user:password@host:port/name?option=value``
 (``postgres://`` too) and ``mysql://user:password@host:port/name`` (``mariadb://``
 too). User and password are percent-decoded; query options go to the driver,
-numbers and booleans converted (``connect_timeout=5``). Nothing connects here:
+numbers and booleans converted (``connect_timeout=5``), except MySQL's
+``driver=mysqlclient|pymysql`` (default: mysqlclient where installed,
+:mod:`pacifica_like.db.mysql`). Nothing connects here:
 peewee opens a connection per thread on the first query (uWSGI forks after
 import and construction; no connection may cross the fork).
 """
@@ -19,6 +21,7 @@ import peewee
 
 from pacifica_like.core.config import redact_url
 from pacifica_like.core.errors import StorageUnavailable
+from pacifica_like.db.mysql import BoundedMySQLClientDatabase, MySQLClientDatabase, mysql_driver
 from pacifica_like.db.pool import BoundedMySQLDatabase, BoundedSqliteDatabase
 
 #: URL scheme -> dialect.
@@ -30,7 +33,7 @@ SCHEMES = {
     "mariadb": "mysql",
 }
 #: Dialect -> (driver module, the setup.py extra that installs it).
-DRIVERS = {"postgresql": ("psycopg", "postgres"), "mysql": ("pymysql", "mysql")}
+DRIVERS = {"postgresql": ("psycopg", "postgres")}  # MySQL: pacifica_like.db.mysql
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,9 @@ def parse_url(url: str) -> DatabaseURL:
 
 def require_driver(dialect: str) -> None:
     """Import the driver of ``dialect`` now, so a missing one is named with its extra, not on a query."""
+    if dialect == "mysql":
+        mysql_driver()
+        return
     if dialect not in DRIVERS:
         return
     module, extra = DRIVERS[dialect]
@@ -143,12 +149,12 @@ def open_database(
             # psycopg 3 even where psycopg2 is installed too: one driver, one set of error codes.
             db = peewee.PostgresqlDatabase(parsed.database, prefer_psycopg3=True, **options)
         else:
+            client = mysql_driver(options.pop("driver", None)) == "mysqlclient"
             if max_connections is None:
-                db = peewee.MySQLDatabase(parsed.database, **options)
+                db = (MySQLClientDatabase if client else peewee.MySQLDatabase)(parsed.database, **options)
             else:
-                db = BoundedMySQLDatabase(
-                    parsed.database, max_connections=max_connections, pool_wait=pool_wait, **options
-                )
+                bounded = BoundedMySQLClientDatabase if client else BoundedMySQLDatabase
+                db = bounded(parsed.database, max_connections=max_connections, pool_wait=pool_wait, **options)
     db.display_url = redact_url(url)  # type: ignore[attr-defined]
     db.dialect = parsed.dialect  # type: ignore[attr-defined]
     return db
