@@ -2,8 +2,9 @@
 
 One SAM-QFS directory of ``files`` small files (written straight to disk with
 their sha-256 xattr and mtime; no fsync, they are benchmark data) is served by
-three uWSGI servers with the same flags: posix, sideband on SQLite, sideband
-on MariaDB (a scratch database, dropped afterwards). The sideband rows are the
+four uWSGI servers with the same flags: posix, sideband on SQLite, sideband
+on MariaDB through the default driver (mysqlclient where installed) and through
+PyMySQL (a scratch database, dropped afterwards). The sideband rows are the
 ones the updater computes (``desired_rows``), inserted in bulk. Cells run
 ``wrk`` HEAD at 16 connections over the whole id range, alternating the
 servers for ``rounds`` rounds so drift hits all alike; each server's best
@@ -136,6 +137,8 @@ def run_sideband(
             "posix": {**common, "PAI_BACKEND_TYPE": "posix"},
             "sideband-sqlite": {**sideband, "PAI_SIDEBAND_DATABASE": sqlite_url},
             "sideband-mariadb": {**sideband, "PAI_SIDEBAND_DATABASE": mysql_url},
+            # The same database through the pure-Python driver (the default is mysqlclient, where installed).
+            "sideband-mariadb-pymysql": {**sideband, "PAI_SIDEBAND_DATABASE": f"{mysql_url}?driver=pymysql"},
         }
         with contextlib.ExitStack() as stack:
             running = {}
