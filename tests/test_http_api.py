@@ -45,6 +45,31 @@ def test_put_stores_bytes_at_the_sharded_path_with_mtime(app, prefix: Path):
     assert files_under(prefix) == [stored]  # no temp file left behind
 
 
+def test_a_new_shard_directory_is_flushed_into_its_parent_before_the_answer(
+    app, prefix: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A file's name is durable only with its directory's: each directory an upload made is flushed."""
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert put(app, 0x123456, BODY).status_int == 201  # makes 56/ and 56/34/
+    top, middle = prefix / "56", prefix / "56" / "34"
+    assert (middle / "123456").read_bytes() == BODY
+    # The file, its directory (the new entry), then the parents of the directories made (the
+    # catalog, under the prefix, may flush its own directory after that).
+    [temp] = [n for n, path in enumerate(flushed) if os.path.basename(path).startswith(".123456.")]
+    assert flushed[temp + 1 : temp + 4] == [str(middle), str(top), str(prefix)]
+    flushed.clear()
+    assert put(app, 0x133456, BODY).status_int == 201  # into 56/34/ again: nothing made
+    assert os.path.basename(flushed[0]).startswith(".133456.") and flushed[1] == str(middle)
+    assert str(top) not in flushed
+
+
 def test_flat_layout_when_id2filename_is_off(make_app, prefix: Path):
     app = make_app(use_id2filename=False)
     assert put(app, 12345, BODY).status_int == 201

@@ -41,6 +41,40 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def make_dirs(path: str) -> list[str]:
+    """Create ``path`` and its missing parents (0777 under the umask); return those made, top first.
+
+    A new directory's name lives in its parent: the caller flushes each made
+    directory's parent (:func:`fsync_parents`) before it calls a file in it
+    durable. Directories that appear meanwhile (another writer) are not ours.
+    """
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    made = []
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            continue
+        made.append(directory)
+    return made
+
+
+def fsync_parents(made: list[str]) -> None:
+    """Flush the parents of the directories :func:`make_dirs` made, so their names survive a crash.
+
+    After the file's own directory was flushed: on a journaling filesystem that
+    flush committed the mkdirs already, and these cost little.
+    """
+    for parent in dict.fromkeys(os.path.dirname(d) or "." for d in reversed(made)):
+        fsync_dir(parent)
+
+
 def publish(source: str, target: str, replace: bool = True) -> None:
     """Give the durable file ``source`` the name ``target``, then make the change durable.
 

@@ -894,6 +894,8 @@ class AtomicFileWriter(Writer):
         self._committed = False
         #: After commit: True when the published file replaced one at ``final_path``.
         self.replaced = False
+        #: Shard directories this upload created: their names are flushed with the file's.
+        self._made_dirs: list[str] = []
         directory, name = os.path.split(final_path)
         with translate_os_errors(f"cannot store {name}"):
             try:
@@ -903,7 +905,7 @@ class AtomicFileWriter(Writer):
             except FileNotFoundError:
                 # The shard's first file. Not made up front: a mkdir that finds the directory
                 # there is a failed system call on every other upload.
-                os.makedirs(directory, exist_ok=True)
+                self._made_dirs = durable.make_dirs(directory)
                 fd, self._temp_path = tempfile.mkstemp(
                     dir=directory, prefix=temp_name_prefix(name), suffix=TEMP_SUFFIX
                 )
@@ -937,6 +939,8 @@ class AtomicFileWriter(Writer):
             os.fsync(fd)
             self._file.close()
             self.replaced = publish(self._temp_path, self.final_path, replace=self._replace)
+            # A new shard directory's own name must survive a crash too, or the file goes with it.
+            durable.fsync_parents(self._made_dirs)
             self._committed = True
         self.sha256 = digest
         self.checksums = self._digests.checksums

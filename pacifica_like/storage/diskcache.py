@@ -25,7 +25,7 @@ import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from pacifica_like.core import checksums
+from pacifica_like.core import checksums, durable
 from pacifica_like.core.config import ArchiveSettings
 from pacifica_like.core.durable import fsync_dir
 from pacifica_like.core.errors import (
@@ -264,15 +264,16 @@ class DiskCache:
             target = self.target(file_id)
             target_dir = os.path.dirname(target)
             with translate_os_errors(f"cannot move {source.path} to file {file_id}"):
-                os.makedirs(target_dir, exist_ok=True)
+                made = durable.make_dirs(target_dir)
                 target_dir_fd = os.open(target_dir, safeopen.DIRECTORY_FLAGS)
                 try:
                     same_fs = source.stat.st_dev == os.fstat(target_dir_fd).st_dev
-                    if same_fs and self._rename_in(source, target_dir_fd, target):
-                        return source.stat.st_size
+                    renamed = same_fs and self._rename_in(source, target_dir_fd, target)
                 finally:
                     os.close(target_dir_fd)
-                return self._copy_in(source, target)
+                size = source.stat.st_size if renamed else self._copy_in(source, target)
+                durable.fsync_parents(made)  # a new shard directory's name, flushed with the file's
+                return size
 
     def _rename_in(self, source: safeopen.AdoptSource, target_dir_fd: int, target: str) -> bool:
         """Hash, stamp and rename the open source inode to ``target``; False: copy instead.

@@ -142,7 +142,7 @@ def open_database(url: str, connect_timeout: float, max_connections: int) -> pee
     """Open (lazily: nothing connects here) the database ``url`` names; point the proxy at it.
 
     ``sqlite:///PATH`` (WAL, so HEADs never wait for a writer) or
-    ``mysql://user:password@host:port/schema`` (PyMySQL, with connect, read
+    ``mysql://user:password@host:port/schema`` (mysqlclient or PyMySQL, with connect, read
     and write timeouts of ``connect_timeout`` seconds, so a dead server gives
     a prompt 503 rather than a hung request). At most ``max_connections``
     connections, each kept by its thread; a thread waits ``connect_timeout``
