@@ -37,8 +37,10 @@ from pacifica_like.db import durable
 from pacifica_like.db.durable import SQLITE_SHARED, DurableCommits
 
 
-def open_db(path: Path) -> peewee.SqliteDatabase:
-    db = peewee.SqliteDatabase(str(path), pragmas=SQLITE_SHARED, timeout=0)
+def open_db(path: Path, busy_wait_ms: int = 0) -> peewee.SqliteDatabase:
+    """Open the test database as the catalog does (``busy_wait_ms``: let SQLite wait for its lock)."""
+    pragmas = {**SQLITE_SHARED, "busy_timeout": busy_wait_ms}
+    db = peewee.SqliteDatabase(str(path), pragmas=pragmas, timeout=busy_wait_ms / 1000)
     db.execute_sql("CREATE TABLE IF NOT EXISTS t (n INTEGER)")
     return db
 
@@ -75,14 +77,19 @@ def test_commits_queued_behind_a_flush_in_another_process_share_the_next_one(tmp
         pid = os.fork()
         if pid == 0:  # a worker process: commit, say so, then wait for a durable commit
             os.close(r)
+            status = 1
             try:
-                commits = DurableCommits(open_db(path), flush_interval=0)
+                # The three commit at once: SQLite's own wait orders them (no retry helper here).
+                commits = DurableCommits(open_db(path, busy_wait_ms=TIMEOUT * 1000), flush_interval=0)
                 with commits.db.atomic():
                     commits.db.execute_sql("INSERT INTO t VALUES (?)", (n,))
                 os.write(w, b"committed")
                 commits.sync_wal()
+                status = 0
+            except BaseException as exc:
+                os.write(w, repr(exc).encode())
             finally:
-                os._exit(0)
+                os._exit(status)
         os.close(w)
         pids.append(pid)
         ready.append(r)
