@@ -552,6 +552,47 @@ class BulkStore:
             found.update(query.tuples())
         return list(found.values()), [p for p in wanted if p not in found]
 
+    @_transaction("cannot read the request")
+    def plan(
+        self, request_id: str, paths: Sequence[str] | None, pinned: bool = False, now: float | None = None
+    ) -> tuple[list[str], list[str]] | None:
+        """Say what a cancel (or, ``pinned``, a release) of ``paths`` (None: all) would touch; change nothing.
+
+        Returns (the paths the request does not hold, the paths whose files are
+        open, or with ``pinned`` hold an unexpired pin), or None when there is no
+        such request. For ``?dryRun=true``: the same look-ups as the change, no writes.
+        """
+        now = time.time() if now is None else now
+        if not self.Request.select().where(self.Request.id == request_id).exists():
+            return None
+        f = self.File
+        if paths is None:
+            rows = [r for (r,) in f.select(f.id).where(f.request_id == request_id).tuples()]
+            unknown: list[str] = []
+        else:
+            rows, unknown = self._paths(request_id, paths)
+        touched: list[str] = []
+        condition = (f.pin_until > now) if pinned else f.state.in_(OPEN_STATES)
+        for chunk in _chunks(rows, ID_CHUNK):
+            query = f.select(f.path).where(f.id.in_(list(chunk)) & condition).order_by(f.id)
+            touched.extend(path for (path,) in query.tuples())
+        return unknown, touched
+
+    @_transaction("cannot read pins")
+    def own_pins(self, client: str, paths: Sequence[str], now: float | None = None) -> int:
+        """Return how many unexpired pins ``client``'s requests hold on ``paths`` (what release_own drops)."""
+        now = time.time() if now is None else now
+        r, f = self.Request, self.File
+        own = r.select(r.id).where(r.client == client[:255])
+        held = 0
+        for chunk in _chunks(list(paths), ID_CHUNK):
+            held += (
+                f.select()
+                .where(f.request_id.in_(own) & f.path.in_(list(chunk)) & (f.pin_until > now))
+                .count()
+            )
+        return held
+
     @_transaction("cannot cancel files")
     def cancel(
         self, request_id: str, paths: Sequence[str] | None, now: float | None = None

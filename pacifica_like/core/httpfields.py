@@ -231,3 +231,28 @@ def parse_byte_range(value: str, size: int) -> tuple[int, int]:
     if end < start:
         raise InvalidRequest(f"byte_range end {end} is before its start {start}")
     return min(start, size), min(end, size)
+
+
+#: ``?dryRun=`` values, case-insensitive.
+_DRY_RUN_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def parse_dry_run(query: str | None) -> bool:
+    """Return whether a query string asks for a dry run (``dryRun=true``); InvalidRequest for a bad value.
+
+    >>> parse_dry_run("dryRun=true"), parse_dry_run("x=1"), parse_dry_run(None)
+    (True, False, False)
+    """
+    if not query or "dryRun" not in query:
+        return False
+    found = None
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if name == "dryRun":
+            found = value
+    if found is None:
+        return False
+    try:
+        return _DRY_RUN_VALUES[found.strip().lower()]
+    except KeyError:
+        raise InvalidRequest(f"dryRun={found[:20]!r}: expected true or false") from None

@@ -541,6 +541,43 @@ class Backend(abc.ABC):
     def adopt(self, file_id: int, source_path: str) -> int:
         """Move a file already on the server into the archive (PATCH); return its size."""
 
+    def plan_adopt(self, file_id: int, source_path: str) -> dict[str, Any]:
+        """Say what :meth:`adopt` would do (PATCH ``?dryRun=true``), changing nothing.
+
+        The source is opened and checked as :meth:`adopt` opens it (the same
+        400/403/404 answers), and a write-once archive refuses a taken id (409).
+        Returns ``source``, ``size``, ``replaces`` (a file has the id now) and
+        ``method``: ``rename`` when the source lives on the archive's filesystem
+        (adopt still copies if another process has it open at that moment), else
+        ``copy``.
+        """
+        from pacifica_like.storage import safeopen  # a leaf module; only PATCH needs it
+
+        archive = self.settings.archive
+        try:
+            self.status(file_id)
+            replaces = True
+        except FileNotInArchive:
+            replaces = False
+        with safeopen.open_adopt_source(source_path, archive.patch_roots) as source:
+            if replaces and archive.write_once:
+                raise Conflict(f"file {file_id} already exists and the archive is write-once")
+            method = "copy"
+            path_of = getattr(self, "path", None)
+            if path_of is not None:
+                # The nearest directory that exists on the way to the file's place.
+                place = os.path.dirname(path_of(file_id))
+                while place and not os.path.isdir(place):
+                    place = os.path.dirname(place)
+                if place and os.stat(place).st_dev == source.stat.st_dev:
+                    method = "rename"
+            return {
+                "source": source.path,
+                "size": source.stat.st_size,
+                "replaces": replaces,
+                "method": method,
+            }
+
     @abc.abstractmethod
     def delete(self, file_id: int) -> None:
         """Remove a stored file; FileNotInArchive if there is none."""

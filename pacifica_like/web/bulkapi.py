@@ -38,6 +38,7 @@ from pacifica_like.bulk.store import (
     NewFile,
     RequestInfo,
 )
+from pacifica_like.core import httpfields
 from pacifica_like.core.config import Settings
 from pacifica_like.core.errors import (
     ArchiveError,
@@ -303,8 +304,8 @@ class BulkAPI:
 
     # -- submit ------------------------------------------------------------------
 
-    def submit(self) -> bytes:
-        """Check, resolve and durably store a stage request; 201 with its id."""
+    def submit(self, dry_run: bool = False) -> bytes:
+        """Check, resolve and durably store a stage request; 201 with its id (``dry_run``: 200, the plan)."""
         store = self.store
         body = _read_json(self.max_body)
         if not isinstance(body, dict) or "files" not in body:
@@ -321,11 +322,56 @@ class BulkAPI:
             entries = self._entries(files)
             self.allow((path for path, _ in entries), "stage")
             client = self.client()
+            if dry_run:
+                return _json(self._stage_plan(client, self._throttle(client, self._resolve(entries))))
             self._check_stored(client)
             resolved = self._throttle(client, self._resolve(entries))
             request_id = store.create_request(client, resolved)
         cherrypy.serving.response.headers["Location"] = f"/api/v1/stage/{request_id}"
         return _json({"requestId": request_id}, 201)
+
+    def _stage_plan(self, client: str, files: list[NewFile]) -> dict[str, Any]:
+        """The answer to a stage request's dry run: each file's first state, and the volumes to mount.
+
+        Volumes are listed with their files in tape order, as the scheduler reads
+        them. ``storedRequests`` and ``maxStoredRequests`` tell whether the real
+        request would first make room (or be refused, 429).
+        """
+        volumes: dict[str, list[NewFile]] = {}
+        for new in files:
+            if new.state in (SUBMITTED, DEFERRED) and new.vsn is not None:
+                volumes.setdefault(new.vsn, []).append(new)
+        stored, _ = self.store.stored_requests(client)
+        states: dict[str, int] = {}
+        for new in files:
+            shown = SUBMITTED if new.state == DEFERRED else new.state
+            states[shown] = states.get(shown, 0) + 1
+        return {
+            "dryRun": True,
+            "files": [
+                {
+                    "path": new.path,
+                    # As a poll would show it: a file past the client's in-flight cap is SUBMITTED too.
+                    "state": SUBMITTED if new.state == DEFERRED else new.state,
+                    **({"deferred": True} if new.state == DEFERRED else {}),
+                    **({"error": new.error} if new.error else {}),
+                }
+                | ({"volume": new.vsn, "position": new.position} if new.vsn is not None else {})
+                for new in files
+            ],
+            "states": states,
+            "volumes": [
+                {
+                    "volume": vsn,
+                    "files": len(queued),
+                    "bytes": sum(new.size for new in queued),
+                    "order": [new.path for new in sorted(queued, key=lambda new: new.position or 0)],
+                }
+                for vsn, queued in sorted(volumes.items())
+            ],
+            "storedRequests": stored,
+            "maxStoredRequests": self.policy.max_requests_per_client,
+        }
 
     def _throttle(self, client: str, files: list[NewFile]) -> list[NewFile]:
         """Defer the files past the client's in-flight cap: accepted now, recalled as earlier ones finish.
@@ -485,10 +531,18 @@ class BulkAPI:
 
     # -- cancel, delete, release -------------------------------------------------
 
-    def cancel(self, request_id: str) -> bytes:
-        """Cancel the named files of a request (all or nothing)."""
+    def cancel(self, request_id: str, dry_run: bool = False) -> bytes:
+        """Cancel the named files of a request (all or nothing); ``dry_run``: name the files it would."""
         paths = _paths_of(_read_json(self.max_body), self.policy.max_files_per_request)
         self.own(self.store.request(request_id) if _REQUEST_ID.fullmatch(request_id) else None, request_id)
+        if dry_run:
+            unknown, touched = self._plan(request_id, paths, pinned=False)
+            if unknown:
+                raise InvalidRequest(
+                    f"request {request_id} does not hold these paths, so nothing would be cancelled: "
+                    f"{_name(unknown)}"
+                )
+            return _json({"dryRun": True, "requestId": request_id, "cancelled": touched})
         with self.heavy("cancel", len(paths)):
             unknown = self.store.cancel(request_id, paths) if _REQUEST_ID.fullmatch(request_id) else None
         if unknown is None:
@@ -499,18 +553,27 @@ class BulkAPI:
             )
         return _json({"requestId": request_id})
 
-    def delete(self, request_id: str) -> bytes:
-        """Cancel what is still open, drop the request's pins and forget it."""
+    def delete(self, request_id: str, dry_run: bool = False) -> bytes:
+        """Cancel what is still open, drop the request's pins and forget it; ``dry_run``: say what."""
         info = self.own(
             self.store.request(request_id) if _REQUEST_ID.fullmatch(request_id) else None, request_id
         )
+        if dry_run:
+            _, open_paths = self._plan(request_id, None, pinned=False)
+            _, pinned = self._plan(request_id, None, pinned=True)
+            return _json(
+                {"dryRun": True, "requestId": request_id, "files": info.files, "cancelled": open_paths,
+                 "releasedPins": pinned}
+            )  # fmt: skip
         with self.heavy("delete", info.files):
             if not self.store.delete(request_id):
                 raise UnknownRequest(f"no stage request {request_id!r} (never made, or deleted)")
         return _json({"requestId": request_id})
 
-    def release(self, request_id: str) -> bytes:
+    def release(self, request_id: str, dry_run: bool = False) -> bytes:
         """Drop the request's pins on the named files; disk space may then be reclaimed.
+
+        ``dry_run``: name the files whose pins it would drop, and change nothing.
 
         An id that names no request (gfal2 sends ``gfal2-placeholder-id`` when
         it has none, and dCache answers every release with 200) drops the
@@ -520,6 +583,18 @@ class BulkAPI:
         info = self.store.request(request_id) if _REQUEST_ID.fullmatch(request_id) else None
         if info is not None:
             self.own(info, request_id)
+        if dry_run:
+            if info is None:
+                self.allow(paths, "stage")
+                held = self.store.own_pins(self.client(), paths)
+                return _json({"dryRun": True, "requestId": request_id, "releasedPins": held})
+            unknown, touched = self._plan(request_id, paths, pinned=True)
+            if unknown:
+                raise InvalidRequest(
+                    f"request {request_id} does not hold these paths, so no pin would be released: "
+                    f"{_name(unknown)}"
+                )
+            return _json({"dryRun": True, "requestId": request_id, "released": touched})
         with self.heavy("release", len(paths)):
             unknown = self.store.release(request_id, paths) if info is not None else None
             if unknown is None:
@@ -531,6 +606,13 @@ class BulkAPI:
                 f"request {request_id} does not hold these paths, so no pin was released: {_name(unknown)}"
             )
         return _json({"requestId": request_id})
+
+    def _plan(self, request_id: str, paths: list[str] | None, pinned: bool) -> tuple[list[str], list[str]]:
+        """The store's dry-run look-up; UnknownRequest when the request went meanwhile."""
+        found = self.store.plan(request_id, paths, pinned=pinned)
+        if found is None:
+            raise UnknownRequest(f"no stage request {request_id!r} (never made, or deleted)")
+        return found
 
     # -- archiveinfo and queues ------------------------------------------------
 
@@ -730,16 +812,17 @@ class ApiV1:
         method = cherrypy.serving.request.method
         if len(path) > 2 or (len(path) == 2 and path[1] != "cancel"):
             raise cherrypy.NotFound()
+        dry_run = httpfields.parse_dry_run(cherrypy.serving.request.query_string)
         if not path:
             _allow(method, "POST")
-            return self._api.submit()
+            return self._api.submit(dry_run)
         request_id = path[0]
         if len(path) == 2:
             _allow(method, "POST")
-            return self._api.cancel(request_id)
+            return self._api.cancel(request_id, dry_run)
         _allow(method, "GET", "HEAD", "DELETE")
         if method == "DELETE":
-            return self._api.delete(request_id)
+            return self._api.delete(request_id, dry_run)
         return self._api.poll(request_id, params.get("limit"), params.get("cursor"), params.get("state"))
 
     @_handler
@@ -748,7 +831,7 @@ class ApiV1:
         if len(path) != 1:
             raise cherrypy.NotFound()
         _allow(cherrypy.serving.request.method, "POST")
-        return self._api.release(path[0])
+        return self._api.release(path[0], httpfields.parse_dry_run(cherrypy.serving.request.query_string))
 
     @_handler
     def archiveinfo(self, path: tuple[str, ...], params: dict[str, Any]) -> bytes:

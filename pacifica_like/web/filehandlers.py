@@ -278,7 +278,8 @@ class FileHandlers:
         )
 
     def patch(self, file_id: int, environ: dict[str, Any]) -> Response:
-        """Move a server-side file (JSON ``{"path": ...}``) into the archive."""
+        """Move a server-side file (JSON ``{"path": ...}``) into the archive; ``?dryRun=true``: the plan."""
+        dry_run = httpfields.parse_dry_run(environ.get("QUERY_STRING"))
         headers = RequestHeaders(environ)
         content_type = headers.get("Content-Type") or ""
         if content_type.split(";")[0].strip().lower() != "application/json":
@@ -298,16 +299,39 @@ class FileHandlers:
             raise InvalidRequest(f"PATCH body is not valid JSON: {exc}") from None
         if not isinstance(document, dict) or "path" not in document:
             raise InvalidRequest('PATCH body must be a JSON object with a "path"')
+        if dry_run:
+            plan = self.backend.plan_adopt(file_id, document["path"])
+            message = {
+                "dryRun": True,
+                "message": "File would be moved into the archive",
+                "file": str(file_id),
+            }
+            return json_response(200, {**message, **plan})
         self.backend.adopt(file_id, document["path"])
         return json_response(200, {"message": "File Moved Successfully"})
 
     def delete(self, file_id: int, environ: dict[str, Any]) -> Response:
-        """Remove the file, where the deployment allows it."""
+        """Remove the file, where the deployment allows it; ``?dryRun=true``: what would go."""
+        dry_run = httpfields.parse_dry_run(environ.get("QUERY_STRING"))
         if not self.settings.archive.allow_delete:
             raise MethodDisabled(
                 "DELETE is disabled on this archive (allow_delete = false)",
                 allow=VERBS_WITHOUT_DELETE,
             )
+        if dry_run:
+            status = self.backend.status(file_id)  # 404 when there is nothing to delete
+            plan: dict[str, Any] = {
+                "dryRun": True,
+                "message": "File would be deleted",
+                "file": str(file_id),
+                "size": status.size,
+                "state": status.state,
+                # Bytes on disk and on tape: tape copies become stale with the file.
+                "bytesPerLevel": list(status.bytes_per_level),
+            }
+            if status.copies is not None:
+                plan["copies"] = [f"{c.copy}:{c.vsn}:{c.position}" for c in status.copies]
+            return json_response(200, plan)
         self.backend.delete(file_id)
         return json_response(200, {"message": "File Deleted", "file": str(file_id)})
 

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 from time import perf_counter
 from typing import Any
 
+from pacifica_like.core import httpfields
+from pacifica_like.core.errors import InvalidRequest
 from pacifica_like.web import logs
 from pacifica_like.web.authz import CLIENT_KEY, principal_of
 from pacifica_like.web.errors import ERROR_KEY
@@ -46,6 +48,22 @@ def _audited(method: str, path: str) -> str | None:
     if path.startswith("/api/v1/release"):
         return "bulk-release"
     return None if path.startswith("/api/") else "stage"
+
+
+def _outcome(status: int, query: str | None) -> str:
+    """The audit outcome: done, dry-run (``?dryRun=true``: nothing was changed), refused or failed."""
+    if status in (401, 403):
+        return "refused"
+    if status >= 400:
+        return "failed"
+    return "dry-run" if query and "dryRun" in query and _asks_dry_run(query) else "done"
+
+
+def _asks_dry_run(query: str) -> bool:
+    try:
+        return httpfields.parse_dry_run(query)
+    except InvalidRequest:
+        return False
 
 
 class ObservedApp:
@@ -172,7 +190,7 @@ class Exchange:
                 remote=environ.get(CLIENT_KEY, environ.get("REMOTE_ADDR")),
                 path=(mount + path)[:MAX_LOGGED_PATH],
                 status=self.status,
-                outcome="done" if self.status < 400 else "refused" if self.status in (401, 403) else "failed",
+                outcome=_outcome(self.status, environ.get("QUERY_STRING")),
             )
         if observer.access_log:
             # /<digits>: the id asked for (valid or not); anything else has none.
