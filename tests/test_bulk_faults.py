@@ -98,6 +98,29 @@ def test_a_volume_that_cannot_be_mounted_fails_its_files_after_max_attempts(arch
     assert all("could not be mounted" in f["error"] and vsn in f["error"] for f in document["files"])
 
 
+def test_a_free_drive_waits_idle_wait_seconds_not_max_wait_seconds(archive):
+    """A 3-file request on an idle library is mounted after 10 s, not 300 s; busy drives wait longer."""
+    from pacifica_like.bulk.store import VolumeQueue
+
+    settings, backend = archive(
+        bulk={"mount_min_files": 32, "max_wait_seconds": 300, "idle_wait_seconds": 10}
+    )
+    store_offline(backend, {1: 100, 2: 100, 3: 100})
+    app = http(settings, backend)
+    request_id = submit(app, ["/1", "/2", "/3"]).json["requestId"]
+    running = scheduler(settings, backend)
+    queued_at = time.time()
+    assert running.run_pass(now=queued_at + 5) == []  # a free drive, but the queue is only 5 s old
+    assert len(running.run_pass(now=queued_at + 11)) == 1  # 11 s: mounted, 289 s before max_wait_seconds
+    assert running.run_until_idle(timeout=60)
+    assert set(states(poll(app, request_id)).values()) == {"COMPLETED"}
+
+    now = 1000.0
+    waiting = [VolumeQueue("SMALL", 3, 300, now - 11, False), VolumeQueue("FRESH", 1, 100, now - 2, False)]
+    assert running.pick(waiting, now) == []  # every drive busy: small queues wait max_wait_seconds
+    assert [q.vsn for q in running.pick(waiting, now, idle=True)] == ["SMALL"]
+
+
 def test_aged_queues_are_mounted_first_and_small_fresh_ones_wait(archive):
     settings, backend = archive(bulk={"mount_min_files": 3, "max_wait_seconds": 100})
     running = scheduler(settings, backend)

@@ -430,7 +430,12 @@ def test_bad_input_to_the_bulk_api_is_a_4xx_problem(archive: Archive):
 def test_finished_requests_past_retention_are_purged_with_their_rows(tmp_path: Path, prepare_backend):
     settings = make_settings(
         tmp_path, "tape", prepare_backend,
-        bulk={"retention_seconds": 3600.0, "max_wait_seconds": 1e9, "mount_min_files": 1000},
+        bulk={
+            "retention_seconds": 3600.0,
+            "max_wait_seconds": 1e9,
+            "idle_wait_seconds": 1e9,
+            "mount_min_files": 1000,
+        },
     )  # fmt: skip
     backend = registry.create(settings)
     try:

@@ -11,7 +11,8 @@ thread; ``pacifica-like worker`` runs only it). Each *pass*:
    forgets requests finished more than ``retention_seconds`` ago;
 3. picks volumes worth a mount (``mount_min_files`` files or
    ``mount_min_bytes`` bytes queued, or the oldest file waited
-   ``max_wait_seconds``; waited-longest first) while fewer than ``drives``
+   ``max_wait_seconds``, or only ``idle_wait_seconds`` while a drive is
+   free; waited-longest first) while fewer than ``drives``
    volumes are held by all schedulers together, claims each in the database,
    and starts a thread for it.
 
@@ -172,7 +173,8 @@ class Scheduler:
         if self._stop.is_set():
             return []
         started = []
-        for queue in self.pick(self.store.waiting_volumes(now), now):
+        idle = self.store.held_volumes() < self.drives
+        for queue in self.pick(self.store.waiting_volumes(now), now, idle=idle):
             if self.store.held_volumes() >= self.drives:
                 break
             if self.store.claim_volume(queue.vsn, self.owner, self.drives, now):
@@ -196,15 +198,18 @@ class Scheduler:
             log.info("forgot %d bulk requests past retention_seconds", purged)
         return purged
 
-    def pick(self, waiting: list[VolumeQueue], now: float) -> list[VolumeQueue]:
+    def pick(self, waiting: list[VolumeQueue], now: float, idle: bool = False) -> list[VolumeQueue]:
         """Return the volumes worth a mount now, most urgent first.
 
         Worth it: enough files or bytes queued, or the oldest file waited
-        ``max_wait_seconds`` (so a small queue is never starved). Volumes past
+        ``max_wait_seconds`` (so a small queue is never starved); ``idle`` (a
+        drive is free): ``idle_wait_seconds`` is wait enough, since a free drive
+        gains nothing from waiting longer for files to gather. Volumes past
         their wait come first, longest waiting first; then the fullest queues.
         """
         policy = self.policy
-        aged = [q for q in waiting if now - q.oldest_queued_at >= policy.max_wait_seconds]
+        wait = min(policy.max_wait_seconds, policy.idle_wait_seconds) if idle else policy.max_wait_seconds
+        aged = [q for q in waiting if now - q.oldest_queued_at >= wait]
         full = [
             q
             for q in waiting

@@ -542,6 +542,12 @@ class BulkSettings:
     max_wait_seconds: float = setting(
         parse_seconds, "300", "a volume's oldest queued file waits no longer than this for a mount"
     )
+    # A free drive gains nothing by waiting the full max_wait_seconds for more files to gather.
+    idle_wait_seconds: float = setting(
+        parse_seconds,
+        "10",
+        "while a drive is free, a volume's oldest queued file waits no longer than this for a mount",
+    )
     recall_timeout: float = setting(
         parse_seconds, "3600", "a recall running longer is failed by the watchdog, with that reason"
     )
