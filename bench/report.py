@@ -198,7 +198,7 @@ def tape_table(results: dict[str, Any]) -> str:
 
 
 def tape_verdicts(results: dict[str, Any]) -> list[Verdict]:
-    """Check the tape targets: the speed-up of verification with every drive, and no errors."""
+    """Check the tape targets: the speed-up of verification and migration with every drive, no errors."""
     drives = results["settings"]["drives"]
     ratio = tape.verify_ratio(results)
     seconds = {p.drives: p.seconds for p in results["phases"] if p.kind == "verify"}
@@ -209,6 +209,16 @@ def tape_verdicts(results: dict[str, Any]) -> list[Verdict]:
             f"{_fmt_ratio(ratio)} ({seconds.get(drives, 0):.2f} vs {seconds.get(1, 0):.2f} s)",
         )
     ]
+    ratio = tape.migrate_ratio(results)
+    if ratio is not None:
+        seconds = {p.drives: p.seconds for p in results["phases"] if p.kind == "migrate-drives"}
+        found.append(
+            Verdict(
+                f"tape migrate with {drives} drives <= {tape.MIGRATE_SPEEDUP_TARGET:g}x the time of 1 drive",
+                ratio <= tape.MIGRATE_SPEEDUP_TARGET,
+                f"{_fmt_ratio(ratio)} ({seconds.get(drives, 0):.2f} vs {seconds.get(1, 0):.2f} s)",
+            )
+        )
     errors = tape.error_count(results)
     found.append(Verdict("zero errors (tape)", errors == 0, f"{errors} error(s)"))
     return found

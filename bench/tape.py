@@ -35,6 +35,8 @@ from pacifica_like.storage.tape.stager import HEADER_SIZE
 MIB = 1 << 20
 #: Verification with every drive must take at most this share of the one-drive time.
 VERIFY_SPEEDUP_TARGET = 0.6
+#: Migration writing with every drive (one volume each) must take at most this share of one drive's time.
+MIGRATE_SPEEDUP_TARGET = 0.6
 #: The mtime every stored file carries.
 MTIME = 784111777.0
 SEED = 20241107
@@ -163,6 +165,35 @@ def _verify(backend: TapeBackend, drives: int) -> Phase:
     return phase
 
 
+def _migrate_with(workdir: Path, workload: Workload, capacity: int, sizes: list[int], drives: int) -> Phase:
+    """Store the files in a fresh library under ``workdir``; migrate them, ``drives`` volumes at once."""
+    settings = _settings(workdir, workload, capacity)
+    library = TapeLibrary(settings.tape)
+    try:
+        library.initialise()
+    finally:
+        library.catalog.close()
+    backend = registry.create(settings)
+    assert isinstance(backend, TapeBackend)
+    try:
+        ids = list(_store(backend, sizes, workload.seed))
+        steps = operations.plan_migrate(backend, ids, drives)
+        outcome = operations.run_migrate(backend, steps, drives=drives)
+    finally:
+        backend.close()
+    label = f"migrate, {drives} drive{'s' if drives > 1 else ''}"
+    return _phase("migrate-drives", label, drives, outcome)
+
+
+def migrate_ratio(results: dict[str, Any]) -> float | None:
+    """Return the all-drives migration time over the one-drive time (None if not measured)."""
+    by_drives = {p.drives: p for p in results["phases"] if p.kind == "migrate-drives"}
+    one, many = by_drives.get(1), by_drives.get(results["settings"]["drives"])
+    if one is None or many is None or one.seconds <= 0:
+        return None
+    return many.seconds / one.seconds
+
+
 def _settings(workdir: Path, workload: Workload, capacity: int) -> Settings:
     """Return settings for a fresh library in ``workdir``: default cost model, scaled."""
     return load_settings(
@@ -251,6 +282,9 @@ def run_tape(workdir: Path, workload: Workload, log: Callable[[str], None]) -> d
             record(_verify(backend, workers))
     finally:
         backend.close()
+    # Migration with one writer per drive, each in a library of its own holding the same files.
+    for workers in (1, drives):
+        record(_migrate_with(workdir / f"migrate-{workers}", workload, capacity, sizes, workers))
     return results
 
 

@@ -16,6 +16,7 @@ import os
 import random
 import re
 import struct
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -382,6 +383,34 @@ def test_migrate_spills_onto_the_next_volume_with_no_half_written_record(archive
     assert archive.states(extra) == {1100: REGULAR}
 
 
+def test_migrate_writes_one_volume_per_drive_at_once(archive: Archive):
+    """With 3 drives, migration takes 2 by default (one stays for recalls): two volumes written together."""
+    archive.init(drives=3)
+    ids = file_ids(6)
+    stored = archive.store(ids)
+    plan = archive.cli("migrate", *map(str, ids), "--dry-run", "--json")
+    assert plan.status == 0, plan.err
+    assert plan.json()["drives"] == 2
+    planned = {step["file_id"]: step["vsn"] for step in plan.json()["files"]}
+    # Balanced over the first two volumes, 3 files each.
+    assert sorted(list(planned.values()).count(v) for v in set(planned.values())) == [3, 3]
+    assert set(planned.values()) == set(VSNS[:2])
+
+    # The two writers meet at a barrier after every file: written one volume after the other,
+    # the first writer would wait there alone until the barrier broke the run.
+    meet = threading.Barrier(2, timeout=30)
+    with archive.backend() as backend:
+        drives = operations.migration_drives(backend)
+        assert drives == 2
+        steps = operations.plan_migrate(backend, ids, drives)
+        outcome = operations.run_migrate(backend, steps, lambda nbytes: meet.wait(), drives)
+    assert outcome.failed == [] and len(outcome.done) == 6
+    placed = {file_id: copy.vsn for file_id, copy in archive.copies().items()}
+    assert placed == planned
+    for file_id, copy in archive.copies().items():
+        assert copy.size == len(stored[file_id])
+
+
 def test_migrate_moves_on_when_another_migration_fills_the_volume_mid_run(
     archive: Archive, monkeypatch: pytest.MonkeyPatch
 ):
@@ -390,9 +419,11 @@ def test_migrate_moves_on_when_another_migration_fills_the_volume_mid_run(
     stored = archive.store([interloper, *named])
     real_plan = operations.plan_migrate
 
-    def plan_then_interfere(backend: TapeBackend, ids: Iterable[int]) -> list[operations.Step]:
+    def plan_then_interfere(
+        backend: TapeBackend, ids: Iterable[int], drives: int = 1
+    ) -> list[operations.Step]:
         # Another process migrates a file between this run's plan and its writes.
-        steps = real_plan(backend, ids)
+        steps = real_plan(backend, ids, drives)
         monkeypatch.setattr(operations, "plan_migrate", real_plan)
         with archive.backend() as other:
             done = operations.run_migrate(other, real_plan(other, [interloper])).done

@@ -76,6 +76,10 @@ def add_commands(commands: argparse._SubParsersAction, settings_arguments: Calla
         _add_run_flags(command)
         if name == "stage":
             command.add_argument("--drives", type=int, help="drives to use (default: all)")
+        if name == "migrate":
+            command.add_argument(
+                "--drives", type=int, help="drives to write with at once (default: [tape] migration_drives)"
+            )
 
     verify = commands.add_parser(
         "verify", help="fixity check: read a sample of each volume's files back through the stager"
@@ -262,18 +266,23 @@ def move(backend: TapeHsm, args: argparse.Namespace) -> int:
     }[args.command]
     # Files pinned by bulk stage requests stay on disk: release skips them, naming the pin.
     pinned = _pin_lookup(backend.settings) if args.command == "release" else None
-    steps = operations.plan_release(backend, ids, pinned) if pinned else planner(backend, ids)
+    drives = 1
+    if args.command == "migrate":
+        drives = operations.migration_drives(backend, args.drives)
+        steps = operations.plan_migrate(backend, ids, drives)
+    else:
+        steps = operations.plan_release(backend, ids, pinned) if pinned else planner(backend, ids)
     if args.all:
         # Files the action does not apply to are not news when nobody named them.
         steps = [s for s in steps if s.action != "skip"]
     action = _VERB[args.command]
     chosen = [s for s in steps if s.action == action]
     if args.dry_run:
-        return _print_plan(steps, action, args.json)
+        return _print_plan(steps, action, args.json, drives if args.command == "migrate" else None)
     total = sum(s.size for s in chosen)
     with _progress_bar(args, total, args.command) as progress:
         if args.command == "migrate":
-            outcome = operations.run_migrate(backend, steps, progress)
+            outcome = operations.run_migrate(backend, steps, progress, drives)
         elif args.command == "release":
             outcome = operations.run_release(backend, steps, progress, pinned)
         else:
@@ -304,7 +313,7 @@ def _describe(step: Step, action: str) -> str:
     return f"{step.action} file {step.file_id}: {step.reason}"
 
 
-def _print_plan(steps: list[Step], action: str, as_json: bool) -> int:
+def _print_plan(steps: list[Step], action: str, as_json: bool, drives: int | None = None) -> int:
     chosen = [s for s in steps if s.action == action]
     volumes = sorted({s.vsn for s in chosen if s.vsn})
     if as_json:
@@ -314,6 +323,7 @@ def _print_plan(steps: list[Step], action: str, as_json: bool) -> int:
             "files": [vars(s) for s in steps],
             "volumes": volumes,
             "bytes": sum(s.size for s in chosen),
+            **({"drives": drives} if drives is not None else {}),
         }
         print(json.dumps(document, indent=2))
         return 0
@@ -322,7 +332,8 @@ def _print_plan(steps: list[Step], action: str, as_json: bool) -> int:
         print(prefix + _describe(step, action))
     print(
         f"dry run: would {action} {len(chosen)} files ({human(sum(s.size for s in chosen))}) "
-        f"on {len(volumes)} volumes {' '.join(volumes)}; "
+        f"on {len(volumes)} volumes {' '.join(volumes)}"
+        f"{f', {drives} at once (one per drive)' if drives is not None and drives > 1 else ''}; "
         f"{len(steps) - len(chosen)} not applicable; nothing was changed"
     )
     return 0

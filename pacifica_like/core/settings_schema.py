@@ -427,6 +427,11 @@ class TapeSettings:
         env="PAI_TAPE_LIBRARY",
     )
     drives: int = setting(parse_positive, "2", "tape drives; created by tape init, which only ever adds")
+    migration_drives: int = setting(
+        parse_count,
+        "0",
+        "drives a migration writes with at once (one volume each); 0: all but one, so recalls keep a drive",
+    )
     volumes: int = setting(parse_positive, "8", "volumes (cartridges); created by tape init")
     volume_capacity: int = setting(
         parse_size, "18TB", "bytes per volume; units B, KB/MB/GB/TB, KiB/MiB/GiB/TiB"

@@ -187,14 +187,19 @@ def _status_or_note(backend: TapeHsm, file_id: int, steps: list[Step], action: s
 # -- migrate ---------------------------------------------------------------------
 
 
-def plan_migrate(backend: TapeHsm, file_ids: Iterable[int]) -> list[Step]:
+def plan_migrate(backend: TapeHsm, file_ids: Iterable[int], drives: int = 1) -> list[Step]:
     """Decide which volume and offset each REGULAR file would be written to.
 
-    Volumes fill in VSN order; a file goes to the first volume with room for
-    it (first fit), the way a fresh cartridge is taken when one fills.
+    With one drive, volumes fill in VSN order: a file goes to the first volume
+    with room for it (first fit), the way a fresh cartridge is taken when one
+    fills. With ``drives`` > 1, the first ``drives`` volumes with room are
+    written at once, one per drive: each file goes to the one with the fewest
+    bytes planned so far that has room (first fit when none of them has).
     """
     volume = backend.catalog.Volume
     room = [[v.vsn, v.fill, v.capacity] for v in volume.select().where(~volume.full).order_by(volume.vsn)]
+    lanes = room[: max(1, drives)]
+    planned = {v[0]: 0 for v in lanes}
     steps = []
     for file_id in file_ids:
         status = _status_or_note(backend, file_id, steps, "skip")
@@ -204,30 +209,50 @@ def plan_migrate(backend: TapeHsm, file_ids: Iterable[int]) -> list[Step]:
             reason = "already on tape (DUAL)" if status.state == DUAL else f"not on disk ({status.state})"
             steps.append(Step(file_id, "skip", status.size, reason=reason))
             continue
-        target = next((v for v in room if v[1] + HEADER_SIZE + status.size <= v[2]), None)
+        fits = [v for v in lanes if v[1] + HEADER_SIZE + status.size <= v[2]]
+        if len(lanes) > 1 and fits:
+            target = min(fits, key=lambda v: planned[v[0]])
+        else:
+            target = next((v for v in room if v[1] + HEADER_SIZE + status.size <= v[2]), None)
         if target is None:
             steps.append(Step(file_id, "refuse", status.size, reason="no volume has room for it"))
             continue
         steps.append(Step(file_id, "migrate", status.size, target[0], target[1]))
         target[1] += HEADER_SIZE + status.size
+        if target[0] in planned:
+            planned[target[0]] += HEADER_SIZE + status.size
     return steps
 
 
-def run_migrate(backend: TapeHsm, steps: list[Step], progress: Progress = _no_progress) -> Outcome:
+def migration_drives(backend: TapeHsm, wanted: int | None = None) -> int:
+    """Drives a migration may use: ``wanted``, else ``[tape] migration_drives`` (0: all but one, >= 1)."""
+    drives = backend.tape.drives
+    chosen = wanted if wanted is not None else backend.tape.migration_drives or drives - 1
+    return max(1, min(chosen, drives))
+
+
+def run_migrate(
+    backend: TapeHsm, steps: list[Step], progress: Progress = _no_progress, drives: int = 1
+) -> Outcome:
     """Write the planned files to tape, then read each new copy back when configured to.
 
-    A file that no longer fits where planned (another migration got there
-    first) is planned again against the catalog as it is now.
+    Volumes are written ``drives`` at a time, one writer per drive. A file
+    that no longer fits where planned (another migration got there first) is
+    planned again against the catalog as it is now.
     """
     with _Run(backend) as run:
         todo = run.take(steps, "migrate")
         for _ in range(len(todo) + 1):
             if not todo:
                 break
-            retry: list[int] = []
-            for vsn, group in _by_volume(todo).items():
-                _migrate_volume(backend, run, vsn, group, retry, progress)
-            replanned = [s for s in plan_migrate(backend, retry) if s.action != "skip"]
+            retry: list[int] = []  # appended to by the writers' threads (list.append is atomic)
+            groups = _by_volume(todo)
+
+            def write(vsn: str, groups: dict[str, list[Step]] = groups, retry: list[int] = retry) -> None:
+                _migrate_volume(backend, run, vsn, groups[vsn], retry, progress)
+
+            _parallel(list(groups), drives, write)
+            replanned = [s for s in plan_migrate(backend, sorted(retry), drives) if s.action != "skip"]
             todo = run.take(replanned, "migrate")
     return run.outcome
 
