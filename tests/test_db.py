@@ -386,8 +386,8 @@ def test_a_catalog_made_by_the_old_code_upgrades_cleanly(
     assert main(["db", "upgrade"]) == 0
     out = capsys.readouterr().out
     assert "catalog schema upgraded from version none to 1" in out
-    assert "bulk schema upgraded from version none to 1" in out
-    assert versions(url) == {"catalog": 1, "bulk": 1}
+    assert "bulk schema upgraded from version none to 2" in out
+    assert versions(url) == {"catalog": 1, "bulk": 2}
     catalog = GatewayCatalog(url)
     try:
         entry = catalog.entry(41)
@@ -401,7 +401,7 @@ def test_a_catalog_made_by_the_old_code_upgrades_cleanly(
 
     assert main(["db", "upgrade"]) == 0
     out = capsys.readouterr().out
-    assert "catalog schema at version 1, up to date" in out and "bulk schema at version 1, up to date" in out
+    assert "catalog schema at version 1, up to date" in out and "bulk schema at version 2, up to date" in out
 
 
 def test_the_gateway_upgrades_an_old_catalog_on_first_use(tmp_path: Path):
@@ -447,10 +447,10 @@ def test_many_processes_upgrading_at_once_create_the_schema_once(url: str, tmp_p
     results = [process.communicate(timeout=120) for process in processes]
     assert [process.returncode for process in processes] == [0] * 4, results
     out = "".join(stdout.decode() for stdout, _ in results)
-    for component in ("catalog", "bulk"):
-        assert out.count(f"{component} schema upgraded from version none to 1") == 1, out
-        assert out.count(f"{component} schema at version 1, up to date") == 3, out
-    assert versions(url) == {"catalog": 1, "bulk": 1}
+    for component, version in (("catalog", 1), ("bulk", 2)):
+        assert out.count(f"{component} schema upgraded from version none to {version}") == 1, out
+        assert out.count(f"{component} schema at version {version}, up to date") == 3, out
+    assert versions(url) == {"catalog": 1, "bulk": 2}
     tables = set(open_database(url).get_tables())
     assert {"inventory", "operation", "audit_run", "bulk_request", "bulk_file", "bulk_mutex"} <= tables
 
@@ -531,7 +531,7 @@ def test_processes_upgrading_different_components_of_a_fresh_database_at_once_al
     results = [process.communicate(timeout=120) for process in processes]
     assert [process.returncode for process in processes] == [0] * len(components), results
     assert [stdout for stdout, _ in results] == [b"0\n"] * len(components)
-    assert versions(url) == {"catalog": 1, "bulk": 1}
+    assert versions(url) == {"catalog": 1, "bulk": 2}
 
 
 def test_a_catalog_of_a_newer_version_is_refused_and_left_alone(
@@ -551,7 +551,7 @@ def test_a_catalog_of_a_newer_version_is_refused_and_left_alone(
     with pytest.raises(StorageUnavailable, match="schema version 99"):
         catalog.count()
     catalog.close()
-    assert versions(url) == {"catalog": 99, "bulk": 1}
+    assert versions(url) == {"catalog": 99, "bulk": 2}
 
 
 def test_db_upgrade_of_an_unreachable_database_exits_1_naming_it(

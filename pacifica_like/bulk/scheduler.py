@@ -98,6 +98,8 @@ class Scheduler:
             self._thread.join(timeout)
             self._thread = None
         self.join_sessions(timeout)
+        with contextlib.suppress(ArchiveError):
+            self.store.gone(self.owner)  # POST /<id> recalls directly again
 
     def run(self) -> None:
         """Run passes until stopped; a pass that fails (database down) is logged and tried again."""
@@ -147,6 +149,7 @@ class Scheduler:
     def run_pass(self, now: float | None = None) -> list[str]:
         """Recover, run the watchdog, and start work on the volumes worth a mount; return those started."""
         now = time.time() if now is None else now
+        self.store.seen(self.owner, now)  # POST /<id> queues recalls for us while we run
         requeued, failed = self.store.recover(self.owner, self.lease, self.policy.max_attempts, now)
         if requeued or failed:
             log.warning("took back %d recalls of stopped schedulers (%d failed for good)", requeued, failed)

@@ -128,6 +128,13 @@ class _Mutex(peewee.Model):
     name = peewee.CharField(max_length=32, primary_key=True)
 
 
+class _Scheduler(peewee.Model):
+    """A running scheduler and when its last pass began: the file API stages through it while it runs."""
+
+    owner = peewee.CharField(max_length=255, primary_key=True)
+    seen_at = peewee.DoubleField()
+
+
 _TABLES = {
     "bulk_request": _Request,
     "bulk_file": _File,
@@ -135,6 +142,8 @@ _TABLES = {
     "bulk_volume": _Volume,
     "bulk_mutex": _Mutex,
 }
+#: Tables added after version 1 (created by their own migration).
+_LATER_TABLES = {"bulk_scheduler": _Scheduler}
 
 
 def _create_v1(db: peewee.Database, migrator: SchemaMigrator) -> None:
@@ -145,7 +154,12 @@ def _create_v1(db: peewee.Database, migrator: SchemaMigrator) -> None:
 
 
 #: The bulk tables' schema versions, in the catalog database (see pacifica_like.db.migrations).
-SCHEMA = Schema("bulk", (_create_v1,))
+def _create_v2(db: peewee.Database, migrator: SchemaMigrator) -> None:
+    """Version 2: the running schedulers (``POST /<id>`` queues recalls for them)."""
+    db.create_tables(list(bind_models(db, _LATER_TABLES).values()), safe=True)
+
+
+SCHEMA = Schema("bulk", (_create_v1, _create_v2))
 
 
 class NewFile(NamedTuple):
@@ -267,6 +281,7 @@ class BulkStore:
         self.Job = bound["bulk_recall"]
         self.Volume = bound["bulk_volume"]
         self.Mutex = bound["bulk_mutex"]
+        self.Scheduler = bind_models(self.db, _LATER_TABLES)["bulk_scheduler"]
         self._schema_ready = False
         self._for_update = not catalog.is_sqlite
 
@@ -292,7 +307,8 @@ class BulkStore:
     def drop_tables(self) -> None:
         """Remove the bulk tables (tests and benchmarks clean up with this)."""
         with self.errors("cannot drop the bulk tables"):
-            self.db.drop_tables([self.Request, self.File, self.Job, self.Volume, self.Mutex], safe=True)
+            tables = [self.Request, self.File, self.Job, self.Volume, self.Mutex, self.Scheduler]
+            self.db.drop_tables(tables, safe=True)
             forget(self.db, SCHEMA)
         self._schema_ready = False
 
@@ -551,6 +567,28 @@ class BulkStore:
             query = f.select(f.path, f.id).where((f.request_id == request_id) & f.path.in_(list(chunk)))
             found.update(query.tuples())
         return list(found.values()), [p for p in wanted if p not in found]
+
+    # -- schedulers seen, and the file API's recalls ---------------------------------
+
+    @_transaction("cannot record the scheduler")
+    def seen(self, owner: str, now: float | None = None) -> None:
+        """Record that scheduler ``owner`` runs (each pass)."""
+        now = time.time() if now is None else now
+        s = self.Scheduler
+        with self.db.atomic():
+            if not s.update(seen_at=now).where(s.owner == owner[:255]).execute():
+                s.insert(owner=owner[:255], seen_at=now).on_conflict_ignore().execute()
+
+    @_transaction("cannot record the scheduler")
+    def gone(self, owner: str) -> None:
+        """Forget scheduler ``owner`` (it stopped)."""
+        with self.db.atomic():
+            self.Scheduler.delete().where(self.Scheduler.owner == owner[:255]).execute()
+
+    @_transaction("cannot read the schedulers")
+    def scheduler_running(self, since: float) -> bool:
+        """True when a scheduler's pass began after ``since``."""
+        return self.Scheduler.select().where(self.Scheduler.seen_at >= since).exists()
 
     @_transaction("cannot read the request")
     def plan(

@@ -550,7 +550,7 @@ class BulkSettings:
     # A free drive gains nothing by waiting the full max_wait_seconds for more files to gather.
     idle_wait_seconds: float = setting(
         parse_seconds,
-        "10",
+        "2",
         "while a drive is free, a volume's oldest queued file waits no longer than this for a mount",
     )
     recall_timeout: float = setting(

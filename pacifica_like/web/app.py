@@ -20,11 +20,12 @@ from typing import Any
 import cherrypy
 
 from pacifica_like import __version__
+from pacifica_like.bulk.stager import ScheduledStager
 from pacifica_like.core.config import Settings
 from pacifica_like.gateway import leftovers
 from pacifica_like.gateway.inventory import attach_inventory
 from pacifica_like.identity.access import Authenticator
-from pacifica_like.storage.contract import Backend
+from pacifica_like.storage.contract import Backend, LocatesOnTape
 from pacifica_like.web import bulkapi as bulk_api
 from pacifica_like.web import errors, logs
 from pacifica_like.web.authz import Guard
@@ -80,7 +81,10 @@ def build_app(settings: Settings, backend: Backend, file_api: str = "wsgi") -> O
     root = ProbesRoot(metrics, ready_checks, storage.name)
     app_config: dict[str, dict[str, Any]] = {"/": config}
     # The bulk-staging API (its store is the catalog database); it resolves files on the storage itself.
-    bulk_api.mount(root, app_config, settings, storage)
+    bulk = bulk_api.mount(root, app_config, settings, storage)
+    # POST /<id> queues its recall for the running scheduler (drive caps and tape order hold for it).
+    on_tape = isinstance(storage, LocatesOnTape)
+    stage = ScheduledStager(storage, bulk.store) if settings.archive.catalog and on_tape else None
     fallback = cherrypy.Application(root, "", app_config)
     # Our access log has these requests too; CherryPy's own line would print them twice.
     fallback.log.access_log.propagate = False
@@ -89,7 +93,7 @@ def build_app(settings: Settings, backend: Backend, file_api: str = "wsgi") -> O
     fallback_names = PROBE_PATHS | bulk_api.PATHS
     api: FileAPI | MountSplit | Guard | Namespace
     if file_api == "cherrypy":
-        files = cherrypy.Application(FileResource(backend, settings), "", DISPATCH_CONFIG)
+        files = cherrypy.Application(FileResource(backend, settings, stage), "", DISPATCH_CONFIG)
         files.log.access_log.propagate = False
         # ObservedApp logs every request; CherryPy would format its own line per request for nothing
         # (a fifth of the resource's cost on a 4 KiB GET).
@@ -100,9 +104,9 @@ def build_app(settings: Settings, backend: Backend, file_api: str = "wsgi") -> O
         files.wsgiapp.pipeline = [(name, part) for name, part in pipeline if name != "InternalRedirector"]
         api = MountSplit(files, fallback, fallback_names)
     else:
-        api = FileAPI(FileHandlers(backend, settings), fallback, fallback_names=fallback_names)
+        api = FileAPI(FileHandlers(backend, settings, stage), fallback, fallback_names=fallback_names)
     # The grid's WebDAV door beside the file API, over the same handlers (pacifica_like.web.dav).
-    api = MountSplit(api, WebDavDoor(FileHandlers(backend, settings)), (DOOR,))
+    api = MountSplit(api, WebDavDoor(FileHandlers(backend, settings, stage)), (DOOR,))
     # Who may do what (WLCG tokens, service tokens, anonymous), decided before any handler runs.
     api = Guard(
         api, Authenticator(settings), backend, settings.server.namespace, settings.server.trusted_proxies

@@ -104,9 +104,14 @@ def unsupported_method(method: str, path: str) -> MethodDisabled:
 class FileHandlers:
     """The file API over one backend: route a checked path and verb to its handler, run it."""
 
-    def __init__(self, backend: Backend, settings: Settings) -> None:
+    def __init__(
+        self, backend: Backend, settings: Settings, stage: Callable[[int], bool] | None = None
+    ) -> None:
         self.backend = backend
         self.settings = settings
+        #: What POST /<id> calls: the backend's own recall, or the recall scheduler's queue
+        #: (``pacifica_like.bulk.stager``, wired by build_app where one applies).
+        self.stage = stage if stage is not None else backend.stage
         self.verbs: dict[str, Handler] = {
             "GET": self.get,
             "HEAD": self.head,
@@ -264,7 +269,7 @@ class FileHandlers:
         The 202 points at HEAD /<id>, whose X-Pacifica-File-State turns from
         UNMIGRATING to DUAL when the recall is done.
         """
-        if self.backend.stage(file_id):
+        if self.stage(file_id):
             return json_response(200, {"message": "File was staged", "file": str(file_id)})
         return json_response(
             202,

@@ -17,7 +17,7 @@ stream, and GET bodies streamed (``response.stream``) from the reader.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import cherrypy
@@ -84,10 +84,12 @@ class FileResource:
         "tools.log_headers.on": False,
     }
 
-    def __init__(self, backend: Backend, settings: Settings) -> None:
+    def __init__(
+        self, backend: Backend, settings: Settings, stage: Callable[[int], bool] | None = None
+    ) -> None:
         # Mounted alone, the resource still keeps the catalog's inventory (build_app's is reused).
         leftovers.keep_inventory(backend, settings.archive.catalog)
-        self.handlers = FileHandlers(backend, settings)
+        self.handlers = FileHandlers(backend, settings, stage)
         # Exposed per instance, not per class: a class attribute would expose the class itself
         # at /__class__, where the dispatcher would call a verb without an instance.
         self.exposed = True
