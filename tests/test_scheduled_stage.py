@@ -22,6 +22,7 @@ from bulk_helpers import (
     submit,
     wait_for,
 )
+from conftest import corrupt
 
 from pacifica_like.bulk.stager import CLIENT
 from pacifica_like.bulk.store import BulkStore
@@ -116,3 +117,29 @@ def test_a_stopped_scheduler_is_forgotten_and_posts_recall_directly_again(archiv
         assert store.Request.select().where(store.Request.client == CLIENT).count() == 1  # only /8's
     finally:
         store.close()
+
+
+def test_a_post_waiting_on_a_scheduled_recall_answers_200_or_a_503_naming_its_failure(
+    tmp_path: Path, prepare_backend
+):
+    settings = make_settings(tmp_path, "tape", prepare_backend, bulk={"drives": 1, "max_attempts": 1})
+    backend = factory.create(settings)
+    running = scheduler(settings, backend)
+    try:
+        store_offline(backend, {11: SIZE, 12: SIZE})
+        corrupt(backend, 12)  # its only copy fails its checksum
+        app = http(settings, backend)
+        running.start()
+        store = BulkStore.open(settings.archive.catalog)
+        try:
+            assert wait_for(lambda: store.scheduler_running(0.0), timeout=TIMEOUT)
+        finally:
+            store.close()
+        assert app.post("/11").status_int == 200  # waited while the scheduler recalled it
+        assert on_disk(backend, 11) == content(11, SIZE)
+        failed = app.post("/12", status=503).json
+        assert "the recall of file 12 from tape failed" in failed["message"]
+        assert on_disk(backend, 12) is None
+    finally:
+        running.stop()
+        backend.close()
