@@ -167,12 +167,7 @@ def _verify(backend: TapeBackend, drives: int) -> Phase:
 
 def _migrate_with(workdir: Path, workload: Workload, capacity: int, sizes: list[int], drives: int) -> Phase:
     """Store the files in a fresh library under ``workdir``; migrate them, ``drives`` volumes at once."""
-    settings = _settings(workdir, workload, capacity)
-    library = TapeLibrary(settings.tape)
-    try:
-        library.initialise()
-    finally:
-        library.catalog.close()
+    settings = _initialised(workdir, workload, capacity)
     backend = registry.create(settings)
     assert isinstance(backend, TapeBackend)
     try:
@@ -192,6 +187,17 @@ def migrate_ratio(results: dict[str, Any]) -> float | None:
     if one is None or many is None or one.seconds <= 0:
         return None
     return many.seconds / one.seconds
+
+
+def _initialised(workdir: Path, workload: Workload, capacity: int) -> Settings:
+    """Return the settings of a fresh library in ``workdir``, made as ``tape init`` makes it."""
+    settings = _settings(workdir, workload, capacity)
+    library = TapeLibrary(settings.tape)
+    try:
+        library.initialise()
+    finally:
+        library.catalog.close()
+    return settings
 
 
 def _settings(workdir: Path, workload: Workload, capacity: int) -> Settings:
@@ -239,12 +245,7 @@ def run_tape(workdir: Path, workload: Workload, log: Callable[[str], None]) -> d
     """
     sizes = workload.sizes()
     capacity = workload.volume_capacity(sizes)
-    settings = _settings(workdir, workload, capacity)
-    library = TapeLibrary(settings.tape)
-    try:
-        library.initialise()
-    finally:
-        library.catalog.close()
+    settings = _initialised(workdir, workload, capacity)
     results: dict[str, Any] = {"settings": _describe(settings, workload, sizes, capacity), "phases": []}
     drives = settings.tape.drives
 

@@ -536,12 +536,7 @@ class BulkAPI:
         paths = _paths_of(_read_json(self.max_body), self.policy.max_files_per_request)
         self.own(self.store.request(request_id) if _REQUEST_ID.fullmatch(request_id) else None, request_id)
         if dry_run:
-            unknown, touched = self._plan(request_id, paths, pinned=False)
-            if unknown:
-                raise InvalidRequest(
-                    f"request {request_id} does not hold these paths, so nothing would be cancelled: "
-                    f"{_name(unknown)}"
-                )
+            touched = self._plan(request_id, paths, pinned=False, refused="nothing would be cancelled")
             return _json({"dryRun": True, "requestId": request_id, "cancelled": touched})
         with self.heavy("cancel", len(paths)):
             unknown = self.store.cancel(request_id, paths) if _REQUEST_ID.fullmatch(request_id) else None
@@ -559,8 +554,8 @@ class BulkAPI:
             self.store.request(request_id) if _REQUEST_ID.fullmatch(request_id) else None, request_id
         )
         if dry_run:
-            _, open_paths = self._plan(request_id, None, pinned=False)
-            _, pinned = self._plan(request_id, None, pinned=True)
+            open_paths = self._plan(request_id, None, pinned=False)
+            pinned = self._plan(request_id, None, pinned=True)
             return _json(
                 {"dryRun": True, "requestId": request_id, "files": info.files, "cancelled": open_paths,
                  "releasedPins": pinned}
@@ -588,12 +583,7 @@ class BulkAPI:
                 self.allow(paths, "stage")
                 held = self.store.own_pins(self.client(), paths)
                 return _json({"dryRun": True, "requestId": request_id, "releasedPins": held})
-            unknown, touched = self._plan(request_id, paths, pinned=True)
-            if unknown:
-                raise InvalidRequest(
-                    f"request {request_id} does not hold these paths, so no pin would be released: "
-                    f"{_name(unknown)}"
-                )
+            touched = self._plan(request_id, paths, pinned=True, refused="no pin would be released")
             return _json({"dryRun": True, "requestId": request_id, "released": touched})
         with self.heavy("release", len(paths)):
             unknown = self.store.release(request_id, paths) if info is not None else None
@@ -607,12 +597,20 @@ class BulkAPI:
             )
         return _json({"requestId": request_id})
 
-    def _plan(self, request_id: str, paths: list[str] | None, pinned: bool) -> tuple[list[str], list[str]]:
-        """The store's dry-run look-up; UnknownRequest when the request went meanwhile."""
+    def _plan(self, request_id: str, paths: list[str] | None, pinned: bool, refused: str = "") -> list[str]:
+        """The paths a dry run would touch; InvalidRequest (saying ``refused``) naming paths it lacks.
+
+        UnknownRequest when the request went meanwhile.
+        """
         found = self.store.plan(request_id, paths, pinned=pinned)
         if found is None:
             raise UnknownRequest(f"no stage request {request_id!r} (never made, or deleted)")
-        return found
+        unknown, touched = found
+        if unknown:
+            raise InvalidRequest(
+                f"request {request_id} does not hold these paths, so {refused}: {_name(unknown)}"
+            )
+        return touched
 
     # -- archiveinfo and queues ------------------------------------------------
 
