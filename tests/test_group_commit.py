@@ -83,8 +83,11 @@ def test_commits_queued_behind_a_flush_in_another_process_share_the_next_one(tmp
                 commits = DurableCommits(open_db(path, busy_wait_ms=TIMEOUT * 1000), flush_interval=0)
                 with commits.db.atomic():
                     commits.db.execute_sql("INSERT INTO t VALUES (?)", (n,))
+                # Timed before saying so (as transaction() times it right after the commit): the
+                # leader's flush then surely begins after every commit it must cover.
+                committed = time.monotonic_ns()
                 os.write(w, b"committed")
-                commits.sync_wal()
+                commits.sync_wal(committed=committed)
                 status = 0
             except BaseException as exc:
                 os.write(w, repr(exc).encode())

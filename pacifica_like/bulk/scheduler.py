@@ -50,6 +50,9 @@ PASSES_PER_MOUNT = 2
 JOBLESS_SWEEP_SECONDS = 60.0
 #: Expired requests forgotten per round of the same sweep.
 PURGE_BATCH = 100
+#: Seconds between the records that this scheduler runs (well inside the file API's
+#: ``bulk.stager.RUNNING_WITHIN``): one write every few seconds, not one per pass.
+SEEN_EVERY = 5.0
 
 
 class Scheduler:
@@ -65,6 +68,7 @@ class Scheduler:
         self.batch = max(1, self.policy.max_recalls_in_flight // self.drives)
         # A scheduler on another host is presumed dead once its heartbeat is this old.
         self.lease = self.policy.recall_timeout + 60.0
+        self._seen_at = -SEEN_EVERY  # when this scheduler last recorded that it runs
         self.owner = make_owner()
         self._sessions: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -100,6 +104,7 @@ class Scheduler:
         self.join_sessions(timeout)
         with contextlib.suppress(ArchiveError):
             self.store.gone(self.owner)  # POST /<id> recalls directly again
+        self._seen_at = -SEEN_EVERY
 
     def run(self) -> None:
         """Run passes until stopped; a pass that fails (database down) is logged and tried again."""
@@ -149,7 +154,9 @@ class Scheduler:
     def run_pass(self, now: float | None = None) -> list[str]:
         """Recover, run the watchdog, and start work on the volumes worth a mount; return those started."""
         now = time.time() if now is None else now
-        self.store.seen(self.owner, now)  # POST /<id> queues recalls for us while we run
+        if now - self._seen_at >= SEEN_EVERY:  # POST /<id> queues recalls for us while we run
+            self.store.seen(self.owner, now)
+            self._seen_at = now
         requeued, failed = self.store.recover(self.owner, self.lease, self.policy.max_attempts, now)
         if requeued or failed:
             log.warning("took back %d recalls of stopped schedulers (%d failed for good)", requeued, failed)

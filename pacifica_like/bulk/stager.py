@@ -18,14 +18,14 @@ tape copy go to the backend as well, which answers them as always.
 
 from __future__ import annotations
 
-import os
 import time
 
 from pacifica_like.bulk.store import COMPLETED, FAILED, SUBMITTED, BulkStore, NewFile
+from pacifica_like.core.config import TapeSettings
 from pacifica_like.core.errors import StorageUnavailable
-from pacifica_like.core.slots import SlotPool
 from pacifica_like.storage import contract
 from pacifica_like.storage.contract import Backend
+from pacifica_like.storage.hsm import stage_waits
 
 #: Seconds since a scheduler's last pass within which it counts as running (passes come every
 #: ``poll_seconds``, 1 s by default, also while recalls run).
@@ -39,17 +39,12 @@ FIRST_LOOK, LONGEST_LOOK = 0.02, 0.5
 class ScheduledStager:
     """Stage a file for ``POST /<id>``: queued for the running scheduler, else recalled by the backend."""
 
-    def __init__(self, backend: Backend, store: BulkStore) -> None:
+    def __init__(self, backend: Backend, store: BulkStore, tape: TapeSettings) -> None:
         self.backend = backend
         self.store = store
-        tape = getattr(backend, "tape", None)
-        self.timeout = tape.stage_timeout if tape is not None else 0.0
+        self.timeout = tape.stage_timeout
         # The pool the backend's own POST waits take slots from: one bound for both paths.
-        self.waits = (
-            SlotPool(os.path.join(tape.library, "slots"), "stage", tape.stage_waiters)
-            if tape is not None
-            else None
-        )
+        self.waits = stage_waits(tape)
 
     def __call__(self, file_id: int) -> bool:
         """Return True when the file is on disk, False when its recall is queued or under way."""
@@ -59,7 +54,7 @@ class ScheduledStager:
         path = f"/{file_id}"
         queued = NewFile(path, SUBMITTED, file_id, position.size, position.vsn, position.position)
         request_id = self.store.create_request(CLIENT, [queued])
-        if self.waits is None or self.timeout <= 0:
+        if self.timeout <= 0:
             return False
         with self.waits.hold() as may_wait:
             return may_wait and self._wait(request_id, file_id)

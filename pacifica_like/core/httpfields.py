@@ -16,6 +16,7 @@ import email.utils
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from urllib.parse import parse_qs
 
 from pacifica_like.core.errors import InvalidRequest, RangeNotSatisfiable
 
@@ -243,15 +244,12 @@ def parse_dry_run(query: str | None) -> bool:
     >>> parse_dry_run("dryRun=true"), parse_dry_run("x=1"), parse_dry_run(None)
     (True, False, False)
     """
-    if not query or "dryRun" not in query:
+    if not query or "dryRun" not in query:  # most requests: no parsing at all
         return False
-    found = None
-    for pair in query.split("&"):
-        name, _, value = pair.partition("=")
-        if name == "dryRun":
-            found = value
-    if found is None:
+    values = parse_qs(query, keep_blank_values=True).get("dryRun")
+    if not values:
         return False
+    found = values[-1]
     try:
         return _DRY_RUN_VALUES[found.strip().lower()]
     except KeyError:

@@ -610,11 +610,10 @@ def _list_storage(
 
     ids = array("q")
     pending = 0
+    handlers = {"on_error": failed, "on_temp": temps.append}
     try:
-        if _takes_on_error(backend):
-            listing = backend.list_ids(on_error=failed, on_temp=temps.append)
-        else:
-            listing = backend.list_ids()
+        taken = _taken_keywords(backend)
+        listing = backend.list_ids(**{name: h for name, h in handlers.items() if name in taken})
         for file_id in listing:
             ids.append(file_id)
             pending += 1
@@ -627,14 +626,15 @@ def _list_storage(
     return ids
 
 
-def _takes_on_error(backend: Backend) -> bool:
-    """True when the backend's ``list_ids`` takes this contract's ``on_error`` and ``on_temp``."""
+def _taken_keywords(backend: Backend) -> set[str]:
+    """Return which of the contract's ``on_error`` and ``on_temp`` the backend's ``list_ids`` takes."""
     try:
         parameters = inspect.signature(backend.list_ids).parameters
     except (TypeError, ValueError):
-        return False
-    named = "on_error" in parameters and "on_temp" in parameters
-    return named or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+        return set()
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return {"on_error", "on_temp"}
+    return {"on_error", "on_temp"} & set(parameters)
 
 
 @dataclass

@@ -375,15 +375,11 @@ class GatewayCatalog:
 
         An upload checks this before storing instead of writing a marker: while
         the catalog is down, uploads are refused (503) rather than piling up for
-        the next audit to record. A failed write closes the connection
-        (:meth:`forget_connection`), so the next upload connects afresh.
+        the next audit to record. The inventory closes the connection after a
+        failed write (:meth:`close`), so the next upload connects afresh.
         """
         self.ensure_schema()
         self.db.connect(reuse_if_open=True)
-
-    def forget_connection(self) -> None:
-        """Close this thread's connection after a failed write, so that the next call reconnects."""
-        self.close()
 
     @_translate("cannot record the audit result")
     def record_audit(self, name: str, verdict: str, missing: int | None, orphans: int, listed: int) -> None:

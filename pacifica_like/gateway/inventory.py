@@ -169,7 +169,7 @@ class Inventory:
     def finish(self, intent: Intent, token: int | None, event: StorageEvent | None) -> None:
         """Record what storage holds after the change (or end the marker of a change that did nothing)."""
         file_id = intent.file_id
-        if event is None or not isinstance(event, (Deleted, Stored)):
+        if not isinstance(event, (Deleted, Stored)):  # nothing changed (None: the change failed)
             if token is not None:
                 _abandon(self.catalog, token, file_id)
             return
@@ -193,7 +193,7 @@ class Inventory:
         except ArchiveError as exc:
             # The bytes are durable and published: the change succeeded. Say loudly what drifted,
             # and reconnect before the next upload (refused while the database stays down).
-            self.catalog.forget_connection()
+            self.catalog.close()
             how = "moved in" if isinstance(event, Moved) else "stored"
             log.error(
                 "file %d is %s (%d bytes) but the inventory did not record it; the next audit "

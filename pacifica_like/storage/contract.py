@@ -935,17 +935,14 @@ class AtomicFileWriter(Writer):
         self._made_dirs: list[str] = []
         directory, name = os.path.split(final_path)
         with translate_os_errors(f"cannot store {name}"):
+            prefix = temp_name_prefix(name)
             try:
-                fd, self._temp_path = tempfile.mkstemp(
-                    dir=directory, prefix=temp_name_prefix(name), suffix=TEMP_SUFFIX
-                )
+                fd, self._temp_path = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=TEMP_SUFFIX)
             except FileNotFoundError:
                 # The shard's first file. Not made up front: a mkdir that finds the directory
                 # there is a failed system call on every other upload.
                 self._made_dirs = durable.make_dirs(directory)
-                fd, self._temp_path = tempfile.mkstemp(
-                    dir=directory, prefix=temp_name_prefix(name), suffix=TEMP_SUFFIX
-                )
+                fd, self._temp_path = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=TEMP_SUFFIX)
         self._file = os.fdopen(fd, "wb", buffering=CHUNK_SIZE)
 
     def write(self, chunk: bytes) -> None:

@@ -39,7 +39,7 @@ from typing import TypeVar
 
 import peewee
 
-from pacifica_like.core.config import Settings
+from pacifica_like.core.config import Settings, TapeSettings
 from pacifica_like.core.durable import fsync_dir
 from pacifica_like.core.errors import Conflict, FileNotInArchive, OfflineOnTape, StorageUnavailable
 from pacifica_like.core.slots import SlotPool
@@ -151,6 +151,14 @@ class _TapeVolumeSession(VolumeSession):
             return None
 
 
+def stage_waits(tape: TapeSettings) -> SlotPool:
+    """The ``stage_waiters`` slots a POST takes to wait for a recall, direct or scheduled.
+
+    In the library directory: every process sharing the library on this host sees it.
+    """
+    return SlotPool(os.path.join(tape.library, "slots"), "stage", tape.stage_waiters)
+
+
 class TapeHsm(Backend):
     """Disk cache plus emulated tape library, sharing one catalog with every process."""
 
@@ -180,10 +188,7 @@ class TapeHsm(Backend):
         self._recalls_lock = threading.Lock()
         # Background recalls for POST: bounded, since each one holds a drive while it runs.
         self._executor = ThreadPoolExecutor(max_workers=max(2, 2 * settings.tape.drives))
-        # In the library directory: every process sharing the library on this host sees it.
-        self._stage_waits = SlotPool(
-            os.path.join(self.tape.library, "slots"), "stage", self.tape.stage_waiters
-        )
+        self._stage_waits = stage_waits(self.tape)
 
     def sideband_updater(self) -> object:
         """Return the updater of the sideband database kept for this archive, or None."""

@@ -84,7 +84,9 @@ def build_app(settings: Settings, backend: Backend, file_api: str = "wsgi") -> O
     bulk = bulk_api.mount(root, app_config, settings, storage)
     # POST /<id> queues its recall for the running scheduler (drive caps and tape order hold for it).
     on_tape = isinstance(storage, LocatesOnTape)
-    stage = ScheduledStager(storage, bulk.store) if settings.archive.catalog and on_tape else None
+    stage = (
+        ScheduledStager(storage, bulk.store, settings.tape) if settings.archive.catalog and on_tape else None
+    )
     fallback = cherrypy.Application(root, "", app_config)
     # Our access log has these requests too; CherryPy's own line would print them twice.
     fallback.log.access_log.propagate = False

@@ -31,7 +31,7 @@ from pacifica_like.core.errors import (
     UnsupportedMediaType,
 )
 from pacifica_like.core.ids import parse_id
-from pacifica_like.storage.contract import CHUNK_SIZE, Backend, FileStatus, Reader
+from pacifica_like.storage.contract import CHUNK_SIZE, ArchiveCopy, Backend, FileStatus, Reader
 from pacifica_like.web import davprops
 
 HEALTH_MESSAGE = "Pacifica Archive Interface Up and Running"
@@ -335,10 +335,15 @@ class FileHandlers:
                 "bytesPerLevel": list(status.bytes_per_level),
             }
             if status.copies is not None:
-                plan["copies"] = [f"{c.copy}:{c.vsn}:{c.position}" for c in status.copies]
+                plan["copies"] = copy_names(status.copies)
             return json_response(200, plan)
         self.backend.delete(file_id)
         return json_response(200, {"message": "File Deleted", "file": str(file_id)})
+
+
+def copy_names(copies: Iterable[ArchiveCopy]) -> list[str]:
+    """Name each archive copy ``copy:vsn:position``, as HEAD and DELETE's dry run show them."""
+    return [f"{c.copy}:{c.vsn}:{c.position}" for c in copies]
 
 
 def status_headers(status: FileStatus) -> Headers:
@@ -359,8 +364,7 @@ def status_headers(status: FileStatus) -> Headers:
         headers.append(("X-Pacifica-File-State", status.state))
     if status.copies is not None:
         # copy:vsn:position of each archive copy; empty when there is none (REGULAR).
-        copies = ", ".join(f"{c.copy}:{c.vsn}:{c.position}" for c in status.copies)
-        headers.append(("X-Pacifica-Archive-Copies", copies))
+        headers.append(("X-Pacifica-Archive-Copies", ", ".join(copy_names(status.copies))))
     return headers
 
 

@@ -56,10 +56,10 @@ def _outcome(status: int, query: str | None) -> str:
         return "refused"
     if status >= 400:
         return "failed"
-    return "dry-run" if query and "dryRun" in query and _asks_dry_run(query) else "done"
+    return "dry-run" if _asks_dry_run(query) else "done"
 
 
-def _asks_dry_run(query: str) -> bool:
+def _asks_dry_run(query: str | None) -> bool:
     try:
         return httpfields.parse_dry_run(query)
     except InvalidRequest:
