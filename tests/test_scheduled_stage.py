@@ -20,6 +20,7 @@ from bulk_helpers import (
     states,
     store_offline,
     submit,
+    tape_backed_names,
     wait_for,
 )
 from conftest import corrupt
@@ -119,10 +120,11 @@ def test_a_stopped_scheduler_is_forgotten_and_posts_recall_directly_again(archiv
         store.close()
 
 
+@pytest.mark.parametrize("name", tape_backed_names())
 def test_a_post_waiting_on_a_scheduled_recall_answers_200_or_a_503_naming_its_failure(
-    tmp_path: Path, prepare_backend
+    tmp_path: Path, prepare_backend, name: str
 ):
-    settings = make_settings(tmp_path, "tape", prepare_backend, bulk={"drives": 1, "max_attempts": 1})
+    settings = make_settings(tmp_path, name, prepare_backend, bulk={"drives": 1, "max_attempts": 1})
     backend = factory.create(settings)
     running = scheduler(settings, backend)
     try:
